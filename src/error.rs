@@ -1,0 +1,221 @@
+//! The one error type of idemq and of every backend crate's trait methods.
+
+use std::time::Duration;
+
+/// A boxed error source, kept inside [`Error`] so callers can walk the chain.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong talking to a broker or a dedup store.
+///
+/// The engine decides between "back off and try again" and "give up" with
+/// [`Error::is_transient`]. Backends map their own errors into these variants,
+/// keeping the original error as the `source`. No variant ever carries a
+/// connection string with a password in it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The backend could not be reached, or the connection broke mid-call.
+    /// Transient: the same call may succeed once the backend answers again.
+    #[error("{backend}: {op} failed, backend unavailable: {source}")]
+    Unavailable {
+        /// Which backend (`"redis"`, `"postgres"`, `"rabbitmq"`, `"memory"`).
+        backend: &'static str,
+        /// The operation that failed (`"claim"`, `"ack"`, ...).
+        op: &'static str,
+        /// What the client library said.
+        #[source]
+        source: BoxError,
+    },
+    /// The backend did not answer within the configured time. Transient.
+    #[error("{backend}: {op} timed out after {after:?}")]
+    Timeout {
+        /// Which backend.
+        backend: &'static str,
+        /// The operation that timed out.
+        op: &'static str,
+        /// The configured time limit.
+        after: Duration,
+    },
+    /// The delivery cannot be settled: it was already acked/nacked, or it
+    /// belongs to a channel that no longer exists (a broker connection was
+    /// recovered since). The broker redelivers it; the dedup record makes the
+    /// redelivery harmless. Not transient: retrying the same ack cannot work.
+    #[error("{backend}: delivery {tag} is stale or already settled")]
+    StaleDelivery {
+        /// Which backend.
+        backend: &'static str,
+        /// The broker's delivery tag.
+        tag: u64,
+    },
+    /// The broker answered a publish with a negative confirm. Transient.
+    #[error("{backend}: publish to {target} was not confirmed by the broker")]
+    NotConfirmed {
+        /// Which backend.
+        backend: &'static str,
+        /// The queue or exchange the copy was published to.
+        target: String,
+    },
+    /// A mandatory publish could not be routed to any queue (missing queue or
+    /// binding). Permanent until the topology is fixed.
+    #[error("{backend}: publish to {target} was unroutable")]
+    Unroutable {
+        /// Which backend.
+        backend: &'static str,
+        /// The routing target that had no queue.
+        target: String,
+    },
+    /// A scope, key, table name, URL or other input is not acceptable.
+    /// Permanent.
+    #[error("invalid {what}: {detail}")]
+    InvalidInput {
+        /// What was rejected (`"scope"`, `"key"`, `"table name"`, ...).
+        what: &'static str,
+        /// Why, in words a user can act on.
+        detail: String,
+    },
+    /// A configuration value is out of range or inconsistent. Permanent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The backend does not offer this operation. Permanent.
+    #[error("{backend} does not support {op}")]
+    Unsupported {
+        /// Which backend.
+        backend: &'static str,
+        /// The operation asked for.
+        op: &'static str,
+    },
+    /// The broker or store was closed on purpose. Permanent.
+    #[error("{backend}: closed")]
+    Closed {
+        /// Which backend.
+        backend: &'static str,
+    },
+    /// Any other backend failure; `transient` says whether retrying can help.
+    #[error("{backend}: {op} failed: {source}")]
+    Backend {
+        /// Which backend.
+        backend: &'static str,
+        /// The operation that failed.
+        op: &'static str,
+        /// Whether the same call may succeed later.
+        transient: bool,
+        /// What the client library said.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl Error {
+    /// True when the same operation may succeed if tried again later
+    /// (connection trouble, timeouts, negative confirms). The engine backs off
+    /// and retries on transient errors and fails closed meanwhile: it never
+    /// runs a handler or acks a message while its store is unreachable.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Unavailable { .. } | Error::Timeout { .. } | Error::NotConfirmed { .. } => true,
+            Error::Backend { transient, .. } => *transient,
+            Error::StaleDelivery { .. }
+            | Error::Unroutable { .. }
+            | Error::InvalidInput { .. }
+            | Error::Config(_)
+            | Error::Unsupported { .. }
+            | Error::Closed { .. } => false,
+        }
+    }
+
+    /// Shorthand for [`Error::InvalidInput`].
+    pub fn invalid(what: &'static str, detail: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            what,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Removes the password from a URL-like connection string, for logs, errors
+/// and `Debug` output: `amqp://user:secret@host/` becomes
+/// `amqp://user:***@host/`. Strings without credentials come back unchanged.
+pub fn redact_url(url: &str) -> String {
+    let mut out = redact_userinfo(url);
+    // `postgres://host/db?password=secret` is legal too.
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("&");
+        out = format!("{head}{query}");
+    }
+    out
+}
+
+fn redact_userinfo(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let Some(colon) = userinfo.find(':') else {
+        return url.to_owned(); // a user name alone is not a secret
+    };
+    format!(
+        "{}{}:***{}",
+        &url[..scheme_end + 3],
+        &userinfo[..colon],
+        &rest[at..]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("redis://:p@ss@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
+        assert_eq!(redact_url("rediss://user@host"), "rediss://user@host");
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(
+            redact_url("postgres://root@127.0.0.1/test?password=x"),
+            "postgres://root@127.0.0.1/test?password=***"
+        );
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn transient_classification() {
+        let e = Error::Timeout {
+            backend: "redis",
+            op: "claim",
+            after: Duration::from_secs(1),
+        };
+        assert!(e.is_transient());
+        assert!(!Error::invalid("key", "empty").is_transient());
+        assert!(
+            !Error::StaleDelivery {
+                backend: "memory",
+                tag: 1
+            }
+            .is_transient()
+        );
+    }
+}

@@ -1,0 +1,33 @@
+//! # idemq: idempotent, replayable message consumption
+//!
+//! (crate docs are filled in below, see README)
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod broker;
+pub mod error;
+pub mod handler;
+pub mod key;
+pub mod message;
+pub mod policy;
+pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use broker::Broker;
+pub use error::{BoxError, Error};
+pub use handler::{Completion, Handler, HandlerError, JsonHandler, Message, json};
+pub use key::KeyStrategy;
+pub use message::{
+    DeadLetter, DeadReason, Delivery, HeaderValue, Headers, OutgoingMessage, headers,
+};
+pub use policy::{Backoff, OnDead};
+pub use store::{
+    Claim, ClaimTtl, DedupStore, Fenced, Lease, LeaseToken, Record, RecordState, Release,
+};
+
+#[cfg(feature = "mock")]
+pub use broker::MockBroker;
+#[cfg(feature = "mock")]
+pub use store::MockDedupStore;

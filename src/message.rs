@@ -1,0 +1,316 @@
+//! What a broker hands out ([`Delivery`]) and what goes to it
+//! ([`OutgoingMessage`]), with the header names idemq writes.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+/// One header value. AMQP field tables hold more types; backends map the
+/// ones they meet onto these (and everything else onto [`HeaderValue::Str`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum HeaderValue {
+    /// A UTF-8 string.
+    Str(String),
+    /// A signed integer.
+    Int(i64),
+    /// A boolean.
+    Bool(bool),
+    /// A floating point number.
+    Float(f64),
+    /// Raw bytes.
+    Bytes(Vec<u8>),
+}
+
+impl HeaderValue {
+    /// The value as a string, when it is one.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            HeaderValue::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The value as an integer: an `Int`, or a `Str` holding digits.
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            HeaderValue::Int(i) => Some(*i),
+            HeaderValue::Str(s) => s.parse().ok(),
+            _ => None,
+        }
+    }
+}
+
+impl From<&str> for HeaderValue {
+    fn from(s: &str) -> Self {
+        HeaderValue::Str(s.to_owned())
+    }
+}
+impl From<String> for HeaderValue {
+    fn from(s: String) -> Self {
+        HeaderValue::Str(s)
+    }
+}
+impl From<i64> for HeaderValue {
+    fn from(i: i64) -> Self {
+        HeaderValue::Int(i)
+    }
+}
+impl From<u32> for HeaderValue {
+    fn from(i: u32) -> Self {
+        HeaderValue::Int(i64::from(i))
+    }
+}
+impl From<bool> for HeaderValue {
+    fn from(b: bool) -> Self {
+        HeaderValue::Bool(b)
+    }
+}
+
+/// Message headers, ordered by name.
+pub type Headers = BTreeMap<String, HeaderValue>;
+
+/// Names of the headers idemq writes on retried and dead-lettered copies.
+pub mod headers {
+    /// The attempt number of a retried copy (1 for the first retry's copy
+    /// of a message whose first attempt failed). Informational: the
+    /// authoritative count lives in the dedup record.
+    pub const ATTEMPT: &str = "x-idemq-attempt";
+    /// Why a message was dead-lettered: a [`crate::DeadReason`] code.
+    pub const REASON: &str = "x-idemq-reason";
+    /// Free text that goes with the reason (the handler's error, say).
+    pub const DETAIL: &str = "x-idemq-detail";
+    /// How many attempts had been made when the message was dead-lettered.
+    pub const ATTEMPTS: &str = "x-idemq-attempts";
+    /// The work queue the message was taken from.
+    pub const ORIGINAL_QUEUE: &str = "x-idemq-original-queue";
+    /// When the message first failed, in milliseconds since the Unix epoch.
+    pub const FIRST_FAILURE_MS: &str = "x-idemq-first-failure-ms";
+    /// When the message was dead-lettered, in milliseconds since the Unix epoch.
+    pub const DEAD_AT_MS: &str = "x-idemq-dead-at-ms";
+
+    /// All of the above: stripped from a dead letter when it is replayed.
+    pub const ALL: [&str; 7] = [
+        ATTEMPT,
+        REASON,
+        DETAIL,
+        ATTEMPTS,
+        ORIGINAL_QUEUE,
+        FIRST_FAILURE_MS,
+        DEAD_AT_MS,
+    ];
+}
+
+/// Milliseconds since the Unix epoch, by the wall clock (for headers only;
+/// leases and expiry never use the consumer's wall clock).
+pub fn unix_millis_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// One message as a broker delivered it, not yet settled.
+///
+/// Settle it with exactly one of [`crate::Broker::ack`], `nack`,
+/// `retry_later` or `dead_letter`. A delivery that is never settled comes
+/// back from the broker when the consumer's connection goes away.
+#[derive(Clone)]
+pub struct Delivery {
+    /// The message body.
+    pub body: Bytes,
+    /// The `message_id` property, when the producer set one.
+    pub message_id: Option<String>,
+    /// The message headers.
+    pub headers: Headers,
+    /// True when the broker delivered this message before (to this or
+    /// another consumer) without it being acked.
+    pub redelivered: bool,
+    /// The broker's own delivery count, where it keeps one (RabbitMQ quorum
+    /// queues: `x-delivery-count`, 0 on the first delivery).
+    pub delivery_count: Option<u32>,
+    /// The broker's delivery tag.
+    pub tag: u64,
+    handle: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl Delivery {
+    /// A delivery with the given broker tag and body and nothing else set.
+    pub fn new(tag: u64, body: impl Into<Bytes>) -> Self {
+        Delivery {
+            body: body.into(),
+            message_id: None,
+            headers: Headers::new(),
+            redelivered: false,
+            delivery_count: None,
+            tag,
+            handle: None,
+        }
+    }
+
+    /// Sets the `message_id` property.
+    pub fn with_message_id(mut self, id: impl Into<String>) -> Self {
+        self.message_id = Some(id.into());
+        self
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<HeaderValue>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Attaches backend-private data (a channel handle, say) that the
+    /// backend's settle operations read back with [`Delivery::handle`].
+    pub fn with_handle<T: Any + Send + Sync>(mut self, handle: T) -> Self {
+        self.handle = Some(Arc::new(handle));
+        self
+    }
+
+    /// The backend-private data attached with [`Delivery::with_handle`], if
+    /// it is of type `T`.
+    pub fn handle<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.handle.as_deref()?.downcast_ref()
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&HeaderValue> {
+        self.headers.get(name)
+    }
+
+    /// The attempt number a retried copy carries ([`headers::ATTEMPT`]),
+    /// 0 for a message that was never retried.
+    pub fn retry_attempt(&self) -> u32 {
+        self.header(headers::ATTEMPT)
+            .and_then(HeaderValue::as_i64)
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(0)
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("tag", &self.tag)
+            .field("message_id", &self.message_id)
+            .field("body_len", &self.body.len())
+            .field("headers", &self.headers)
+            .field("redelivered", &self.redelivered)
+            .field("delivery_count", &self.delivery_count)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message to publish (persistent, with publisher confirms).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OutgoingMessage {
+    /// The body.
+    pub body: Bytes,
+    /// The `message_id` property: the key idemq deduplicates on.
+    pub message_id: Option<String>,
+    /// Headers.
+    pub headers: Headers,
+}
+
+impl OutgoingMessage {
+    /// A message with this body and no id or headers.
+    pub fn new(body: impl Into<Bytes>) -> Self {
+        OutgoingMessage {
+            body: body.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Sets the `message_id` property.
+    pub fn with_message_id(mut self, id: impl Into<String>) -> Self {
+        self.message_id = Some(id.into());
+        self
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<HeaderValue>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+}
+
+/// Why a message went to the dead-letter queue. Its [`DeadReason::as_str`]
+/// code is written in the [`headers::REASON`] header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DeadReason {
+    /// No message id, no configured header, and body hashing not enabled.
+    MissingKey,
+    /// The attempt limit was reached.
+    MaxAttempts,
+    /// The handler said the message can never succeed.
+    Permanent,
+    /// The body could not be decoded (typed handlers).
+    Decode,
+    /// A redelivered copy of a message whose record is already dead: its
+    /// earlier dead-lettering may not have landed, so it is dead-lettered
+    /// again rather than dropped.
+    DeadRedelivered,
+}
+
+impl DeadReason {
+    /// The code written in the reason header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::MissingKey => "missing-key",
+            DeadReason::MaxAttempts => "max-attempts",
+            DeadReason::Permanent => "permanent",
+            DeadReason::Decode => "decode",
+            DeadReason::DeadRedelivered => "dead-redelivered",
+        }
+    }
+}
+
+impl fmt::Display for DeadReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What [`crate::Broker::dead_letter`] records with the copy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadLetter {
+    /// The reason code.
+    pub reason: DeadReason,
+    /// Words that go with it (the handler's last error, say).
+    pub detail: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+}
+
+impl DeadLetter {
+    /// The headers a dead-lettered copy carries: the delivery's own headers
+    /// plus reason, detail, attempts, original queue, first-failure time
+    /// (kept from an earlier retry, else now) and dead-at time. Backends use
+    /// this so that every broker writes the same headers.
+    pub fn headers_for(&self, delivery: &Delivery, original_queue: &str) -> Headers {
+        let now = unix_millis_now();
+        let mut h = delivery.headers.clone();
+        h.insert(headers::REASON.into(), self.reason.as_str().into());
+        h.insert(headers::DETAIL.into(), self.detail.clone().into());
+        h.insert(headers::ATTEMPTS.into(), self.attempts.into());
+        h.insert(headers::ORIGINAL_QUEUE.into(), original_queue.into());
+        h.entry(headers::FIRST_FAILURE_MS.into())
+            .or_insert(HeaderValue::Int(now));
+        h.insert(headers::DEAD_AT_MS.into(), HeaderValue::Int(now));
+        h
+    }
+}
+
+/// The headers a retried copy carries: the delivery's own headers, the new
+/// attempt number, and the first-failure time (kept, else now). Backends use
+/// this so that every broker writes the same headers.
+pub fn retry_headers(delivery: &Delivery, attempt: u32) -> Headers {
+    let mut h = delivery.headers.clone();
+    h.insert(headers::ATTEMPT.into(), attempt.into());
+    h.entry(headers::FIRST_FAILURE_MS.into())
+        .or_insert(HeaderValue::Int(unix_millis_now()));
+    h
+}

@@ -1,0 +1,242 @@
+//! The [`DedupStore`] trait: one record per message key, claimed under a
+//! fenced lease.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::Error;
+
+/// A fencing token: the store hands a fresh one out with every won claim,
+/// and acts on `renew`, `complete`, `fail` and `bury` only when the caller
+/// presents the token the record currently holds.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseToken(pub u64);
+
+impl LeaseToken {
+    /// A random token.
+    pub fn random() -> Self {
+        LeaseToken(rand::random())
+    }
+}
+
+impl fmt::Debug for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeaseToken({:016x})", self.0)
+    }
+}
+
+impl fmt::Display for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Proof of a won claim: which record, which token, and which attempt this is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The scope the key was claimed in.
+    pub scope: String,
+    /// The (normalized) message key.
+    pub key: String,
+    /// The fencing token.
+    pub token: LeaseToken,
+    /// The attempt this claim is: 1 for the first claim of a key, counted
+    /// up by every later claim (after `fail`, or a takeover of a lapsed
+    /// lease) in the same atomic step that grants it.
+    pub attempt: u32,
+}
+
+/// The answer to [`DedupStore::claim`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller owns the key until the lease lapses.
+    Claimed(Lease),
+    /// The key was completed within its dedup window: a duplicate.
+    Done,
+    /// Another consumer holds a live lease; it lapses in `retry_after`.
+    InProgress {
+        /// Time left on the other consumer's lease.
+        retry_after: Duration,
+    },
+    /// The key was buried (attempts exhausted, or a permanent failure).
+    Dead,
+}
+
+/// The answer of a fenced operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "a lost lease means another consumer owns the record now"]
+pub enum Fenced {
+    /// The caller still owned the record; the operation took effect.
+    Applied,
+    /// The record is no longer the caller's (taken over after the lease
+    /// lapsed, forgotten, expired, or already settled); nothing was changed.
+    LeaseLost,
+}
+
+/// How [`DedupStore::fail`] treats the attempt the claim counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// The attempt happened and failed: keep it counted.
+    CountAttempt,
+    /// The attempt never really ran (shutdown before the handler finished):
+    /// give it back.
+    RefundAttempt,
+}
+
+/// The state of a dedup record, as [`DedupStore::get`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordState {
+    /// A consumer claimed it; its lease may or may not have lapsed.
+    Claimed,
+    /// Released by `fail`: claimable, attempts kept.
+    Released,
+    /// Completed: duplicates are acked until it expires.
+    Done,
+    /// Buried: attempts exhausted or failed permanently.
+    Dead,
+}
+
+/// A dedup record, for inspection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Where the record stands.
+    pub state: RecordState,
+    /// Attempts counted so far.
+    pub attempts: u32,
+    /// For a claimed record, time left on its lease (zero once lapsed).
+    pub lease_remaining: Option<Duration>,
+    /// Time until the record expires and the key is forgotten.
+    pub expires_in: Duration,
+}
+
+/// The durations a claim works with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClaimTtl {
+    /// How long the claim is exclusive.
+    pub lease: Duration,
+    /// How long the record (and so its attempt count) is kept at least,
+    /// even when the lease lapses. The record lives for the longer of the
+    /// two.
+    pub retain: Duration,
+}
+
+/// A dedup store: an atomic, fenced claim per `(scope, key)`.
+///
+/// Semantics every implementation shares (checked by
+/// [`crate::testing::store`] when the `testing` feature is on):
+///
+/// * `claim` on an absent or expired record creates it with `attempts = 1`;
+///   on a `Released` record, or a `Claimed` one whose lease lapsed, it takes
+///   it over with `attempts + 1` and a new token; on a live lease it answers
+///   `InProgress`; on `Done`/`Dead` it answers so. All in one atomic step,
+///   timed by the store's own clock.
+/// * `renew`, `complete`, `fail` and `bury` act only when the record is
+///   `Claimed` with the caller's token (even if the lease lapsed, as long as
+///   nobody took over), and answer [`Fenced::LeaseLost`] otherwise.
+/// * A record outlives a lapsed lease by `retain`, so attempts are not lost.
+/// * Scopes never see each other's keys.
+///
+/// Scopes and keys are checked with [`crate::key::check_scope`] and
+/// [`crate::key::check_key`]; a store rejects others with
+/// [`Error::InvalidInput`].
+#[cfg_attr(feature = "mock", mockall::automock)]
+#[async_trait]
+pub trait DedupStore: Send + Sync + 'static {
+    /// Tries to take exclusive ownership of `key` in `scope`.
+    async fn claim(&self, scope: &str, key: &str, ttl: ClaimTtl) -> Result<Claim, Error>;
+
+    /// Extends the lease to `extend` from now (store clock).
+    async fn renew(&self, lease: &Lease, extend: Duration) -> Result<Fenced, Error>;
+
+    /// Marks the key done; the record is kept for `keep_for`, during which
+    /// claims answer [`Claim::Done`].
+    async fn complete(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error>;
+
+    /// Releases the claim after a failed attempt; the key becomes claimable
+    /// at once, with its attempt count kept (or refunded, see [`Release`]).
+    async fn fail(&self, lease: &Lease, release: Release) -> Result<Fenced, Error>;
+
+    /// Marks the key dead; the record is kept for `keep_for`, during which
+    /// claims answer [`Claim::Dead`].
+    async fn bury(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error>;
+
+    /// Reads a record without changing it; `None` when absent or expired.
+    async fn get(&self, scope: &str, key: &str) -> Result<Option<Record>, Error>;
+
+    /// Deletes a record whatever its state, so the key can be handled again
+    /// (forced replay). Answers whether a live record was there. A consumer
+    /// holding a lease on it will find it lost.
+    async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error>;
+
+    /// Claims many keys; answers in the order of `keys`. The default loops
+    /// over [`DedupStore::claim`]; backends override it with one round trip.
+    async fn claim_many(
+        &self,
+        scope: &str,
+        keys: &[String],
+        ttl: ClaimTtl,
+    ) -> Result<Vec<Claim>, Error> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(self.claim(scope, key, ttl).await?);
+        }
+        Ok(out)
+    }
+
+    /// Completes many leases; answers in the order of `leases`. The default
+    /// loops over [`DedupStore::complete`].
+    async fn complete_many(
+        &self,
+        leases: &[Lease],
+        keep_for: Duration,
+    ) -> Result<Vec<Fenced>, Error> {
+        let mut out = Vec::with_capacity(leases.len());
+        for lease in leases {
+            out.push(self.complete(lease, keep_for).await?);
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl<T: DedupStore + ?Sized> DedupStore for Arc<T> {
+    async fn claim(&self, scope: &str, key: &str, ttl: ClaimTtl) -> Result<Claim, Error> {
+        (**self).claim(scope, key, ttl).await
+    }
+    async fn renew(&self, lease: &Lease, extend: Duration) -> Result<Fenced, Error> {
+        (**self).renew(lease, extend).await
+    }
+    async fn complete(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
+        (**self).complete(lease, keep_for).await
+    }
+    async fn fail(&self, lease: &Lease, release: Release) -> Result<Fenced, Error> {
+        (**self).fail(lease, release).await
+    }
+    async fn bury(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
+        (**self).bury(lease, keep_for).await
+    }
+    async fn get(&self, scope: &str, key: &str) -> Result<Option<Record>, Error> {
+        (**self).get(scope, key).await
+    }
+    async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
+        (**self).forget(scope, key).await
+    }
+    async fn claim_many(
+        &self,
+        scope: &str,
+        keys: &[String],
+        ttl: ClaimTtl,
+    ) -> Result<Vec<Claim>, Error> {
+        (**self).claim_many(scope, keys, ttl).await
+    }
+    async fn complete_many(
+        &self,
+        leases: &[Lease],
+        keep_for: Duration,
+    ) -> Result<Vec<Fenced>, Error> {
+        (**self).complete_many(leases, keep_for).await
+    }
+}

@@ -1,0 +1,430 @@
+//! The behaviour every [`DedupStore`] shows. Each function takes a store
+//! and a scope nobody else uses, and panics (fails the test) on a
+//! deviation. Real stores are timed with real sleeps of well under a second.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+
+use crate::error::Error;
+use crate::store::{Claim, ClaimTtl, DedupStore, Fenced, Lease, LeaseToken, RecordState, Release};
+
+/// The lease used by tests that wait for one to lapse.
+pub const SHORT: Duration = Duration::from_millis(400);
+/// How long those tests wait: comfortably past [`SHORT`].
+pub const PAST_SHORT: Duration = Duration::from_millis(700);
+const LONG: Duration = Duration::from_secs(60);
+
+fn ttl(lease: Duration) -> ClaimTtl {
+    ClaimTtl {
+        lease,
+        retain: LONG,
+    }
+}
+
+async fn sleep(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+/// Claims and insists it is won.
+pub async fn must_claim<S: DedupStore + ?Sized>(
+    store: &S,
+    scope: &str,
+    key: &str,
+    ttl: ClaimTtl,
+) -> Lease {
+    match store.claim(scope, key, ttl).await {
+        Ok(Claim::Claimed(lease)) => lease,
+        other => panic!("claim of {scope}/{key}: expected Claimed, got {other:?}"),
+    }
+}
+
+async fn state<S: DedupStore + ?Sized>(
+    store: &S,
+    scope: &str,
+    key: &str,
+) -> Option<(RecordState, u32)> {
+    store
+        .get(scope, key)
+        .await
+        .expect("get")
+        .map(|r| (r.state, r.attempts))
+}
+
+/// A new key is won with attempt 1; a second claim meets the live lease.
+pub async fn first_claim_wins<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let lease = must_claim(store, scope, "k1", ttl(LONG)).await;
+    assert_eq!(
+        (lease.scope.as_str(), lease.key.as_str(), lease.attempt),
+        (scope, "k1", 1)
+    );
+    match store.claim(scope, "k1", ttl(LONG)).await.expect("claim") {
+        Claim::InProgress { retry_after } => {
+            assert!(
+                retry_after <= LONG && retry_after > LONG - Duration::from_secs(10),
+                "{retry_after:?}"
+            )
+        }
+        other => panic!("expected InProgress, got {other:?}"),
+    }
+    assert_eq!(
+        state(store, scope, "k1").await,
+        Some((RecordState::Claimed, 1))
+    );
+    let record = store.get(scope, "k1").await.expect("get").expect("record");
+    assert!(record.lease_remaining.is_some_and(|r| r > Duration::ZERO));
+    assert_eq!(store.get(scope, "absent").await.expect("get"), None);
+}
+
+/// 32 concurrent claims of one key: exactly one wins.
+pub async fn concurrent_claims_have_one_winner<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    for round in 0..3 {
+        let key = format!("race-{round}");
+        let claims = join_all((0..32).map(|_| store.claim(scope, &key, ttl(LONG)))).await;
+        let won = claims
+            .iter()
+            .filter(|c| matches!(c, Ok(Claim::Claimed(_))))
+            .count();
+        let busy = claims
+            .iter()
+            .filter(|c| matches!(c, Ok(Claim::InProgress { .. })))
+            .count();
+        assert_eq!((won, busy), (1, 31), "{claims:?}");
+    }
+}
+
+/// Completion turns later claims into `Done`; a second completion is fenced.
+pub async fn complete_makes_duplicates_done<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let lease = must_claim(store, scope, "k", ttl(LONG)).await;
+    assert_eq!(
+        store.complete(&lease, LONG).await.expect("complete"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        store.claim(scope, "k", ttl(LONG)).await.expect("claim"),
+        Claim::Done
+    );
+    assert_eq!(state(store, scope, "k").await, Some((RecordState::Done, 1)));
+    assert_eq!(
+        store.complete(&lease, LONG).await.expect("complete"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store
+            .fail(&lease, Release::CountAttempt)
+            .await
+            .expect("fail"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store.claim(scope, "k", ttl(LONG)).await.expect("claim"),
+        Claim::Done
+    );
+}
+
+/// Without the owner's token nobody can renew, complete, fail or bury.
+pub async fn non_owner_is_fenced<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let lease = must_claim(store, scope, "k", ttl(LONG)).await;
+    let mut forged = lease.clone();
+    forged.token = LeaseToken(lease.token.0.wrapping_add(1));
+    assert_eq!(
+        store.renew(&forged, LONG).await.expect("renew"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store.complete(&forged, LONG).await.expect("complete"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store
+            .fail(&forged, Release::CountAttempt)
+            .await
+            .expect("fail"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store.bury(&forged, LONG).await.expect("bury"),
+        Fenced::LeaseLost
+    );
+    let mut elsewhere = lease.clone();
+    elsewhere.key = "other".into();
+    assert_eq!(
+        store.complete(&elsewhere, LONG).await.expect("complete"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        state(store, scope, "k").await,
+        Some((RecordState::Claimed, 1))
+    );
+    assert_eq!(
+        state(store, scope, "other").await,
+        None,
+        "a fenced op must not create a record"
+    );
+    assert_eq!(
+        store.renew(&lease, LONG).await.expect("renew"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        store.complete(&lease, LONG).await.expect("complete"),
+        Fenced::Applied
+    );
+}
+
+/// A lapsed lease is taken over with the attempt counted, and the old owner
+/// then finds every fenced operation refused.
+pub async fn lapsed_lease_is_taken_over<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let old = must_claim(store, scope, "k", ttl(SHORT)).await;
+    sleep(PAST_SHORT).await;
+    let record = store
+        .get(scope, "k")
+        .await
+        .expect("get")
+        .expect("a lapsed lease keeps its record");
+    assert_eq!((record.state, record.attempts), (RecordState::Claimed, 1));
+    assert_eq!(record.lease_remaining, Some(Duration::ZERO));
+    let new = must_claim(store, scope, "k", ttl(LONG)).await;
+    assert_eq!(new.attempt, 2, "a takeover is an attempt");
+    assert_ne!(new.token, old.token);
+    assert_eq!(
+        store.renew(&old, LONG).await.expect("renew"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store.complete(&old, LONG).await.expect("complete"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store.bury(&old, LONG).await.expect("bury"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        state(store, scope, "k").await,
+        Some((RecordState::Claimed, 2))
+    );
+    assert_eq!(
+        store.complete(&new, LONG).await.expect("complete"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        store.claim(scope, "k", ttl(LONG)).await.expect("claim"),
+        Claim::Done
+    );
+}
+
+/// `fail` releases at once and keeps the count: attempts go 1, 2, 3.
+pub async fn fail_releases_and_counts_attempts<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    for expected in 1..=3 {
+        let lease = must_claim(store, scope, "k", ttl(LONG)).await;
+        assert_eq!(lease.attempt, expected);
+        assert_eq!(
+            store
+                .fail(&lease, Release::CountAttempt)
+                .await
+                .expect("fail"),
+            Fenced::Applied
+        );
+        assert_eq!(
+            state(store, scope, "k").await,
+            Some((RecordState::Released, expected))
+        );
+        assert_eq!(
+            store
+                .fail(&lease, Release::CountAttempt)
+                .await
+                .expect("fail"),
+            Fenced::LeaseLost
+        );
+    }
+}
+
+/// `fail` with [`Release::RefundAttempt`] gives the attempt back.
+pub async fn refund_gives_the_attempt_back<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let first = must_claim(store, scope, "k", ttl(LONG)).await;
+    assert_eq!(
+        store
+            .fail(&first, Release::CountAttempt)
+            .await
+            .expect("fail"),
+        Fenced::Applied
+    );
+    let second = must_claim(store, scope, "k", ttl(LONG)).await;
+    assert_eq!(second.attempt, 2);
+    assert_eq!(
+        store
+            .fail(&second, Release::RefundAttempt)
+            .await
+            .expect("fail"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        state(store, scope, "k").await,
+        Some((RecordState::Released, 1))
+    );
+    assert_eq!(must_claim(store, scope, "k", ttl(LONG)).await.attempt, 2);
+}
+
+/// A buried key answers `Dead`.
+pub async fn bury_makes_dead<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let lease = must_claim(store, scope, "k", ttl(LONG)).await;
+    assert_eq!(
+        store.bury(&lease, LONG).await.expect("bury"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        store.claim(scope, "k", ttl(LONG)).await.expect("claim"),
+        Claim::Dead
+    );
+    assert_eq!(state(store, scope, "k").await, Some((RecordState::Dead, 1)));
+    assert_eq!(
+        store.complete(&lease, LONG).await.expect("complete"),
+        Fenced::LeaseLost
+    );
+}
+
+/// The same key in two scopes is two records.
+pub async fn scopes_are_isolated<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let other = format!("{scope}.b");
+    let lease = must_claim(store, scope, "shared", ttl(LONG)).await;
+    assert_eq!(
+        store.complete(&lease, LONG).await.expect("complete"),
+        Fenced::Applied
+    );
+    let there = must_claim(store, &other, "shared", ttl(LONG)).await;
+    assert_eq!(there.attempt, 1);
+    assert!(store.forget(&other, "shared").await.expect("forget"));
+    assert_eq!(
+        store
+            .claim(scope, "shared", ttl(LONG))
+            .await
+            .expect("claim"),
+        Claim::Done
+    );
+}
+
+/// Done records expire after `keep_for`; the key is then new again.
+pub async fn done_expires_after_keep_for<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let lease = must_claim(store, scope, "k", ttl(SHORT)).await;
+    assert_eq!(
+        store.complete(&lease, SHORT).await.expect("complete"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        store.claim(scope, "k", ttl(LONG)).await.expect("claim"),
+        Claim::Done
+    );
+    sleep(PAST_SHORT).await;
+    assert_eq!(store.get(scope, "k").await.expect("get"), None);
+    assert_eq!(must_claim(store, scope, "k", ttl(LONG)).await.attempt, 1);
+}
+
+/// `forget` removes any record; the key can be handled again.
+pub async fn forget_makes_key_claimable<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let lease = must_claim(store, scope, "k", ttl(LONG)).await;
+    assert_eq!(
+        store.complete(&lease, LONG).await.expect("complete"),
+        Fenced::Applied
+    );
+    assert!(store.forget(scope, "k").await.expect("forget"));
+    assert!(!store.forget(scope, "k").await.expect("forget"));
+    let again = must_claim(store, scope, "k", ttl(LONG)).await;
+    assert_eq!(again.attempt, 1);
+    assert!(store.forget(scope, "k").await.expect("forget"));
+    assert_eq!(
+        store.complete(&again, LONG).await.expect("complete"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(store.get(scope, "k").await.expect("get"), None);
+}
+
+/// `renew` pushes the lease out so nobody can take over.
+pub async fn renew_extends_lease<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let lease = must_claim(store, scope, "k", ttl(SHORT)).await;
+    sleep(SHORT / 2).await;
+    assert_eq!(
+        store
+            .renew(&lease, Duration::from_secs(5))
+            .await
+            .expect("renew"),
+        Fenced::Applied
+    );
+    sleep(PAST_SHORT).await;
+    assert!(
+        matches!(
+            store.claim(scope, "k", ttl(LONG)).await.expect("claim"),
+            Claim::InProgress { .. }
+        ),
+        "a renewed lease must still hold"
+    );
+    assert_eq!(
+        store.complete(&lease, LONG).await.expect("complete"),
+        Fenced::Applied
+    );
+}
+
+/// `claim_many` and `complete_many` answer per item, in order.
+pub async fn batch_forms_answer_in_order<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let done = must_claim(store, scope, "b1", ttl(LONG)).await;
+    assert_eq!(
+        store.complete(&done, LONG).await.expect("complete"),
+        Fenced::Applied
+    );
+    let keys: Vec<String> = ["b0", "b1", "b2"].map(String::from).to_vec();
+    let claims = store
+        .claim_many(scope, &keys, ttl(LONG))
+        .await
+        .expect("claim_many");
+    assert_eq!(claims.len(), 3);
+    assert_eq!(claims[1], Claim::Done);
+    let mut leases: Vec<Lease> = [&claims[0], &claims[2]]
+        .iter()
+        .map(|c| match c {
+            Claim::Claimed(l) => l.clone(),
+            other => panic!("expected Claimed, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        (leases[0].key.as_str(), leases[1].key.as_str()),
+        ("b0", "b2")
+    );
+    let mut forged = leases[0].clone();
+    forged.token = LeaseToken(forged.token.0 ^ 1);
+    leases.insert(1, forged);
+    let fenced = store
+        .complete_many(&leases, LONG)
+        .await
+        .expect("complete_many");
+    assert_eq!(
+        fenced,
+        vec![Fenced::Applied, Fenced::LeaseLost, Fenced::Applied]
+    );
+    let again = store
+        .claim_many(scope, &keys, ttl(LONG))
+        .await
+        .expect("claim_many");
+    assert_eq!(again, vec![Claim::Done, Claim::Done, Claim::Done]);
+    assert_eq!(
+        store
+            .claim_many(scope, &[], ttl(LONG))
+            .await
+            .expect("empty batch"),
+        vec![]
+    );
+}
+
+/// Hostile scopes and keys are typed errors, never a record.
+pub async fn rejects_bad_scope_and_key<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let long = "k".repeat(crate::key::MAX_KEY_LEN + 1);
+    for (s, k) in [
+        ("bad scope", "k"),
+        ("a:b", "k"),
+        (scope, "{x}"),
+        (scope, ""),
+        (scope, long.as_str()),
+    ] {
+        match store.claim(s, k, ttl(LONG)).await {
+            Err(Error::InvalidInput { .. }) => {}
+            other => panic!("claim({s:?}, {k:?}) must be InvalidInput, got {other:?}"),
+        }
+    }
+}
