@@ -9,6 +9,7 @@ pub mod broker;
 pub mod error;
 pub mod handler;
 pub mod key;
+pub mod memory;
 pub mod message;
 pub mod policy;
 pub mod store;
