@@ -249,10 +249,9 @@ pub enum DeadReason {
     Permanent,
     /// The body could not be decoded (typed handlers).
     Decode,
-    /// A redelivered copy of a message whose record is already dead: its
-    /// earlier dead-lettering may not have landed, so it is dead-lettered
-    /// again rather than dropped.
-    DeadRedelivered,
+    /// A copy of a message whose key is already dead, dead-lettered too
+    /// because the engine was set to [`crate::OnDead::DeadLetter`].
+    DuplicateOfDead,
 }
 
 impl DeadReason {
@@ -263,7 +262,7 @@ impl DeadReason {
             DeadReason::MaxAttempts => "max-attempts",
             DeadReason::Permanent => "permanent",
             DeadReason::Decode => "decode",
-            DeadReason::DeadRedelivered => "dead-redelivered",
+            DeadReason::DuplicateOfDead => "duplicate-of-dead",
         }
     }
 }

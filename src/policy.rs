@@ -56,13 +56,12 @@ impl Default for Backoff {
 /// What the engine does with a delivery whose key is already dead (buried).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OnDead {
-    /// Ack it and count it as a duplicate of a dead message (default). A
-    /// *redelivered* copy is still dead-lettered (reason `dead-redelivered`):
-    /// its first dead-lettering may not have landed, and idemq never drops a
-    /// message without a trace.
+    /// Ack it and count it as a duplicate of a dead message (default). This
+    /// drops nothing: the engine buries a key only after its dead letter was
+    /// confirmed, so a dead key always has its copy in the dead-letter queue.
     #[default]
     Ack,
-    /// Dead-letter every copy (reason `dead-redelivered`).
+    /// Dead-letter every copy as well (reason `duplicate-of-dead`).
     DeadLetter,
 }
 

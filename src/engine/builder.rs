@@ -1,0 +1,196 @@
+//! [`EngineBuilder`]: the engine's settings, with the defaults of the design.
+
+use std::time::Duration;
+
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::key::{KeyStrategy, check_scope};
+use crate::policy::{Backoff, OnDead};
+use crate::{Broker, DedupStore, Handler};
+
+/// The engine's settings. Built with [`Engine::builder`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub(crate) scope: String,
+    pub(crate) concurrency: usize,
+    pub(crate) lease: Duration,
+    pub(crate) keep_for: Duration,
+    pub(crate) max_attempts: u32,
+    pub(crate) retry_backoff: Backoff,
+    pub(crate) store_backoff: Backoff,
+    pub(crate) min_defer: Duration,
+    pub(crate) max_defer: Duration,
+    pub(crate) on_dead: OnDead,
+    pub(crate) key: KeyStrategy,
+    pub(crate) shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            scope: "default".into(),
+            concurrency: 16,
+            lease: Duration::from_secs(300),
+            keep_for: Duration::from_secs(24 * 3600),
+            max_attempts: 5,
+            retry_backoff: Backoff::default(),
+            store_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            min_defer: Duration::from_millis(100),
+            max_defer: Duration::from_secs(60),
+            on_dead: OnDead::Ack,
+            key: KeyStrategy::default(),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// The dedup scope (one per logical consumer).
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+    /// Deliveries in flight at most.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+    /// The claim lease.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+    /// How long done (and dead) records are kept.
+    pub fn keep_for(&self) -> Duration {
+        self.keep_for
+    }
+    /// Handler runs allowed per key.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+}
+
+/// Builds an [`Engine`]. Every setting has the design's default.
+#[derive(Debug)]
+pub struct EngineBuilder<B, S, H> {
+    broker: B,
+    store: S,
+    handler: H,
+    config: Config,
+}
+
+impl<B: Broker, S: DedupStore, H: Handler> EngineBuilder<B, S, H> {
+    pub(crate) fn new(broker: B, store: S, handler: H) -> Self {
+        EngineBuilder {
+            broker,
+            store,
+            handler,
+            config: Config::default(),
+        }
+    }
+
+    /// The dedup scope: keys of one scope never meet keys of another. Give
+    /// each logical consumer (queue + handler) its own. 1 to 64 bytes of
+    /// `A-Z a-z 0-9 - _ .`. Default `"default"`.
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.config.scope = scope.into();
+        self
+    }
+
+    /// Deliveries in flight at once (set the broker's prefetch to the
+    /// same). Default 16.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n;
+        self
+    }
+
+    /// How long a claim is exclusive; renewed every third of it while the
+    /// handler runs. Default 300 s.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config.lease = lease;
+        self
+    }
+
+    /// The dedup window: how long a done record (and a dead one, and the
+    /// attempt count of a lapsed claim) is kept. Default 24 h.
+    pub fn keep_for(mut self, keep_for: Duration) -> Self {
+        self.config.keep_for = keep_for;
+        self
+    }
+
+    /// Handler runs allowed per key before the message is dead-lettered
+    /// (reason `max-attempts`). Default 5.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.config.max_attempts = n;
+        self
+    }
+
+    /// Delay before retrying a failed attempt. Default 1 s doubling to
+    /// 5 min, with jitter.
+    pub fn retry_backoff(mut self, backoff: Backoff) -> Self {
+        self.config.retry_backoff = backoff;
+        self
+    }
+
+    /// Pause while the store is unreachable (no delivery is taken and none
+    /// is handled meanwhile). Default 100 ms doubling to 10 s, with jitter.
+    pub fn store_backoff(mut self, backoff: Backoff) -> Self {
+        self.config.store_backoff = backoff;
+        self
+    }
+
+    /// Bounds on the delay of a delivery deferred because another consumer
+    /// holds its key: the other lease's remaining time, clamped to
+    /// `[min, max]`. Default 100 ms to 60 s.
+    pub fn defer_bounds(mut self, min: Duration, max: Duration) -> Self {
+        self.config.min_defer = min;
+        self.config.max_defer = max;
+        self
+    }
+
+    /// What to do with copies of dead messages. Default [`OnDead::Ack`].
+    pub fn on_dead(mut self, on_dead: OnDead) -> Self {
+        self.config.on_dead = on_dead;
+        self
+    }
+
+    /// Where keys come from. Default: the `message_id` property only.
+    pub fn key_strategy(mut self, key: KeyStrategy) -> Self {
+        self.config.key = key;
+        self
+    }
+
+    /// How long in-flight handlers may run on after shutdown is asked for;
+    /// the claims of those still running then are released. Default 30 s.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.config.shutdown_grace = grace;
+        self
+    }
+
+    /// Checks the settings and builds the engine.
+    pub fn build(self) -> Result<Engine<B, S, H>, Error> {
+        let c = &self.config;
+        check_scope(&c.scope)?;
+        if c.concurrency == 0 {
+            return Err(Error::Config("concurrency must be at least 1".into()));
+        }
+        if c.lease < Duration::from_millis(30) {
+            return Err(Error::Config(format!(
+                "lease {:?} is too short (at least 30 ms)",
+                c.lease
+            )));
+        }
+        if c.keep_for.is_zero() {
+            return Err(Error::Config("keep_for must be more than zero".into()));
+        }
+        if c.max_attempts == 0 {
+            return Err(Error::Config("max_attempts must be at least 1".into()));
+        }
+        if c.min_defer > c.max_defer {
+            return Err(Error::Config("defer_bounds: min is above max".into()));
+        }
+        Ok(Engine::from_parts(
+            self.broker,
+            self.store,
+            self.handler,
+            self.config,
+        ))
+    }
+}

@@ -1,0 +1,214 @@
+//! The engine: takes deliveries from a [`Broker`], claims their keys in a
+//! [`DedupStore`], runs the [`Handler`], and settles each delivery on its
+//! own. The per-delivery state machine is in `process.rs`, in the order of
+//! the table in the design.
+
+mod builder;
+mod process;
+mod report;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use builder::{Config, EngineBuilder};
+pub use report::{Report, Stopped};
+
+use crate::{Broker, DedupStore, Handler};
+use report::Counters;
+
+/// A consumer that makes message handling idempotent.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idemq::Error> {
+/// use idemq::memory::{MemoryBroker, MemoryDedupStore};
+/// use idemq::{Broker, Engine, Message, OutgoingMessage};
+///
+/// let broker = MemoryBroker::new("orders");
+/// for id in ["a", "b", "a"] {
+///     broker.publish(OutgoingMessage::new("{}").with_message_id(id)).await?;
+/// }
+/// broker.close_when_idle(); // this example stops once all is settled
+///
+/// let engine = Engine::builder(broker.clone(), MemoryDedupStore::new(), |_msg: Message| async { Ok(()) })
+///     .scope("orders")
+///     .build()?;
+/// let report = engine.run(tokio_util::sync::CancellationToken::new()).await;
+/// assert_eq!((report.handled, report.duplicates), (2, 1));
+/// # Ok(()) }
+/// ```
+pub struct Engine<B, S, H> {
+    shared: Arc<Shared<B, S, H>>,
+}
+
+impl<B, S, H> std::fmt::Debug for Engine<B, S, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.shared.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Shared<B, S, H> {
+    pub(crate) broker: B,
+    pub(crate) store: S,
+    pub(crate) handler: H,
+    pub(crate) cfg: Config,
+    pub(crate) counters: Counters,
+    gate: StoreGate,
+}
+
+/// Fail-closed bookkeeping: consecutive store failures and the instant
+/// before which no new delivery is taken.
+struct StoreGate {
+    epoch: Instant,
+    failures: AtomicU32,
+    paused_until_us: AtomicU64,
+}
+
+impl StoreGate {
+    fn paused_until(&self) -> Option<Instant> {
+        let until = self.paused_until_us.load(Ordering::Relaxed);
+        let until = self.epoch + Duration::from_micros(until);
+        (until > Instant::now()).then_some(until)
+    }
+}
+
+impl<B: Broker, S: DedupStore, H: Handler> Shared<B, S, H> {
+    /// Notes a store failure; answers how long to back off.
+    pub(crate) fn store_failed(&self, op: &'static str, err: &crate::Error) -> Duration {
+        self.counters.store_errors.inc();
+        let n = self
+            .gate
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        let delay = self.cfg.store_backoff.delay(n);
+        let until = (Instant::now() + delay).duration_since(self.gate.epoch);
+        self.gate.paused_until_us.fetch_max(
+            u64::try_from(until.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        tracing::warn!(op, error = %err, transient = err.is_transient(), backoff = ?delay,
+            "dedup store failed; pausing consumption (fail closed)");
+        delay
+    }
+
+    pub(crate) fn store_ok(&self) {
+        if self.gate.failures.load(Ordering::Relaxed) != 0 {
+            self.gate.failures.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
+    /// Starts building an engine over a broker, a store and a handler.
+    pub fn builder(broker: B, store: S, handler: H) -> EngineBuilder<B, S, H> {
+        EngineBuilder::new(broker, store, handler)
+    }
+
+    fn from_parts(broker: B, store: S, handler: H, cfg: Config) -> Self {
+        let counters = Counters::new(&cfg.scope);
+        Engine {
+            shared: Arc::new(Shared {
+                broker,
+                store,
+                handler,
+                counters,
+                cfg,
+                gate: StoreGate {
+                    epoch: Instant::now(),
+                    failures: AtomicU32::new(0),
+                    paused_until_us: AtomicU64::new(0),
+                },
+            }),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.shared.cfg
+    }
+
+    /// Consumes until `shutdown` is cancelled or the broker closes, with up
+    /// to `concurrency` deliveries in flight, each settled on its own.
+    ///
+    /// On shutdown it stops taking deliveries, lets in-flight handlers
+    /// finish for up to the grace period, then releases the claims of
+    /// those still running (their attempt refunded) and requeues their
+    /// deliveries. It returns what it did. A transient broker error is
+    /// retried with backoff; a permanent one ends the run
+    /// ([`Stopped::BrokerFailed`]) after in-flight work is settled.
+    pub async fn run(self, shutdown: CancellationToken) -> Report {
+        let sh = self.shared;
+        let slots = Arc::new(Semaphore::new(sh.cfg.concurrency));
+        let tracker = TaskTracker::new();
+        let abort = CancellationToken::new();
+        let mut broker_failures = 0u32;
+        let stopped = loop {
+            if let Some(until) = sh.gate.paused_until() {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break Stopped::Shutdown,
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+            }
+            let slot = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Stopped::Shutdown,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break Stopped::Shutdown, // never closed; no panic path
+                },
+            };
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Stopped::Shutdown,
+                next = sh.broker.next() => next,
+            };
+            match next {
+                Ok(Some(delivery)) => {
+                    broker_failures = 0;
+                    sh.counters.received.inc();
+                    let (sh, abort) = (sh.clone(), abort.clone());
+                    tracker.spawn(async move {
+                        process::process(&sh, delivery, &abort).await;
+                        drop(slot);
+                    });
+                }
+                Ok(None) => break Stopped::BrokerClosed,
+                Err(e) if e.is_transient() => {
+                    sh.counters.broker_errors.inc();
+                    broker_failures = broker_failures.saturating_add(1);
+                    let delay = sh.cfg.store_backoff.delay(broker_failures);
+                    tracing::warn!(error = %e, backoff = ?delay, "broker failed to deliver; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break Stopped::Shutdown,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => {
+                    sh.counters.broker_errors.inc();
+                    tracing::error!(error = %e, "broker failed for good; stopping");
+                    break Stopped::BrokerFailed(e.to_string());
+                }
+            }
+        };
+        tracker.close();
+        if tokio::time::timeout(sh.cfg.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?sh.cfg.shutdown_grace, in_flight = tracker.len(),
+                "grace period over; releasing the claims of unfinished handlers");
+            abort.cancel();
+            tracker.wait().await;
+        }
+        sh.counters.report(stopped)
+    }
+}

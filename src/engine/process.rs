@@ -1,0 +1,381 @@
+//! The per-delivery state machine, step by step as in the design:
+//! key, claim, then one of duplicate / deferral / dead copy / attempt
+//! limit / handler run, and the settlement that follows each.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::Shared;
+use crate::handler::{Completion, HandlerError, Message};
+use crate::message::{DeadLetter, DeadReason, Delivery};
+use crate::policy::OnDead;
+use crate::store::{Claim, ClaimTtl, Fenced, Lease, Release};
+use crate::{Broker, DedupStore, Error, Handler};
+
+/// How often a failing publish-and-ack settlement is retried before the
+/// delivery is requeued instead.
+const SETTLE_TRIES: u32 = 4;
+
+pub(crate) async fn process<B: Broker, S: DedupStore, H: Handler>(
+    sh: &Shared<B, S, H>,
+    delivery: Delivery,
+    abort: &CancellationToken,
+) {
+    let d = Arc::new(delivery);
+    // 1. Key: message id, else the configured header, else (opt-in) the body hash.
+    let Some(key) = sh.cfg.key.extract(&d) else {
+        let span = tracing::info_span!("idemq.message", scope = %sh.cfg.scope, key = tracing::field::Empty, tag = d.tag);
+        let letter = DeadLetter {
+            reason: DeadReason::MissingKey,
+            detail: "no message_id, no key header, and body hashing is not enabled".into(),
+            attempts: 0,
+        };
+        dead_letter(sh, &d, &letter).instrument(span).await;
+        return;
+    };
+    let span = tracing::info_span!("idemq.message", scope = %sh.cfg.scope, key = %key, tag = d.tag);
+    claim_and_handle(sh, d, key, abort).instrument(span).await;
+}
+
+async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
+    sh: &Shared<B, S, H>,
+    d: Arc<Delivery>,
+    key: String,
+    abort: &CancellationToken,
+) {
+    let cfg = &sh.cfg;
+    // 2. Claim with the lease. The record is kept for the dedup window even
+    //    if the lease lapses, so its attempt count survives a crash.
+    let ttl = ClaimTtl {
+        lease: cfg.lease,
+        retain: cfg.keep_for,
+    };
+    let claim = match sh.store.claim(&cfg.scope, &key, ttl).await {
+        Ok(claim) => {
+            sh.store_ok();
+            claim
+        }
+        Err(e) => {
+            // 6. Store unreachable: fail closed. No handler, no ack: back off,
+            //    then hand the delivery back to the broker.
+            let delay = sh.store_failed("claim", &e);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = abort.cancelled() => {}
+            }
+            sh.counters.requeued.inc();
+            nack_requeue(sh, &d).await;
+            return;
+        }
+    };
+    match claim {
+        Claim::Done => {
+            tracing::debug!("duplicate of a completed message; acking");
+            sh.counters.duplicates.inc();
+            ack(sh, &d).await;
+        }
+        Claim::InProgress { retry_after } => {
+            let delay = retry_after.clamp(cfg.min_defer, cfg.max_defer);
+            tracing::debug!(?delay, "another consumer holds the key; deferring");
+            sh.counters.deferred.inc();
+            retry_later(sh, &d, delay, d.retry_attempt()).await;
+        }
+        Claim::Dead if cfg.on_dead == OnDead::Ack => {
+            tracing::debug!("copy of a dead message; acking");
+            sh.counters.dead_duplicates.inc();
+            ack(sh, &d).await;
+        }
+        Claim::Dead => {
+            let letter = DeadLetter {
+                reason: DeadReason::DuplicateOfDead,
+                detail: "the key is dead (buried); this copy is dead-lettered as well".into(),
+                attempts: d.retry_attempt(),
+            };
+            dead_letter(sh, &d, &letter).await;
+        }
+        Claim::Claimed(lease) if lease.attempt > cfg.max_attempts => {
+            // A crash loop (handler never returned) used up the attempts.
+            let letter = DeadLetter {
+                reason: DeadReason::MaxAttempts,
+                detail: format!(
+                    "claimed for attempt {} of at most {}; the handler was not run again",
+                    lease.attempt, cfg.max_attempts
+                ),
+                attempts: lease.attempt - 1,
+            };
+            dead_letter_and_bury(sh, &d, &lease, &letter).await;
+        }
+        Claim::Claimed(lease) => run_handler(sh, d, lease, abort).await,
+    }
+}
+
+async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
+    sh: &Shared<B, S, H>,
+    d: Arc<Delivery>,
+    lease: Lease,
+    abort: &CancellationToken,
+) {
+    let cfg = &sh.cfg;
+    let msg = Message::new(d.clone(), lease.clone(), cfg.keep_for);
+    let lost = AtomicBool::new(false);
+    let handled = AssertUnwindSafe(sh.handler.handle(msg)).catch_unwind();
+    let outcome = tokio::select! {
+        biased;
+        r = handled => Some(r),
+        _ = abort.cancelled() => None,
+        _ = renew_while_running(sh, &lease, &lost) => None, // never completes
+    };
+    let result = match outcome {
+        None => {
+            // 8. Shutdown grace is over: give the claim back uncounted and
+            //    let the broker deliver the message again.
+            tracing::warn!("handler did not finish within the shutdown grace period; releasing");
+            if let Err(e) = sh.store.fail(&lease, Release::RefundAttempt).await {
+                tracing::warn!(error = %e, "could not release the claim; its lease will lapse");
+            }
+            sh.counters.released.inc();
+            nack_requeue(sh, &d).await;
+            return;
+        }
+        Some(Err(panic)) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".into());
+            tracing::error!(panic = %what, "handler panicked; treating it as a retryable failure");
+            Err(HandlerError::retry(format!("handler panicked: {what}")))
+        }
+        Some(Ok(result)) => result,
+    };
+    match result {
+        // 3. Success: fenced completion, then ack.
+        Ok(()) if sh.handler.completion() == Completion::InHandler => {
+            sh.counters.handled.inc();
+            ack(sh, &d).await;
+        }
+        Ok(()) => complete(sh, &d, &lease).await,
+        Err(HandlerError::LeaseLost) => lease_lost(sh, &d, "handler").await,
+        // 4. Retryable: release (the attempt was counted at claim) and retry
+        //    with backoff, or bury and dead-letter at the limit.
+        Err(HandlerError::Retry(e)) if lease.attempt >= cfg.max_attempts => {
+            let letter = DeadLetter {
+                reason: DeadReason::MaxAttempts,
+                detail: e.to_string(),
+                attempts: lease.attempt,
+            };
+            tracing::warn!(attempt = lease.attempt, error = %e, "attempts exhausted; dead-lettering");
+            dead_letter_and_bury(sh, &d, &lease, &letter).await;
+        }
+        Err(HandlerError::Retry(e)) => {
+            tracing::info!(attempt = lease.attempt, error = %e, "handler failed; retrying later");
+            match sh.store.fail(&lease, Release::CountAttempt).await {
+                Ok(Fenced::Applied) => sh.store_ok(),
+                Ok(Fenced::LeaseLost) => return lease_lost(sh, &d, "fail").await,
+                // The lease then lapses by itself and the count is kept.
+                Err(e) => drop(sh.store_failed("fail", &e)),
+            }
+            sh.counters.retried.inc();
+            let delay = cfg.retry_backoff.delay(lease.attempt);
+            retry_later(sh, &d, delay, lease.attempt).await;
+        }
+        // 5. Permanent (or undecodable): bury and dead-letter at once.
+        Err(HandlerError::Permanent(e)) => {
+            permanent(sh, &d, &lease, DeadReason::Permanent, e).await
+        }
+        Err(HandlerError::Decode(e)) => permanent(sh, &d, &lease, DeadReason::Decode, e).await,
+    }
+}
+
+async fn permanent<B: Broker, S: DedupStore, H: Handler>(
+    sh: &Shared<B, S, H>,
+    d: &Delivery,
+    lease: &Lease,
+    reason: DeadReason,
+    e: crate::BoxError,
+) {
+    tracing::warn!(%reason, error = %e, "handler failed permanently; dead-lettering");
+    let letter = DeadLetter {
+        reason,
+        detail: e.to_string(),
+        attempts: lease.attempt,
+    };
+    dead_letter_and_bury(sh, d, lease, &letter).await;
+}
+
+/// Renews the lease every third of it while the handler runs. Never returns.
+async fn renew_while_running<B: Broker, S: DedupStore, H: Handler>(
+    sh: &Shared<B, S, H>,
+    lease: &Lease,
+    lost: &AtomicBool,
+) {
+    let every = sh.cfg.lease / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        if lost.load(Ordering::Relaxed) {
+            continue;
+        }
+        match sh.store.renew(lease, sh.cfg.lease).await {
+            Ok(Fenced::Applied) => sh.store_ok(),
+            Ok(Fenced::LeaseLost) => {
+                lost.store(true, Ordering::Relaxed);
+                tracing::error!(
+                    "lease lost while the handler runs: another consumer may handle this key too"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "lease renewal failed; will try again"),
+        }
+    }
+}
+
+async fn complete<B: Broker, S: DedupStore, H: Handler>(
+    sh: &Shared<B, S, H>,
+    d: &Delivery,
+    lease: &Lease,
+) {
+    for attempt in 1..=SETTLE_TRIES {
+        match sh.store.complete(lease, sh.cfg.keep_for).await {
+            Ok(Fenced::Applied) => {
+                sh.store_ok();
+                sh.counters.handled.inc();
+                ack(sh, d).await;
+                return;
+            }
+            Ok(Fenced::LeaseLost) => return lease_lost(sh, d, "complete").await,
+            Err(e) => {
+                let delay = sh.store_failed("complete", &e);
+                if attempt < SETTLE_TRIES {
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+    // The effect happened but is not recorded. Keep the lease (do not
+    // release it): a redelivery meets InProgress until it lapses.
+    tracing::error!(
+        "could not record completion; requeueing (the handler may run again after the lease lapses)"
+    );
+    nack_requeue(sh, d).await;
+}
+
+async fn lease_lost<B: Broker, S: DedupStore, H: Handler>(
+    sh: &Shared<B, S, H>,
+    d: &Delivery,
+    during: &'static str,
+) {
+    sh.counters.lease_lost.inc();
+    tracing::error!(
+        during,
+        "LEASE LOST: another consumer took this key over after the lease lapsed; \
+        its record is left untouched and this delivery is acked (raise the lease if handlers are slow)"
+    );
+    ack(sh, d).await;
+}
+
+/// Dead-letters first, then buries the key, so that a `Dead` record always
+/// means "a copy is in the dead-letter queue": copies of a dead message can
+/// then be acked safely. If the dead-lettering does not land, the claim is
+/// released instead and the delivery requeued; its next copy comes back
+/// here (or, past the attempt limit, straight to the dead-letter queue).
+async fn dead_letter_and_bury<B: Broker, S: DedupStore, H: Handler>(
+    sh: &Shared<B, S, H>,
+    d: &Delivery,
+    lease: &Lease,
+    letter: &DeadLetter,
+) {
+    if !dead_letter(sh, d, letter).await {
+        if let Err(e) = sh.store.fail(lease, Release::CountAttempt).await {
+            // The lease lapses by itself; the count is kept.
+            drop(sh.store_failed("fail", &e));
+        }
+        return;
+    }
+    match sh.store.bury(lease, sh.cfg.keep_for).await {
+        Ok(Fenced::Applied) => sh.store_ok(),
+        Ok(Fenced::LeaseLost) => {
+            sh.counters.lease_lost.inc();
+            tracing::error!(
+                "LEASE LOST before burying a dead-lettered message; the new owner's record stands"
+            );
+        }
+        // The message is in the dead-letter queue; the unburied claim lapses,
+        // and a later copy counts one more attempt and comes here too.
+        Err(e) => drop(sh.store_failed("bury", &e)),
+    }
+}
+
+/// Publishes the dead letter (retrying transient failures); answers whether
+/// it landed. When it did not, the delivery is requeued: never dropped.
+async fn dead_letter<B: Broker, S: DedupStore, H: Handler>(
+    sh: &Shared<B, S, H>,
+    d: &Delivery,
+    letter: &DeadLetter,
+) -> bool {
+    tracing::warn!(reason = %letter.reason, detail = %letter.detail, "dead-lettering");
+    let mut last = None;
+    for attempt in 1..=SETTLE_TRIES {
+        match sh.broker.dead_letter(d, letter).await {
+            Ok(()) => {
+                sh.counters.dead_lettered.inc();
+                return true;
+            }
+            Err(e) => {
+                sh.counters.broker_errors.inc();
+                let retry = e.is_transient() && attempt < SETTLE_TRIES;
+                last = Some(e);
+                if !retry {
+                    break;
+                }
+                tokio::time::sleep(sh.cfg.store_backoff.delay(attempt)).await;
+            }
+        }
+    }
+    if let Some(e) = last {
+        tracing::error!(error = %e, "dead-lettering failed; requeueing the delivery so it is not lost");
+    }
+    nack_requeue(sh, d).await;
+    false
+}
+
+async fn retry_later<B: Broker, S: DedupStore, H: Handler>(
+    sh: &Shared<B, S, H>,
+    d: &Delivery,
+    delay: Duration,
+    attempt: u32,
+) {
+    if let Err(e) = sh.broker.retry_later(d, delay, attempt).await {
+        sh.counters.broker_errors.inc();
+        tracing::warn!(error = %e, "could not schedule the retry; requeueing after a pause");
+        tokio::time::sleep(delay.min(sh.cfg.store_backoff.delay(1))).await;
+        nack_requeue(sh, d).await;
+    }
+}
+
+async fn ack<B: Broker, S: DedupStore, H: Handler>(sh: &Shared<B, S, H>, d: &Delivery) {
+    if let Err(e) = sh.broker.ack(d).await {
+        settle_failed(sh, "ack", &e);
+    }
+}
+
+async fn nack_requeue<B: Broker, S: DedupStore, H: Handler>(sh: &Shared<B, S, H>, d: &Delivery) {
+    if let Err(e) = sh.broker.nack(d, true).await {
+        settle_failed(sh, "nack", &e);
+    }
+}
+
+fn settle_failed<B: Broker, S: DedupStore, H: Handler>(
+    sh: &Shared<B, S, H>,
+    op: &'static str,
+    e: &Error,
+) {
+    sh.counters.broker_errors.inc();
+    // The broker redelivers an unsettled message; its dedup record makes
+    // the redelivery harmless.
+    tracing::warn!(op, error = %e, "could not settle the delivery; the broker will redeliver it");
+}

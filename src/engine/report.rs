@@ -1,0 +1,112 @@
+//! What an engine counts, as a [`Report`] and through the `metrics` facade.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $field:ident ),* $(,)?) => {
+        /// What one engine run did, returned by [`crate::Engine::run`].
+        ///
+        /// The same figures are exported through the `metrics` facade as
+        /// the counter `idemq_messages_total{scope, event}` (install the
+        /// recorder before building the engine).
+        #[derive(Clone, Debug, Default, PartialEq, Eq)]
+        pub struct Report {
+            $( $(#[$doc])* pub $field: u64, )*
+            /// Why the run ended.
+            pub stopped: Stopped,
+        }
+
+        impl Report {
+            /// Adds another run's counts to this one (to sum several
+            /// engines consuming one queue); keeps this one's `stopped`.
+            pub fn merge(&mut self, other: &Report) {
+                $( self.$field += other.$field; )*
+            }
+        }
+
+        pub(crate) struct Counters {
+            $( pub(crate) $field: Counter, )*
+        }
+
+        impl Counters {
+            pub(crate) fn new(scope: &str) -> Self {
+                Counters {
+                    $( $field: Counter::new(scope, stringify!($field)), )*
+                }
+            }
+
+            pub(crate) fn report(&self, stopped: Stopped) -> Report {
+                Report {
+                    $( $field: self.$field.get(), )*
+                    stopped,
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Deliveries taken from the broker.
+    received,
+    /// Messages whose handler succeeded and whose done mark was written.
+    handled,
+    /// Duplicates of completed messages, acked without running the handler.
+    duplicates,
+    /// Copies of dead (buried) messages, acked without running the handler.
+    dead_duplicates,
+    /// Deliveries deferred with `retry_later` because another consumer
+    /// held a live lease on their key.
+    deferred,
+    /// Failed attempts sent back with `retry_later` and backoff.
+    retried,
+    /// Messages sent to the dead-letter queue.
+    dead_lettered,
+    /// Completions (or releases) refused because another consumer took the
+    /// key over after this one's lease lapsed.
+    lease_lost,
+    /// Store calls that failed (the store was unreachable or erred).
+    store_errors,
+    /// Broker calls that failed.
+    broker_errors,
+    /// Claims given back at shutdown because their handler did not finish
+    /// within the grace period (their deliveries were requeued).
+    released,
+    /// Deliveries requeued without running the handler because the store
+    /// could not be reached (fail closed).
+    requeued,
+}
+
+/// Why [`crate::Engine::run`] returned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Stopped {
+    /// The shutdown token was cancelled.
+    #[default]
+    Shutdown,
+    /// The broker said no more deliveries will come.
+    BrokerClosed,
+    /// The broker failed with an error that retrying cannot fix.
+    BrokerFailed(String),
+}
+
+pub(crate) struct Counter {
+    value: AtomicU64,
+    metric: metrics::Counter,
+}
+
+impl Counter {
+    fn new(scope: &str, event: &'static str) -> Self {
+        Counter {
+            value: AtomicU64::new(0),
+            metric: metrics::counter!("idemq_messages_total", "scope" => scope.to_owned(), "event" => event),
+        }
+    }
+
+    pub(crate) fn inc(&self) {
+        self.value.fetch_add(1, Ordering::Relaxed);
+        self.metric.increment(1);
+    }
+
+    fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
