@@ -66,16 +66,14 @@ pub enum Completion {
 #[derive(Clone, Debug)]
 pub struct Message {
     delivery: Arc<Delivery>,
-    key: Arc<str>,
-    lease: Lease,
+    lease: Arc<Lease>,
     keep_for: Duration,
 }
 
 impl Message {
     /// Put together by the engine (and by tests calling a handler directly).
-    pub fn new(delivery: Arc<Delivery>, lease: Lease, keep_for: Duration) -> Self {
+    pub fn new(delivery: Arc<Delivery>, lease: Arc<Lease>, keep_for: Duration) -> Self {
         Message {
-            key: Arc::from(lease.key.as_str()),
             delivery,
             lease,
             keep_for,
@@ -92,7 +90,7 @@ impl Message {
     }
     /// The normalized dedup key.
     pub fn key(&self) -> &str {
-        &self.key
+        &self.lease.key
     }
     /// The `message_id` property.
     pub fn message_id(&self) -> Option<&str> {

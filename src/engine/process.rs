@@ -122,6 +122,7 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
     abort: &CancellationToken,
 ) {
     let cfg = &sh.cfg;
+    let lease = Arc::new(lease);
     let msg = Message::new(d.clone(), lease.clone(), cfg.keep_for);
     let lost = AtomicBool::new(false);
     let handled = AssertUnwindSafe(sh.handler.handle(msg)).catch_unwind();
@@ -179,7 +180,9 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
                 Ok(Fenced::Applied) => sh.store_ok(),
                 Ok(Fenced::LeaseLost) => return lease_lost(sh, &d, "fail").await,
                 // The lease then lapses by itself and the count is kept.
-                Err(e) => drop(sh.store_failed("fail", &e)),
+                Err(e) => {
+                    sh.store_failed("fail", &e);
+                }
             }
             sh.counters.retried.inc();
             let delay = cfg.retry_backoff.delay(lease.attempt);
@@ -292,7 +295,9 @@ async fn dead_letter_and_bury<B: Broker, S: DedupStore, H: Handler>(
     if !dead_letter(sh, d, letter).await {
         if let Err(e) = sh.store.fail(lease, Release::CountAttempt).await {
             // The lease lapses by itself; the count is kept.
-            drop(sh.store_failed("fail", &e));
+            {
+                sh.store_failed("fail", &e);
+            };
         }
         return;
     }
@@ -306,7 +311,9 @@ async fn dead_letter_and_bury<B: Broker, S: DedupStore, H: Handler>(
         }
         // The message is in the dead-letter queue; the unburied claim lapses,
         // and a later copy counts one more attempt and comes here too.
-        Err(e) => drop(sh.store_failed("bury", &e)),
+        Err(e) => {
+            sh.store_failed("bury", &e);
+        }
     }
 }
 

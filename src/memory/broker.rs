@@ -261,6 +261,27 @@ impl MemoryBroker {
         self.state().dead.iter().map(|m| m.deliver(0)).collect()
     }
 
+    /// A delivery if one is due now, or the end of the stream; `None` when
+    /// the caller has to wait.
+    fn try_next(&self) -> Option<Result<Option<Delivery>, Error>> {
+        let mut s = self.state();
+        if s.closed || (s.close_when_idle && s.idle()) {
+            return Some(Ok(None));
+        }
+        if !s.delayed.is_empty() {
+            s.promote_due(Instant::now());
+        }
+        let may_take = self.inner.prefetch.is_none_or(|p| s.unacked_work < p);
+        if may_take && let Some(stored) = s.ready.pop_front() {
+            return Some(Ok(Some(self.unacked_delivery(
+                &mut s,
+                Origin::Work,
+                stored,
+            ))));
+        }
+        None
+    }
+
     fn unacked_delivery(&self, s: &mut State, origin: Origin, stored: Stored) -> Delivery {
         s.next_tag += 1;
         let tag = s.next_tag;
@@ -277,24 +298,23 @@ impl MemoryBroker {
 #[async_trait]
 impl Broker for MemoryBroker {
     async fn next(&self) -> Result<Option<Delivery>, Error> {
+        // Fast path: something is ready, no need to register for wake-ups.
+        if let Some(found) = self.try_next() {
+            return found;
+        }
         loop {
             let changed = self.inner.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let wait_until = {
-                let mut s = self.state();
-                if s.closed || (s.close_when_idle && s.idle()) {
-                    return Ok(None);
-                }
-                let now = Instant::now();
-                s.promote_due(now);
-                let may_take = self.inner.prefetch.is_none_or(|p| s.unacked_work < p);
-                if may_take && let Some(stored) = s.ready.pop_front() {
-                    return Ok(Some(self.unacked_delivery(&mut s, Origin::Work, stored)));
-                }
-                s.delayed.first_key_value().map(|((due, _), _)| *due)
-            };
-            match wait_until {
+            if let Some(found) = self.try_next() {
+                return found;
+            }
+            let due = self
+                .state()
+                .delayed
+                .first_key_value()
+                .map(|((due, _), _)| *due);
+            match due {
                 Some(due) => {
                     tokio::select! {
                         _ = &mut changed => {}

@@ -151,8 +151,14 @@ impl DedupStore for MemoryDedupStore {
         let keep_until = now + ttl.lease.max(ttl.retain);
         let mut shard = self.shard(scope, key);
         shard.sweep_if_grown(now);
+        let fresh = |attempts, expires| Entry {
+            state: RecordState::Claimed,
+            token,
+            attempts,
+            lease_deadline,
+            expires,
+        };
         let attempts = match shard.live(scope, key, now) {
-            None => 1,
             Some(e) => match e.state {
                 RecordState::Done => return Ok(Claim::Done),
                 RecordState::Dead => return Ok(Claim::Dead),
@@ -161,24 +167,24 @@ impl DedupStore for MemoryDedupStore {
                         retry_after: e.lease_deadline - now,
                     });
                 }
-                RecordState::Claimed | RecordState::Released => e.attempts.saturating_add(1),
+                // A released claim, or a lapsed lease: take it over, counted.
+                RecordState::Claimed | RecordState::Released => {
+                    *e = fresh(e.attempts.saturating_add(1), e.expires.max(keep_until));
+                    e.attempts
+                }
             },
+            None => {
+                let entry = fresh(1, keep_until);
+                let keys = match shard.scopes.get_mut(scope) {
+                    Some(keys) => keys,
+                    None => shard.scopes.entry(scope.to_owned()).or_default(),
+                };
+                if keys.insert(key.to_owned(), entry).is_none() {
+                    shard.len += 1;
+                }
+                1
+            }
         };
-        let expires = match shard.live(scope, key, now) {
-            Some(e) => e.expires.max(keep_until),
-            None => keep_until,
-        };
-        let entry = Entry {
-            state: RecordState::Claimed,
-            token,
-            attempts,
-            lease_deadline,
-            expires,
-        };
-        let keys = shard.scopes.entry(scope.to_owned()).or_default();
-        if keys.insert(key.to_owned(), entry).is_none() {
-            shard.len += 1;
-        }
         Ok(Claim::Claimed(Lease {
             scope: scope.to_owned(),
             key: key.to_owned(),
