@@ -1,6 +1,55 @@
 //! # idemq: idempotent, replayable message consumption
 //!
-//! (crate docs are filled in below, see README)
+//! A broker such as RabbitMQ delivers every message *at least* once: a
+//! consumer that crashes or acks late gets it again. idemq turns that into
+//! "the effect happens once": every message carries a key (its
+//! `message_id`); before the handler runs, the [`Engine`] claims the key in
+//! a [`DedupStore`] under a fenced lease; a finished key is marked done and
+//! kept for a dedup window, so later copies are acked without running the
+//! handler; a failed one is released with its attempt counted and retried
+//! with backoff, until it goes to a dead-letter queue, from which
+//! [`replay_dead_letters`] brings it back.
+//!
+//! The engine is generic over two small traits, [`Broker`] and
+//! [`DedupStore`], and a [`Handler`] (any async closure
+//! `Fn(Message) -> Result<(), HandlerError>`, or [`json`] for typed bodies).
+//! Backends live in their own crates (`idemq-rabbitmq`, `idemq-redis`,
+//! `idemq-postgres`); [`memory`] has in-memory ones for tests and
+//! single-process use.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idemq::Error> {
+//! use idemq::memory::{MemoryBroker, MemoryDedupStore};
+//! use idemq::{Broker, Engine, HandlerError, Message, OutgoingMessage};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let broker = MemoryBroker::new("orders");
+//! broker.publish(OutgoingMessage::new("charge 5").with_message_id("order-1")).await?;
+//! broker.publish(OutgoingMessage::new("charge 5").with_message_id("order-1")).await?; // a duplicate
+//! broker.close_when_idle();
+//!
+//! let handler = |msg: Message| async move {
+//!     if msg.body().is_empty() {
+//!         return Err(HandlerError::permanent("empty order")); // dead-lettered at once
+//!     }
+//!     Ok(()) // charge the card here
+//! };
+//! let engine = Engine::builder(broker.clone(), MemoryDedupStore::new(), handler)
+//!     .scope("orders")
+//!     .concurrency(32)
+//!     .build()?;
+//! let report = engine.run(CancellationToken::new()).await;
+//! assert_eq!((report.handled, report.duplicates), (1, 1));
+//! # Ok(()) }
+//! ```
+//!
+//! ## Features
+//!
+//! * `mock`: [`MockBroker`] and [`MockDedupStore`] (mockall), for unit
+//!   tests of code that takes the traits.
+//! * `testing`: the conformance suites every backend must pass, the
+//!   loopback [`testing::FaultProxy`], and helpers for tests against real
+//!   services.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -36,3 +85,8 @@ pub use store::{
 pub use broker::MockBroker;
 #[cfg(feature = "mock")]
 pub use store::MockDedupStore;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

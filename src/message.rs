@@ -90,9 +90,12 @@ pub mod headers {
     pub const FIRST_FAILURE_MS: &str = "x-idemq-first-failure-ms";
     /// When the message was dead-lettered, in milliseconds since the Unix epoch.
     pub const DEAD_AT_MS: &str = "x-idemq-dead-at-ms";
+    /// How often the message was deferred because another consumer held
+    /// its key (each deferral waits twice as long as the one before).
+    pub const DEFERRALS: &str = "x-idemq-deferrals";
 
     /// All of the above: stripped from a dead letter when it is replayed.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         ATTEMPT,
         REASON,
         DETAIL,
@@ -100,6 +103,7 @@ pub mod headers {
         ORIGINAL_QUEUE,
         FIRST_FAILURE_MS,
         DEAD_AT_MS,
+        DEFERRALS,
     ];
 }
 
@@ -178,6 +182,14 @@ impl Delivery {
     /// A header's value.
     pub fn header(&self, name: &str) -> Option<&HeaderValue> {
         self.headers.get(name)
+    }
+
+    /// How often this message was deferred ([`headers::DEFERRALS`]).
+    pub fn deferrals(&self) -> u32 {
+        self.header(headers::DEFERRALS)
+            .and_then(HeaderValue::as_i64)
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(0)
     }
 
     /// The attempt number a retried copy carries ([`headers::ATTEMPT`]),

@@ -424,8 +424,9 @@ async fn a_live_claim_defers_the_delivery_instead_of_requeueing_it() {
         }
     })
     .await;
-    // One deferral of ~5 s (the remaining lease), then a duplicate: never a
-    // hot requeue loop, never a second handler run.
+    // Deferrals of 100, 200, 400, 800 ms, then 1.6 s (past the 2 s the other
+    // consumer took), then a duplicate: never a hot requeue loop, never a
+    // second handler run.
     assert_eq!(
         (
             report.deferred,
@@ -433,7 +434,7 @@ async fn a_live_claim_defers_the_delivery_instead_of_requeueing_it() {
             report.handled,
             calls.total()
         ),
-        (1, 1, 0, 0)
+        (5, 1, 0, 0)
     );
     assert_eq!(broker.stats().requeued, 0);
 }

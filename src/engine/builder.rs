@@ -137,8 +137,9 @@ impl<B: Broker, S: DedupStore, H: Handler> EngineBuilder<B, S, H> {
     }
 
     /// Bounds on the delay of a delivery deferred because another consumer
-    /// holds its key: the other lease's remaining time, clamped to
-    /// `[min, max]`. Default 100 ms to 60 s.
+    /// holds its key: `min` the first time, doubling with each deferral,
+    /// never past the other lease's lapse, never above `max`. Default
+    /// 100 ms to 60 s.
     pub fn defer_bounds(mut self, min: Duration, max: Duration) -> Self {
         self.config.min_defer = min;
         self.config.max_defer = max;

@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use super::Shared;
 use crate::handler::{Completion, HandlerError, Message};
-use crate::message::{DeadLetter, DeadReason, Delivery};
+use crate::message::{DeadLetter, DeadReason, Delivery, headers};
 use crate::policy::OnDead;
 use crate::store::{Claim, ClaimTtl, Fenced, Lease, Release};
 use crate::{Broker, DedupStore, Error, Handler};
@@ -81,10 +81,24 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
             ack(sh, &d).await;
         }
         Claim::InProgress { retry_after } => {
-            let delay = retry_after.clamp(cfg.min_defer, cfg.max_defer);
-            tracing::debug!(?delay, "another consumer holds the key; deferring");
+            // The other consumer usually finishes long before its lease
+            // lapses: wait min_defer, then twice as long each time, never
+            // past the lapse of its lease, at most max_defer.
+            let deferrals = d.deferrals();
+            let grown = cfg.min_defer.saturating_mul(1u32 << deferrals.min(20));
+            let delay = grown.min(retry_after).clamp(cfg.min_defer, cfg.max_defer);
+            tracing::debug!(
+                ?delay,
+                deferrals,
+                "another consumer holds the key; deferring"
+            );
             sh.counters.deferred.inc();
-            retry_later(sh, &d, delay, d.retry_attempt()).await;
+            let mut copy = Delivery::clone(&d);
+            copy.headers.insert(
+                headers::DEFERRALS.into(),
+                (deferrals.saturating_add(1)).into(),
+            );
+            retry_later(sh, &copy, delay, d.retry_attempt()).await;
         }
         Claim::Dead if cfg.on_dead == OnDead::Ack => {
             tracing::debug!("copy of a dead message; acking");

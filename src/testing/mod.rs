@@ -47,9 +47,13 @@ pub fn service_unavailable<T>(service: &str, why: impl std::fmt::Display) -> Opt
 /// every test gets its own [`unique_scope`]. The calling crate needs
 /// `tokio` with the `macros` and `rt-multi-thread` features.
 ///
-/// ```ignore
-/// async fn store() -> Option<MyStore> { /* connect, or skip */ }
+/// ```
+/// # use idemq::memory::MemoryDedupStore as MyStore;
+/// async fn store() -> Option<MyStore> {
+///     Some(MyStore::new()) // or connect, or `service_unavailable(..)` to skip
+/// }
 /// idemq::dedup_store_conformance!(store);
+/// # fn main() {}
 /// ```
 #[macro_export]
 macro_rules! dedup_store_conformance {
