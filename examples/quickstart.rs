@@ -56,11 +56,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let handler = idemq::json(move |order: Order, msg: Message| {
             let charged = charged.clone();
             async move {
-                if order.id % 97 == 0 {
+                if order.id.is_multiple_of(97) {
                     // A bug no retry can fix: straight to the dead-letter queue.
                     return Err(HandlerError::permanent("amount fails validation"));
                 }
-                if order.id % 13 == 0 && msg.attempt() < 3 {
+                if order.id.is_multiple_of(13) && msg.attempt() < 3 {
                     // The payment provider timed out: try again later.
                     return Err(HandlerError::retry("payment provider timeout"));
                 }

@@ -245,7 +245,7 @@ pub async fn settles_each_delivery_on_its_own<B: Broker + ?Sized>(broker: &B, ca
     let mut requeued = BTreeSet::new();
     for d in &inflight {
         let n: u32 = id(d)[1..].parse().expect("id");
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             broker.ack(d).await.expect("ack");
         } else {
             broker.nack(d, true).await.expect("nack");
