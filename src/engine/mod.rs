@@ -176,10 +176,12 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                     broker_failures = 0;
                     sh.counters.received.inc();
                     let (sh, abort) = (sh.clone(), abort.clone());
-                    tracker.spawn(async move {
+                    // Boxed: tokio moves a spawned future several times, and
+                    // the state machine is over a kilobyte; a box is 8 bytes.
+                    tracker.spawn(Box::pin(async move {
                         process::process(&sh, delivery, &abort).await;
                         drop(slot);
-                    });
+                    }));
                 }
                 Ok(None) => break Stopped::BrokerClosed,
                 Err(e) if e.is_transient() => {

@@ -65,7 +65,7 @@ enum Origin {
 struct State {
     ready: VecDeque<Stored>,
     delayed: BTreeMap<(Instant, u64), Stored>,
-    unacked: HashMap<u64, (Origin, Stored)>,
+    unacked: HashMap<u64, (Origin, Stored), foldhash::fast::RandomState>,
     unacked_work: usize,
     dead: VecDeque<Stored>,
     next_tag: u64,

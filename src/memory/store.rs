@@ -1,7 +1,9 @@
 //! [`MemoryDedupStore`]: a complete dedup store in process memory.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use foldhash::fast::RandomState;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,7 +31,7 @@ struct Entry {
 
 #[derive(Default)]
 struct Shard {
-    scopes: HashMap<String, HashMap<String, Entry>>,
+    scopes: HashMap<String, HashMap<String, Entry, RandomState>, RandomState>,
     len: usize,
     sweep_at: usize,
 }
@@ -48,7 +50,7 @@ impl Shard {
             keys.retain(|_, e| e.expires > now);
             !keys.is_empty()
         });
-        self.len = self.scopes.values().map(HashMap::len).sum();
+        self.len = self.scopes.values().map(|keys| keys.len()).sum();
         self.sweep_at = (self.len * 2).max(SWEEP_MIN);
     }
 }
@@ -86,7 +88,7 @@ impl MemoryDedupStore {
     pub fn new() -> Self {
         MemoryDedupStore {
             shards: Arc::new(std::array::from_fn(|_| Mutex::new(Shard::default()))),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
         }
     }
 
