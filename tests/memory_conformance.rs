@@ -46,3 +46,31 @@ mod paused {
         b::retry_later_comes_back_after_delay(&broker, &caps).await;
     }
 }
+
+/// Many threads racing for the same keys: one winner per key per round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_race_across_threads_with_one_winner() {
+    use idemq::{Claim, ClaimTtl, DedupStore};
+    use std::time::Duration;
+    let store = MemoryDedupStore::new();
+    let ttl = ClaimTtl {
+        lease: Duration::from_secs(60),
+        retain: Duration::from_secs(60),
+    };
+    for round in 0..200 {
+        let key = format!("race-{round}");
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let (store, key) = (store.clone(), key.clone());
+                tokio::spawn(async move { store.claim("race", &key, ttl).await })
+            })
+            .collect();
+        let mut won = 0;
+        for t in tasks {
+            if let Claim::Claimed(_) = t.await.expect("task").expect("claim") {
+                won += 1;
+            }
+        }
+        assert_eq!(won, 1, "round {round}");
+    }
+}
