@@ -137,13 +137,18 @@ impl Error {
 /// `amqp://user:***@host/`. Strings without credentials come back unchanged.
 pub fn redact_url(url: &str) -> String {
     let mut out = redact_userinfo(url);
-    // `postgres://host/db?password=secret` is legal too.
+    // `postgres://host/db?password=secret` and `redis://host?pass=secret`
+    // are legal too.
     if let Some(q) = out.find('?') {
         let (head, query) = out.split_at(q + 1);
         let query = query
             .split('&')
             .map(|pair| match pair.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                Some((k, _))
+                    if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") =>
+                {
+                    format!("{k}=***")
+                }
                 _ => pair.to_owned(),
             })
             .collect::<Vec<_>>()
@@ -197,6 +202,10 @@ mod tests {
         assert_eq!(
             redact_url("postgres://root@127.0.0.1/test?password=x"),
             "postgres://root@127.0.0.1/test?password=***"
+        );
+        assert_eq!(
+            redact_url("redis://h/0?pass=x&db=1"),
+            "redis://h/0?pass=***&db=1"
         );
         assert_eq!(redact_url("not a url"), "not a url");
     }

@@ -1,1 +1,50 @@
-//! placeholder
+//! # idemq-redis: the Redis dedup store of idemq
+//!
+//! [`RedisDedupStore`] implements [`idemq::DedupStore`] over Redis: one
+//! hash per message key, claimed under a fenced lease, every operation one
+//! atomic round trip (a Lua script timed by the server clock). Records
+//! expire by themselves; a lapsed lease keeps its attempt count.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use idemq::{Claim, ClaimTtl, DedupStore};
+//! use idemq_redis::{RedisConfig, RedisDedupStore};
+//!
+//! # async fn run() -> Result<(), idemq::Error> {
+//! let store = RedisDedupStore::connect_with(
+//!     "redis://127.0.0.1:6379",
+//!     RedisConfig::new()
+//!         .with_prefix("orders-svc:")
+//!         .with_response_timeout(Duration::from_secs(1)),
+//! )
+//! .await?;
+//! let ttl = ClaimTtl {
+//!     lease: Duration::from_secs(300),
+//!     retain: Duration::from_secs(24 * 3600),
+//! };
+//! if let Claim::Claimed(lease) = store.claim("orders", "order-42", ttl).await? {
+//!     // ... handle the message once ...
+//!     let _ = store.complete(&lease, Duration::from_secs(24 * 3600)).await?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Errors are [`idemq::Error`]s with `backend: "redis"`: connection trouble
+//! and timeouts are transient ([`idemq::Error::is_transient`]), script and
+//! protocol errors are not. Passwords never show in `Debug` output, logs or
+//! errors.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+mod scripts;
+mod store;
+
+pub use config::{MAX_PREFIX_LEN, RedisConfig};
+pub use store::RedisDedupStore;
+
+/// The redis crate this store is built on, for [`RedisDedupStore::from_manager`].
+pub use redis;

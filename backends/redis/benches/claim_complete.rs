@@ -1,0 +1,244 @@
+//! claim + complete per unique key against the Redis at `REDIS_URL`
+//! (default `redis://127.0.0.1:6379`), next to the raw pair a hand-rolled
+//! dedup would send (`SET key token NX PX lease`, then `SET key done PX
+//! keep`), over the same kind of connection (a `ConnectionManager`), in
+//! the same run: sequentially and with 64 concurrent tasks.
+//!
+//! ```text
+//! CARGO_TARGET_DIR=/work/target-redis cargo bench -p idemq-redis --bench claim_complete
+//! ```
+//!
+//! Throughput is in messages (claim + complete pairs) per second.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use idemq::{Claim, ClaimTtl, DedupStore, Fenced};
+use idemq_redis::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use idemq_redis::redis::{self, Value};
+use idemq_redis::{RedisConfig, RedisDedupStore};
+
+const SCOPE: &str = "bench";
+const STORE: &str = "store claim+complete";
+const RAW: &str = "raw SET NX PX + SET PX";
+const CONCURRENCY: u64 = 64;
+/// Short, so the keys a run leaves behind are gone seconds later.
+const TTL: ClaimTtl = ClaimTtl {
+    lease: Duration::from_secs(10),
+    retain: Duration::from_secs(10),
+};
+const KEEP: Duration = Duration::from_secs(10);
+
+fn url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+struct Setup {
+    store: RedisDedupStore,
+    raw: ConnectionManager,
+    raw_prefix: String,
+    next: AtomicU64,
+}
+
+impl Setup {
+    fn key(&self) -> String {
+        format!("m{}", self.next.fetch_add(1, Ordering::Relaxed))
+    }
+
+    async fn store_pair(&self) {
+        let key = self.key();
+        let lease = match self.store.claim(SCOPE, &key, TTL).await {
+            Ok(Claim::Claimed(lease)) => lease,
+            other => panic!("claim of a fresh key: {other:?}"),
+        };
+        match self.store.complete(&lease, KEEP).await {
+            Ok(Fenced::Applied) => {}
+            other => panic!("complete: {other:?}"),
+        }
+    }
+
+    async fn raw_pair(&self) {
+        let key = format!("{}{{{SCOPE}:{}}}", self.raw_prefix, self.key());
+        let mut conn = self.raw.clone();
+        let claimed: Value = redis::cmd("SET")
+            .arg(&key)
+            .arg("0123456789abcdef")
+            .arg("NX")
+            .arg("PX")
+            .arg(TTL.lease.as_millis() as u64)
+            .query_async(&mut conn)
+            .await
+            .expect("SET NX PX");
+        assert!(matches!(claimed, Value::Okay), "fresh key: {claimed:?}");
+        let done: Value = redis::cmd("SET")
+            .arg(&key)
+            .arg("done")
+            .arg("PX")
+            .arg(KEEP.as_millis() as u64)
+            .query_async(&mut conn)
+            .await
+            .expect("SET PX");
+        assert!(matches!(done, Value::Okay), "{done:?}");
+    }
+}
+
+async fn connect() -> Result<Setup, String> {
+    let prefix = format!("idemq-bench-{:08x}:", rand::random::<u32>());
+    let store = RedisDedupStore::connect_with(&url(), RedisConfig::new().with_prefix(&prefix))
+        .await
+        .map_err(|e| e.to_string())?;
+    let client = redis::Client::open(url()).map_err(|e| e.to_string())?;
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(store.config().response_timeout()))
+        .set_connection_timeout(Some(store.config().connection_timeout()));
+    let raw = ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Setup {
+        store,
+        raw,
+        raw_prefix: format!("{prefix}raw:"),
+        next: AtomicU64::new(0),
+    })
+}
+
+/// `INFO commandstats` as `command -> (calls, usec)`.
+async fn command_stats(conn: &mut ConnectionManager) -> HashMap<String, (u64, u64)> {
+    let info: String = match redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+    {
+        Ok(info) => info,
+        Err(_) => return HashMap::new(),
+    };
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |key: &str| -> Option<u64> {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(key))?
+                    .parse()
+                    .ok()
+            };
+            Some((name.to_owned(), (field("calls=")?, field("usec=")?)))
+        })
+        .collect()
+}
+
+/// Prints the server time a message cost during a benchmark: the `usec`
+/// Redis counted for `command` (an `EVALSHA` includes the commands its
+/// script ran) between two snapshots, over the messages (2 calls each).
+fn print_server_cost(
+    what: &str,
+    command: &str,
+    before: &HashMap<String, (u64, u64)>,
+    after: &HashMap<String, (u64, u64)>,
+) {
+    let (c0, u0) = before.get(command).copied().unwrap_or_default();
+    let (c1, u1) = after.get(command).copied().unwrap_or_default();
+    let messages = (c1.saturating_sub(c0)) / 2;
+    if messages > 0 {
+        let per = (u1.saturating_sub(u0)) as f64 / messages as f64;
+        eprintln!("{what}: Redis spent {per:.1} µs per message ({messages} messages, {command})");
+    }
+}
+
+/// Runs `iters` pairs split over [`CONCURRENCY`] tasks; answers the time.
+async fn concurrently(setup: &Arc<Setup>, iters: u64, raw: bool) -> Duration {
+    let left = Arc::new(AtomicU64::new(iters));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (setup, left) = (setup.clone(), left.clone());
+            tokio::spawn(async move {
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    if raw {
+                        setup.raw_pair().await;
+                    } else {
+                        setup.store_pair().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("bench task");
+    }
+    started.elapsed()
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("claim_complete: cannot start a tokio runtime: {e}");
+            return;
+        }
+    };
+    let setup = match rt.block_on(connect()) {
+        Ok(setup) => Arc::new(setup),
+        Err(e) => {
+            eprintln!(
+                "claim_complete: SKIPPED, redis at {} is unreachable: {e}",
+                url()
+            );
+            return;
+        }
+    };
+
+    let mut stats_conn = setup.raw.clone();
+    let mut measure = |group: &str, name: &str, command: &str, run: &mut dyn FnMut()| {
+        let before = rt.block_on(command_stats(&mut stats_conn));
+        run();
+        let after = rt.block_on(command_stats(&mut stats_conn));
+        print_server_cost(&format!("{group}/{name}"), command, &before, &after);
+    };
+
+    let mut seq = c.benchmark_group("sequential");
+    seq.throughput(Throughput::Elements(1));
+    measure("sequential", STORE, "evalsha", &mut || {
+        seq.bench_function(STORE, |b| b.to_async(&rt).iter(|| setup.store_pair()));
+    });
+    measure("sequential", RAW, "set", &mut || {
+        seq.bench_function(RAW, |b| b.to_async(&rt).iter(|| setup.raw_pair()));
+    });
+    seq.finish();
+
+    let mut par = c.benchmark_group("concurrent-64");
+    par.throughput(Throughput::Elements(1));
+    measure("concurrent-64", STORE, "evalsha", &mut || {
+        par.bench_function(STORE, |b| {
+            b.to_async(&rt)
+                .iter_custom(|iters| concurrently(&setup, iters, false))
+        });
+    });
+    measure("concurrent-64", RAW, "set", &mut || {
+        par.bench_function(RAW, |b| {
+            b.to_async(&rt)
+                .iter_custom(|iters| concurrently(&setup, iters, true))
+        });
+    });
+    par.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    targets = bench
+}
+
+criterion_main!(benches);

@@ -1,0 +1,69 @@
+//! The Lua scripts, one per operation, each hashed once per process.
+
+use std::sync::LazyLock;
+
+use redis::{Cmd, Script};
+
+/// A script's source and its `EVALSHA` hash.
+pub(crate) struct Lua {
+    source: &'static str,
+    script: Script,
+}
+
+impl Lua {
+    fn new(source: &'static str) -> Self {
+        Lua {
+            source,
+            script: Script::new(source),
+        }
+    }
+
+    /// `EVALSHA <sha1> 1 <key>`; the caller appends the arguments.
+    pub(crate) fn evalsha(&self, key: String) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(1).arg(key);
+        cmd
+    }
+
+    /// The same call as `evalsha` built, as `EVAL <source> ...`: for when
+    /// Redis answered `NOSCRIPT` (the call did not run). Runs and caches the
+    /// script in one command, so no `SCRIPT FLUSH` can come in between.
+    pub(crate) fn as_eval(&self, evalsha: &Cmd) -> Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(self.source);
+        for arg in evalsha.args_iter().skip(2) {
+            if let redis::Arg::Simple(bytes) = arg {
+                cmd.arg(bytes);
+            }
+        }
+        cmd
+    }
+
+    /// `SCRIPT LOAD <source>`.
+    pub(crate) fn load(&self) -> Cmd {
+        let mut cmd = redis::cmd("SCRIPT");
+        cmd.arg("LOAD").arg(self.source);
+        cmd
+    }
+}
+
+/// claim: see `lua/claim.lua`.
+pub(crate) static CLAIM: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("../lua/claim.lua")));
+/// renew: see `lua/renew.lua`.
+pub(crate) static RENEW: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("../lua/renew.lua")));
+/// complete: see `lua/complete.lua`.
+pub(crate) static COMPLETE: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("../lua/complete.lua")));
+/// fail: see `lua/fail.lua`.
+pub(crate) static FAIL: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/fail.lua")));
+/// bury: see `lua/bury.lua`.
+pub(crate) static BURY: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/bury.lua")));
+/// get: see `lua/get.lua`.
+pub(crate) static GET: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/get.lua")));
+
+/// Every script, for loading them all at once.
+pub(crate) fn all() -> [&'static Lua; 6] {
+    [&CLAIM, &RENEW, &COMPLETE, &FAIL, &BURY, &GET]
+}

@@ -1,0 +1,773 @@
+//! [`RedisDedupStore`]: the [`DedupStore`] over Redis.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use idemq::error::redact_url;
+use idemq::key;
+use idemq::{
+    Claim, ClaimTtl, DedupStore, Error, Fenced, Lease, LeaseToken, Record, RecordState, Release,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Cmd, RedisError, RedisResult, ServerErrorKind, Value};
+
+use crate::config::RedisConfig;
+use crate::error;
+use crate::scripts::{self, Lua};
+
+/// Longest duration handed to Redis, in ms (about 34 years): keeps every
+/// deadline exact in Lua's doubles and within `PEXPIRE`'s range.
+const MAX_MS: u64 = 1 << 40;
+/// Longest pause between two reconnection attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// A [`DedupStore`] keeping one Redis hash per message key.
+///
+/// The record of `(scope, key)` lives at `<prefix>{<scope>:<key>}` (the
+/// `{...}` hash tag keeps a record in one cluster slot) with the fields
+/// `state` (`claimed`, `released`, `done`, `dead`), `token` (the owner's
+/// fencing token), `lease` (the lease deadline, ms on the server clock) and
+/// `attempts`. The key's own TTL covers the longer of the lease and
+/// [`ClaimTtl::retain`], so a lapsed lease keeps its attempt count; `complete`
+/// and `bury` set it to their `keep_for`.
+///
+/// Every operation is one atomic round trip: a Lua script (`EVALSHA`; sent
+/// again as `EVAL` with its source when Redis lost its script cache) timed
+/// by the server's `TIME`, or a plain `DEL` for [`DedupStore::forget`]. `renew`, `complete`, `fail` and `bury` compare the
+/// owner token first and never create a record. The batch forms send one
+/// pipeline.
+///
+/// The connection is a redis [`ConnectionManager`]: it reconnects by itself
+/// after a connection error. Every operation is bounded by the configured
+/// [`RedisConfig::response_timeout`], waiting for a reconnection included,
+/// and fails with a transient [`Error`] past it. A store built from a URL
+/// also replaces a connection that timed out
+/// [`RedisConfig::reconnect_after_timeouts`] times in a row (a connection
+/// that hangs without closing is never noticed by the manager otherwise).
+///
+/// Cheap to clone: clones share the connection. `Debug` output and errors
+/// never show the password of the URL.
+#[derive(Clone)]
+pub struct RedisDedupStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: RwLock<ConnectionManager>,
+    /// What it takes to open a fresh connection (stores built from a URL).
+    reopen: Option<(Client, ConnectionManagerConfig)>,
+    timeouts_in_a_row: AtomicU32,
+    config: RedisConfig,
+    /// The URL with its password masked, for `Debug` and logs.
+    target: String,
+}
+
+impl fmt::Debug for RedisDedupStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisDedupStore")
+            .field("target", &self.inner.target)
+            .field("prefix", &self.inner.config.prefix())
+            .field("response_timeout", &self.inner.config.response_timeout())
+            .field(
+                "connection_timeout",
+                &self.inner.config.connection_timeout(),
+            )
+            .finish()
+    }
+}
+
+impl RedisDedupStore {
+    /// Connects to `url` (`redis://[user[:password]@]host[:port][/db]`, or
+    /// `rediss://` for TLS) with the default [`RedisConfig`], and loads the
+    /// scripts. Fails when Redis cannot be reached within the connection
+    /// and response timeouts (a transient error), or the URL is not valid.
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        Self::connect_with(url, RedisConfig::default()).await
+    }
+
+    /// Connects to `url` with `config`; see [`RedisDedupStore::connect`].
+    pub async fn connect_with(url: &str, config: RedisConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let target = redact_url(url);
+        if is_tls(url) {
+            ensure_crypto_provider();
+        }
+        let client =
+            Client::open(url).map_err(|e| Error::invalid("redis url", format!("{target}: {e}")))?;
+        let manager_config = manager_config(&config);
+        let after = config.connection_timeout() + config.response_timeout();
+        let manager = match tokio::time::timeout(
+            after,
+            ConnectionManager::new_with_config(client.clone(), manager_config.clone()),
+        )
+        .await
+        {
+            Ok(Ok(manager)) => manager,
+            Ok(Err(e)) => return Err(error::map("connect", after, e)),
+            Err(_) => return Err(error::timeout("connect", after)),
+        };
+        let store = RedisDedupStore::build(manager, Some((client, manager_config)), config, target);
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    /// Like [`RedisDedupStore::connect_with`], but sends nothing yet: the
+    /// connection is opened by the first operation (which fails with a
+    /// transient error while Redis cannot be reached). For services that
+    /// must start while Redis is down. Call it within a Tokio runtime;
+    /// fails only on an invalid URL or config, or outside a runtime.
+    pub fn connect_lazy(url: &str, config: RedisConfig) -> Result<Self, Error> {
+        config.validate()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Config(
+                "RedisDedupStore::connect_lazy must be called within a Tokio runtime".into(),
+            ));
+        }
+        let target = redact_url(url);
+        if is_tls(url) {
+            ensure_crypto_provider();
+        }
+        let client =
+            Client::open(url).map_err(|e| Error::invalid("redis url", format!("{target}: {e}")))?;
+        let manager_config = manager_config(&config);
+        let manager =
+            ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
+                .map_err(|e| error::map("connect", config.connection_timeout(), e))?;
+        Ok(RedisDedupStore::build(
+            manager,
+            Some((client, manager_config)),
+            config,
+            target,
+        ))
+    }
+
+    /// Wraps a connection the application already has. Its own response
+    /// timeout stays as it was configured; the store still bounds each
+    /// operation by [`RedisConfig::response_timeout`]. Such a store cannot
+    /// replace a hung connection (see
+    /// [`RedisConfig::with_reconnect_after_timeouts`]). Fails only when
+    /// `config` is invalid; nothing is sent until the first operation.
+    pub fn from_manager(manager: ConnectionManager, config: RedisConfig) -> Result<Self, Error> {
+        config.validate()?;
+        Ok(RedisDedupStore::build(
+            manager,
+            None,
+            config,
+            "<ConnectionManager>".to_owned(),
+        ))
+    }
+
+    fn build(
+        manager: ConnectionManager,
+        reopen: Option<(Client, ConnectionManagerConfig)>,
+        config: RedisConfig,
+        target: String,
+    ) -> Self {
+        RedisDedupStore {
+            inner: Arc::new(Inner {
+                conn: RwLock::new(manager),
+                reopen,
+                timeouts_in_a_row: AtomicU32::new(0),
+                config,
+                target,
+            }),
+        }
+    }
+
+    /// The configuration the store runs with.
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.config
+    }
+
+    /// A handle on the store's connection (shared, not a new one).
+    pub fn connection_manager(&self) -> ConnectionManager {
+        self.conn()
+    }
+
+    /// The Redis key holding the record of `(scope, key)`:
+    /// `<prefix>{<scope>:<key>}`. Scope and key are checked as every
+    /// operation checks them.
+    pub fn record_key(&self, scope: &str, key: &str) -> Result<String, Error> {
+        key::check(scope, key)?;
+        Ok(self.key_unchecked(scope, key))
+    }
+
+    /// Sends `PING`; succeeds when Redis answers within the response
+    /// timeout.
+    pub async fn ping(&self) -> Result<(), Error> {
+        let mut conn = self.conn();
+        let cmd = redis::cmd("PING");
+        self.deadline("ping", async move {
+            ok_or_server_error(conn.send_packed_command(&cmd).await?)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Loads every script into Redis' script cache in one round trip.
+    /// Optional: an operation whose script is missing sends its source
+    /// instead (which caches it too).
+    pub async fn load_scripts(&self) -> Result<(), Error> {
+        let mut pipe = redis::pipe();
+        for script in scripts::all() {
+            pipe.add_command(script.load());
+        }
+        let mut conn = self.conn();
+        let n = pipe.len();
+        let replies = self
+            .deadline("load_scripts", async move {
+                conn.send_packed_commands(&pipe, 0, n).await
+            })
+            .await?;
+        for reply in replies {
+            ok_or_server_error(reply).map_err(|e| error::map("load_scripts", self.after(), e))?;
+        }
+        Ok(())
+    }
+
+    fn key_unchecked(&self, scope: &str, key: &str) -> String {
+        let prefix = self.inner.config.prefix();
+        let mut out = String::with_capacity(prefix.len() + scope.len() + key.len() + 3);
+        out.push_str(prefix);
+        out.push('{');
+        out.push_str(scope);
+        out.push(':');
+        out.push_str(key);
+        out.push('}');
+        out
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        // A poisoned lock only means a panic while swapping a handle in;
+        // the handle itself is whole either way.
+        self.inner
+            .conn
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn after(&self) -> Duration {
+        self.inner.config.response_timeout()
+    }
+
+    /// Runs one exchange with Redis under the store's deadline and maps
+    /// its errors; counts timeouts in a row.
+    async fn deadline<T>(
+        &self,
+        op: &'static str,
+        exchange: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, Error> {
+        let after = self.after();
+        let err = match tokio::time::timeout(after, exchange).await {
+            Ok(Ok(value)) => {
+                if self.inner.timeouts_in_a_row.load(Ordering::Relaxed) != 0 {
+                    self.inner.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                }
+                return Ok(value);
+            }
+            Ok(Err(e)) => error::map(op, after, e),
+            Err(_) => error::timeout(op, after),
+        };
+        if matches!(err, Error::Timeout { .. }) {
+            self.timed_out();
+        }
+        Err(err)
+    }
+
+    fn timed_out(&self) {
+        let limit = self.inner.config.reconnect_after_timeouts();
+        let Some((client, manager_config)) = &self.inner.reopen else {
+            return;
+        };
+        let seen = self.inner.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if limit == 0 || seen < limit {
+            return;
+        }
+        // One of the concurrent callers that crossed the limit replaces it.
+        if self
+            .inner
+            .timeouts_in_a_row
+            .compare_exchange(seen, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone()) {
+            Ok(fresh) => {
+                tracing::warn!(
+                    target: "idemq_redis",
+                    redis = %self.inner.target,
+                    timeouts = seen,
+                    "redis stopped answering; replacing the connection"
+                );
+                *self.inner.conn.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+            }
+            Err(e) => tracing::warn!(
+                target: "idemq_redis",
+                redis = %self.inner.target,
+                error = %e,
+                "could not open a replacement redis connection"
+            ),
+        }
+    }
+
+    /// Runs one script call; when Redis does not have the script (the
+    /// `NOSCRIPT` call did not run) sends it again as `EVAL` with the source.
+    async fn eval(&self, op: &'static str, script: &Lua, cmd: Cmd) -> Result<Value, Error> {
+        let mut conn = self.conn();
+        self.deadline(op, async move {
+            let reply = conn.send_packed_command(&cmd).await?;
+            if !is_noscript(&reply) {
+                return ok_or_server_error(reply);
+            }
+            ok_or_server_error(conn.send_packed_command(&script.as_eval(&cmd)).await?)
+        })
+        .await
+    }
+
+    /// Runs many calls of one script in one pipeline; the calls Redis
+    /// refused with `NOSCRIPT` (and so did not run) are sent again as `EVAL`
+    /// with the source, in a second pipeline. Server errors stay in the
+    /// replies.
+    async fn eval_many(
+        &self,
+        op: &'static str,
+        script: &Lua,
+        cmds: Vec<Cmd>,
+    ) -> Result<Vec<Value>, Error> {
+        let mut conn = self.conn();
+        self.deadline(op, async move {
+            let mut pipe = redis::pipe();
+            for cmd in &cmds {
+                pipe.add_command(cmd.clone());
+            }
+            let mut replies = conn.send_packed_commands(&pipe, 0, cmds.len()).await?;
+            let missing: Vec<usize> = (0..replies.len())
+                .filter(|&i| is_noscript(&replies[i]))
+                .collect();
+            if missing.is_empty() {
+                return Ok(replies);
+            }
+            let mut again = redis::pipe();
+            for &i in &missing {
+                if let Some(cmd) = cmds.get(i) {
+                    again.add_command(script.as_eval(cmd));
+                }
+            }
+            let retried = conn.send_packed_commands(&again, 0, again.len()).await?;
+            for (i, reply) in missing.into_iter().zip(retried) {
+                if let Some(slot) = replies.get_mut(i) {
+                    *slot = reply;
+                }
+            }
+            Ok(replies)
+        })
+        .await
+    }
+
+    fn claim_cmd(&self, scope: &str, key: &str, token: LeaseToken, ttl: ClaimTtl) -> Cmd {
+        let mut cmd = scripts::CLAIM.evalsha(self.key_unchecked(scope, key));
+        cmd.arg(token.to_string())
+            .arg(ms(ttl.lease))
+            .arg(ms(ttl.retain));
+        cmd
+    }
+
+    fn complete_cmd(&self, lease: &Lease, keep_for: Duration) -> Cmd {
+        let mut cmd = scripts::COMPLETE.evalsha(self.key_unchecked(&lease.scope, &lease.key));
+        cmd.arg(lease.token.to_string()).arg(ms(keep_for));
+        cmd
+    }
+
+    async fn fenced(
+        &self,
+        op: &'static str,
+        script: &Lua,
+        lease: &Lease,
+        arg: impl redis::ToRedisArgs,
+    ) -> Result<Fenced, Error> {
+        key::check(&lease.scope, &lease.key)?;
+        let mut cmd = script.evalsha(self.key_unchecked(&lease.scope, &lease.key));
+        cmd.arg(lease.token.to_string()).arg(arg);
+        let reply = self.eval(op, script, cmd).await?;
+        parse_fenced(op, reply)
+    }
+}
+
+#[async_trait]
+impl DedupStore for RedisDedupStore {
+    async fn claim(&self, scope: &str, key: &str, ttl: ClaimTtl) -> Result<Claim, Error> {
+        key::check(scope, key)?;
+        let token = LeaseToken::random();
+        let cmd = self.claim_cmd(scope, key, token, ttl);
+        let reply = self.eval("claim", &scripts::CLAIM, cmd).await?;
+        parse_claim("claim", reply, scope, key, token)
+    }
+
+    async fn renew(&self, lease: &Lease, extend: Duration) -> Result<Fenced, Error> {
+        self.fenced("renew", &scripts::RENEW, lease, ms(extend))
+            .await
+    }
+
+    async fn complete(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
+        self.fenced("complete", &scripts::COMPLETE, lease, ms(keep_for))
+            .await
+    }
+
+    async fn fail(&self, lease: &Lease, release: Release) -> Result<Fenced, Error> {
+        let refund = match release {
+            Release::CountAttempt => "0",
+            Release::RefundAttempt => "1",
+        };
+        self.fenced("fail", &scripts::FAIL, lease, refund).await
+    }
+
+    async fn bury(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
+        self.fenced("bury", &scripts::BURY, lease, ms(keep_for))
+            .await
+    }
+
+    async fn get(&self, scope: &str, key: &str) -> Result<Option<Record>, Error> {
+        key::check(scope, key)?;
+        let cmd = scripts::GET.evalsha(self.key_unchecked(scope, key));
+        let reply = self.eval("get", &scripts::GET, cmd).await?;
+        parse_record("get", reply)
+    }
+
+    async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
+        key::check(scope, key)?;
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(self.key_unchecked(scope, key));
+        let mut conn = self.conn();
+        let reply = self
+            .deadline("forget", async move {
+                ok_or_server_error(conn.send_packed_command(&cmd).await?)
+            })
+            .await?;
+        match reply {
+            Value::Int(n) => Ok(n > 0),
+            other => Err(error::unexpected(
+                "forget",
+                format!("DEL answered {other:?}"),
+            )),
+        }
+    }
+
+    async fn claim_many(
+        &self,
+        scope: &str,
+        keys: &[String],
+        ttl: ClaimTtl,
+    ) -> Result<Vec<Claim>, Error> {
+        for key in keys {
+            key::check(scope, key)?;
+        }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tokens: Vec<LeaseToken> = keys.iter().map(|_| LeaseToken::random()).collect();
+        let cmds = keys
+            .iter()
+            .zip(&tokens)
+            .map(|(key, &token)| self.claim_cmd(scope, key, token, ttl))
+            .collect();
+        let replies = self.eval_many("claim_many", &scripts::CLAIM, cmds).await?;
+        expect_len("claim_many", &replies, keys.len())?;
+        replies
+            .into_iter()
+            .zip(keys.iter().zip(tokens))
+            .map(|(reply, (key, token))| {
+                let reply = ok_or_server_error(reply)
+                    .map_err(|e| error::map("claim_many", self.after(), e))?;
+                parse_claim("claim_many", reply, scope, key, token)
+            })
+            .collect()
+    }
+
+    async fn complete_many(
+        &self,
+        leases: &[Lease],
+        keep_for: Duration,
+    ) -> Result<Vec<Fenced>, Error> {
+        for lease in leases {
+            key::check(&lease.scope, &lease.key)?;
+        }
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cmds = leases
+            .iter()
+            .map(|lease| self.complete_cmd(lease, keep_for))
+            .collect();
+        let replies = self
+            .eval_many("complete_many", &scripts::COMPLETE, cmds)
+            .await?;
+        expect_len("complete_many", &replies, leases.len())?;
+        replies
+            .into_iter()
+            .map(|reply| {
+                let reply = ok_or_server_error(reply)
+                    .map_err(|e| error::map("complete_many", self.after(), e))?;
+                parse_fenced("complete_many", reply)
+            })
+            .collect()
+    }
+}
+
+fn manager_config(config: &RedisConfig) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_response_timeout(Some(config.response_timeout()))
+        .set_connection_timeout(Some(config.connection_timeout()))
+        .set_max_delay(MAX_RECONNECT_DELAY)
+}
+
+fn is_tls(url: &str) -> bool {
+    let scheme = url.split("://").next().unwrap_or_default();
+    scheme.eq_ignore_ascii_case("rediss") || scheme.eq_ignore_ascii_case("valkeys")
+}
+
+/// rustls needs a process-wide crypto provider; install ring's unless the
+/// application installed one already.
+fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race with another installer is fine: one is in place.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// Milliseconds for Redis: rounded up, so a short lease never becomes 0,
+/// and capped at [`MAX_MS`].
+fn ms(d: Duration) -> u64 {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    u64::try_from(ms).unwrap_or(MAX_MS).min(MAX_MS)
+}
+
+fn is_noscript(reply: &Value) -> bool {
+    matches!(reply, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript))
+}
+
+fn ok_or_server_error(reply: Value) -> RedisResult<Value> {
+    match reply {
+        Value::ServerError(e) => Err(RedisError::from(e)),
+        other => Ok(other),
+    }
+}
+
+fn expect_len(op: &'static str, replies: &[Value], n: usize) -> Result<(), Error> {
+    if replies.len() == n {
+        Ok(())
+    } else {
+        Err(error::unexpected(
+            op,
+            format!("{} replies to {n} commands", replies.len()),
+        ))
+    }
+}
+
+fn int(op: &'static str, v: &Value) -> Result<i64, Error> {
+    match v {
+        Value::Int(n) => Ok(*n),
+        other => Err(error::unexpected(
+            op,
+            format!("expected an integer, got {other:?}"),
+        )),
+    }
+}
+
+fn ms_duration(n: i64) -> Duration {
+    Duration::from_millis(u64::try_from(n).unwrap_or(0))
+}
+
+fn parse_claim(
+    op: &'static str,
+    reply: Value,
+    scope: &str,
+    key: &str,
+    token: LeaseToken,
+) -> Result<Claim, Error> {
+    let Value::Array(items) = reply else {
+        return Err(error::unexpected(op, format!("claim answered {reply:?}")));
+    };
+    match items.as_slice() {
+        [code, attempts] if int(op, code)? == 0 => {
+            let attempt = u32::try_from(int(op, attempts)?).map_err(|_| {
+                error::unexpected(op, format!("attempt count out of range: {attempts:?}"))
+            })?;
+            Ok(Claim::Claimed(Lease {
+                scope: scope.to_owned(),
+                key: key.to_owned(),
+                token,
+                attempt,
+            }))
+        }
+        [code] if int(op, code)? == 1 => Ok(Claim::Done),
+        [code] if int(op, code)? == 2 => Ok(Claim::Dead),
+        [code, left] if int(op, code)? == 3 => Ok(Claim::InProgress {
+            retry_after: ms_duration(int(op, left)?),
+        }),
+        other => Err(error::unexpected(op, format!("claim answered {other:?}"))),
+    }
+}
+
+fn parse_fenced(op: &'static str, reply: Value) -> Result<Fenced, Error> {
+    match reply {
+        Value::Int(1) => Ok(Fenced::Applied),
+        Value::Int(0) => Ok(Fenced::LeaseLost),
+        other => Err(error::unexpected(op, format!("{op} answered {other:?}"))),
+    }
+}
+
+fn parse_record(op: &'static str, reply: Value) -> Result<Option<Record>, Error> {
+    let items = match reply {
+        Value::Nil => return Ok(None),
+        Value::Array(items) => items,
+        other => return Err(error::unexpected(op, format!("get answered {other:?}"))),
+    };
+    let [state, attempts, lease_left, pttl] = items.as_slice() else {
+        return Err(error::unexpected(op, format!("get answered {items:?}")));
+    };
+    let state = match state {
+        Value::BulkString(s) => match s.as_slice() {
+            b"claimed" => RecordState::Claimed,
+            b"released" => RecordState::Released,
+            b"done" => RecordState::Done,
+            b"dead" => RecordState::Dead,
+            _ => {
+                return Err(error::unexpected(
+                    op,
+                    format!("unknown record state {:?}", String::from_utf8_lossy(s)),
+                ));
+            }
+        },
+        other => return Err(error::unexpected(op, format!("record state {other:?}"))),
+    };
+    let attempts = u32::try_from(int(op, attempts)?)
+        .map_err(|_| error::unexpected(op, format!("attempt count out of range: {attempts:?}")))?;
+    let lease_left = int(op, lease_left)?;
+    let pttl = int(op, pttl)?;
+    Ok(Some(Record {
+        state,
+        attempts,
+        lease_remaining: (state == RecordState::Claimed).then(|| ms_duration(lease_left)),
+        // A record without expiry is never written by this store; say "never".
+        expires_in: if pttl < 0 {
+            Duration::MAX
+        } else {
+            ms_duration(pttl)
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn milliseconds_round_up_and_cap() {
+        assert_eq!(ms(Duration::ZERO), 0);
+        assert_eq!(ms(Duration::from_micros(1)), 1);
+        assert_eq!(ms(Duration::from_millis(400)), 400);
+        assert_eq!(ms(Duration::from_micros(400_001)), 401);
+        assert_eq!(ms(Duration::MAX), MAX_MS);
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://user:secret@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(
+            redact_url("redis+unix:///tmp/r.sock?db=1&pass=secret"),
+            "redis+unix:///tmp/r.sock?db=1&pass=***"
+        );
+        assert!(is_tls("rediss://h") && is_tls("REDISS://h") && !is_tls("redis://h"));
+    }
+
+    #[test]
+    fn replies_are_parsed_strictly() {
+        let token = LeaseToken(7);
+        let claim = |v| parse_claim("claim", v, "s", "k", token);
+        assert_eq!(
+            claim(Value::Array(vec![Value::Int(0), Value::Int(3)])).expect("claimed"),
+            Claim::Claimed(Lease {
+                scope: "s".into(),
+                key: "k".into(),
+                token,
+                attempt: 3
+            })
+        );
+        assert_eq!(
+            claim(Value::Array(vec![Value::Int(1)])).expect("done"),
+            Claim::Done
+        );
+        assert_eq!(
+            claim(Value::Array(vec![Value::Int(2)])).expect("dead"),
+            Claim::Dead
+        );
+        assert_eq!(
+            claim(Value::Array(vec![Value::Int(3), Value::Int(1500)])).expect("busy"),
+            Claim::InProgress {
+                retry_after: Duration::from_millis(1500)
+            }
+        );
+        for bad in [
+            Value::Nil,
+            Value::Int(0),
+            Value::Array(vec![]),
+            Value::Array(vec![Value::Int(9)]),
+            Value::Array(vec![Value::Int(0), Value::Int(-1)]),
+            Value::Array(vec![Value::Int(0), Value::BulkString(b"x".to_vec())]),
+        ] {
+            let e = claim(bad).expect_err("must be rejected");
+            assert!(!e.is_transient());
+        }
+        assert_eq!(
+            parse_fenced("renew", Value::Int(1)).expect("ok"),
+            Fenced::Applied
+        );
+        assert_eq!(
+            parse_fenced("renew", Value::Int(0)).expect("ok"),
+            Fenced::LeaseLost
+        );
+        assert!(parse_fenced("renew", Value::Int(2)).is_err());
+        assert_eq!(parse_record("get", Value::Nil).expect("absent"), None);
+        let record = parse_record(
+            "get",
+            Value::Array(vec![
+                Value::BulkString(b"claimed".to_vec()),
+                Value::Int(2),
+                Value::Int(-5),
+                Value::Int(1000),
+            ]),
+        )
+        .expect("record")
+        .expect("present");
+        assert_eq!(
+            record,
+            Record {
+                state: RecordState::Claimed,
+                attempts: 2,
+                lease_remaining: Some(Duration::ZERO),
+                expires_in: Duration::from_secs(1),
+            }
+        );
+        assert!(
+            parse_record(
+                "get",
+                Value::Array(vec![
+                    Value::BulkString(b"weird".to_vec()),
+                    Value::Int(2),
+                    Value::Int(0),
+                    Value::Int(0),
+                ]),
+            )
+            .is_err()
+        );
+    }
+}

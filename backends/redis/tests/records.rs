@@ -1,0 +1,433 @@
+//! What the store writes into Redis: layout, TTLs, attempts across lapsed
+//! leases, script reloading, hostile data, and what errors show.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{SECOND, pttl, raw, redis_url, store};
+use idemq::{Claim, ClaimTtl, DedupStore, Error, Fenced, Lease, LeaseToken, RecordState, Release};
+use idemq_redis::redis;
+use idemq_redis::{RedisConfig, RedisDedupStore};
+
+fn ttl(lease: Duration, retain: Duration) -> ClaimTtl {
+    ClaimTtl { lease, retain }
+}
+
+async fn must_claim(store: &RedisDedupStore, scope: &str, key: &str, t: ClaimTtl) -> Lease {
+    match store.claim(scope, key, t).await.expect("claim") {
+        Claim::Claimed(lease) => lease,
+        other => panic!("expected Claimed, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_is_one_hash_under_a_hash_tag() {
+    let Some(store) = store().await else { return };
+    let mut conn = raw().await;
+    let lease = must_claim(&store, "orders", "abc", ttl(60 * SECOND, 60 * SECOND)).await;
+    let key = store.record_key("orders", "abc").expect("valid");
+    assert_eq!(key, format!("{}{{orders:abc}}", store.config().prefix()));
+    let fields: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .expect("HGETALL");
+    assert_eq!(fields.get("state").map(String::as_str), Some("claimed"));
+    assert_eq!(fields.get("token"), Some(&lease.token.to_string()));
+    assert_eq!(fields.get("attempts").map(String::as_str), Some("1"));
+    let lease_until: u64 = fields
+        .get("lease")
+        .and_then(|v| v.parse().ok())
+        .expect("lease deadline in ms");
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut conn)
+        .await
+        .expect("TIME");
+    let now_ms = secs * 1000 + micros / 1000;
+    assert!(
+        lease_until > now_ms + 55_000 && lease_until <= now_ms + 60_000,
+        "lease deadline {lease_until} vs server now {now_ms}"
+    );
+    assert_eq!(fields.len(), 4, "{fields:?}");
+    assert!(store.record_key("a:b", "k").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_covers_the_longer_of_lease_and_retain() {
+    let Some(store) = store().await else { return };
+    let mut conn = raw().await;
+    let short = Duration::from_millis(300);
+
+    // retain longer than the lease: the record outlives the lease.
+    must_claim(&store, "s", "retain-wins", ttl(short, 5 * SECOND)).await;
+    let t = pttl(
+        &mut conn,
+        &store.record_key("s", "retain-wins").expect("key"),
+    )
+    .await;
+    assert!((4_000..=5_000).contains(&t), "PTTL {t}");
+
+    // lease longer than retain: the record lives as long as the lease.
+    must_claim(&store, "s", "lease-wins", ttl(5 * SECOND, short)).await;
+    let t = pttl(
+        &mut conn,
+        &store.record_key("s", "lease-wins").expect("key"),
+    )
+    .await;
+    assert!((4_000..=5_000).contains(&t), "PTTL {t}");
+    let record = store
+        .get("s", "lease-wins")
+        .await
+        .expect("get")
+        .expect("there");
+    assert!(record.expires_in > 4 * SECOND && record.expires_in <= 5 * SECOND);
+    assert!(record.lease_remaining.is_some_and(|r| r > 4 * SECOND));
+
+    // Both short: the record is gone soon after, and the key starts over.
+    must_claim(&store, "s", "both-short", ttl(short, short)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(store.get("s", "both-short").await.expect("get"), None);
+    assert_eq!(
+        must_claim(&store, "s", "both-short", ttl(short, short))
+            .await
+            .attempt,
+        1
+    );
+
+    // A renewal past the record's life extends the record too.
+    let lease = must_claim(&store, "s", "renewed", ttl(short, short)).await;
+    assert_eq!(
+        store.renew(&lease, 5 * SECOND).await.expect("renew"),
+        Fenced::Applied
+    );
+    let t = pttl(&mut conn, &store.record_key("s", "renewed").expect("key")).await;
+    assert!((4_000..=5_000).contains(&t), "PTTL {t}");
+
+    // complete and bury set the life to keep_for.
+    assert_eq!(
+        store.complete(&lease, 2 * SECOND).await.expect("complete"),
+        Fenced::Applied
+    );
+    let t = pttl(&mut conn, &store.record_key("s", "renewed").expect("key")).await;
+    assert!((1_000..=2_000).contains(&t), "PTTL {t}");
+    let doomed = must_claim(&store, "s", "buried", ttl(short, 60 * SECOND)).await;
+    assert_eq!(
+        store.bury(&doomed, 3 * SECOND).await.expect("bury"),
+        Fenced::Applied
+    );
+    let t = pttl(&mut conn, &store.record_key("s", "buried").expect("key")).await;
+    assert!((2_000..=3_000).contains(&t), "PTTL {t}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapsed_lease_keeps_attempts_until_retain_ends() {
+    let Some(store) = store().await else { return };
+    let mut conn = raw().await;
+    let lease_ms = Duration::from_millis(200);
+    let t = ttl(lease_ms, 5 * SECOND);
+    for expected in 1..=3 {
+        let lease = must_claim(&store, "s", "crashy", t).await;
+        assert_eq!(lease.attempt, expected);
+        // The consumer "crashes": nobody completes or fails the claim.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let record = store.get("s", "crashy").await.expect("get").expect("kept");
+        assert_eq!(
+            (record.state, record.attempts, record.lease_remaining),
+            (RecordState::Claimed, expected, Some(Duration::ZERO))
+        );
+        let left = pttl(&mut conn, &store.record_key("s", "crashy").expect("key")).await;
+        assert!(left > 3_500, "record must outlive the lease: PTTL {left}");
+    }
+    // A release keeps the count too, and the next claim goes on from it.
+    let lease = must_claim(&store, "s", "crashy", t).await;
+    assert_eq!(lease.attempt, 4);
+    assert_eq!(
+        store
+            .fail(&lease, Release::CountAttempt)
+            .await
+            .expect("fail"),
+        Fenced::Applied
+    );
+    assert_eq!(must_claim(&store, "s", "crashy", t).await.attempt, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_operations_never_create_records() {
+    let Some(store) = store().await else { return };
+    let mut conn = raw().await;
+    let ghost = Lease {
+        scope: "s".into(),
+        key: "ghost".into(),
+        token: LeaseToken(42),
+        attempt: 1,
+    };
+    assert_eq!(
+        store.renew(&ghost, SECOND).await.expect("renew"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store.complete(&ghost, SECOND).await.expect("complete"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store
+            .fail(&ghost, Release::RefundAttempt)
+            .await
+            .expect("fail"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store.bury(&ghost, SECOND).await.expect("bury"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store
+            .complete_many(std::slice::from_ref(&ghost), SECOND)
+            .await
+            .expect("complete_many"),
+        vec![Fenced::LeaseLost]
+    );
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(store.record_key("s", "ghost").expect("key"))
+        .query_async(&mut conn)
+        .await
+        .expect("EXISTS");
+    assert_eq!(exists, 0);
+    assert!(!store.forget("s", "ghost").await.expect("forget"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_are_reloaded_after_a_flush() {
+    let Some(store) = store().await else { return };
+    let mut conn = raw().await;
+    let long = ttl(60 * SECOND, 60 * SECOND);
+    let flush = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .expect("SCRIPT FLUSH");
+    };
+    flush(conn.clone()).await;
+    let lease = must_claim(&store, "s", "one", long).await;
+    flush(conn.clone()).await;
+    assert_eq!(
+        store.renew(&lease, 60 * SECOND).await.expect("renew"),
+        Fenced::Applied
+    );
+    flush(conn.clone()).await;
+    let keys: Vec<String> = (0..5).map(|i| format!("batch-{i}")).collect();
+    let claims = store
+        .claim_many("s", &keys, long)
+        .await
+        .expect("claim_many");
+    let leases: Vec<Lease> = claims
+        .into_iter()
+        .map(|c| match c {
+            Claim::Claimed(l) => l,
+            other => panic!("expected Claimed, got {other:?}"),
+        })
+        .collect();
+    assert!(
+        leases.iter().all(|l| l.attempt == 1),
+        "each batch claim ran once"
+    );
+    flush(conn.clone()).await;
+    assert_eq!(
+        store
+            .complete_many(&leases, 60 * SECOND)
+            .await
+            .expect("complete_many"),
+        vec![Fenced::Applied; 5]
+    );
+    flush(conn.clone()).await;
+    let record = store
+        .get("s", "batch-0")
+        .await
+        .expect("get")
+        .expect("there");
+    assert_eq!((record.state, record.attempts), (RecordState::Done, 1));
+    let _: i64 = redis::cmd("DEL")
+        .arg(store.record_key("s", "one").expect("key"))
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_data_under_a_record_key_is_a_permanent_error() {
+    let Some(store) = store().await else { return };
+    let mut conn = raw().await;
+    let key = store.record_key("s", "squatted").expect("key");
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg("not a hash")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let err = store
+        .claim("s", "squatted", ttl(SECOND, SECOND))
+        .await
+        .expect_err("a string is not a record");
+    assert!(
+        matches!(
+            err,
+            Error::Backend {
+                backend: "redis",
+                transient: false,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = store.get("s", "squatted").await.expect_err("get");
+    assert!(!err.is_transient(), "{err:?}");
+    // Untouched, and forget clears it.
+    let kept: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert_eq!(kept, "not a hash");
+    assert!(store.forget("s", "squatted").await.expect("forget"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_manager_shares_an_existing_connection() {
+    if common::store().await.is_none() {
+        return;
+    }
+    let client = redis::Client::open(redis_url()).expect("url");
+    let manager = redis::aio::ConnectionManager::new(client)
+        .await
+        .expect("manager");
+    let store = RedisDedupStore::from_manager(
+        manager,
+        RedisConfig::new().with_prefix(common::fresh_prefix()),
+    )
+    .expect("valid config");
+    assert!(format!("{store:?}").contains("<ConnectionManager>"));
+    let lease = must_claim(&store, "s", "k", ttl(SECOND, SECOND)).await;
+    assert_eq!(
+        store.complete(&lease, SECOND).await.expect("complete"),
+        Fenced::Applied
+    );
+    store.ping().await.expect("ping");
+    let bad = RedisDedupStore::from_manager(
+        store.connection_manager(),
+        RedisConfig::new().with_prefix("has space"),
+    );
+    assert!(matches!(bad, Err(Error::InvalidInput { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_show() {
+    if common::store().await.is_none() {
+        return;
+    }
+    let addr = common::redis_addr().await;
+    // The default user has no password here, so AUTH with any password
+    // succeeds: a store that works, built from a URL with a secret in it.
+    let url = format!("redis://default:secret@{addr}/0");
+    let store = RedisDedupStore::connect(&url).await.expect("connect");
+    let shown = format!("{store:?}");
+    assert!(!shown.contains("secret"), "{shown}");
+    assert!(shown.contains("default:***@"), "{shown}");
+
+    // Errors from unreachable servers, bad URLs and refused logins.
+    let quick = RedisConfig::new()
+        .with_connection_timeout(Duration::from_millis(300))
+        .with_response_timeout(Duration::from_millis(300));
+    for url in [
+        "redis://user:secret@127.0.0.1:1/0".to_owned(),
+        "redis://user:secret@[::1:bad/0".to_owned(),
+        "redis://user:secret@127.0.0.1:6379/notadb".to_owned(),
+        format!("redis://no-such-user:secret@{addr}/0"),
+    ] {
+        let err = RedisDedupStore::connect_with(&url, quick.clone())
+            .await
+            .expect_err("must fail");
+        let mut text = format!("{err} / {err:?}");
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            text.push_str(&format!(" / {s} / {s:?}"));
+            source = s.source();
+        }
+        assert!(!text.contains("secret"), "{url}: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_redis_is_a_transient_error() {
+    let quick = RedisConfig::new()
+        .with_connection_timeout(Duration::from_millis(200))
+        .with_response_timeout(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    let err = RedisDedupStore::connect_with("redis://127.0.0.1:1", quick)
+        .await
+        .expect_err("nothing listens on port 1");
+    assert!(err.is_transient(), "{err:?}");
+    assert!(started.elapsed() < 2 * SECOND, "{:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_urls_get_a_crypto_provider() {
+    if common::store().await.is_none() {
+        return;
+    }
+    // A plain Redis cannot speak TLS: the handshake fails, as an error,
+    // not a panic for want of a rustls crypto provider.
+    let addr = common::redis_addr().await;
+    let quick = RedisConfig::new()
+        .with_connection_timeout(Duration::from_millis(500))
+        .with_response_timeout(Duration::from_millis(500));
+    let err = RedisDedupStore::connect_with(&format!("rediss://{addr}"), quick)
+        .await
+        .expect_err("plain redis cannot do TLS");
+    assert!(
+        format!("{err}").starts_with("redis"),
+        "errors name the backend: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_store_connects_on_first_use() {
+    let quick = RedisConfig::new()
+        .with_connection_timeout(Duration::from_millis(200))
+        .with_response_timeout(Duration::from_millis(300));
+    // Nothing listens there: building works, operations fail transiently.
+    let down = RedisDedupStore::connect_lazy("redis://u:secret@127.0.0.1:1", quick.clone())
+        .expect("no I/O at construction");
+    let err = down
+        .claim("s", "k", ttl(SECOND, SECOND))
+        .await
+        .expect_err("unreachable");
+    assert!(err.is_transient(), "{err:?}");
+    assert!(!format!("{err} {err:?} {down:?}").contains("secret"));
+    assert!(matches!(
+        RedisDedupStore::connect_lazy("nonsense", quick.clone()),
+        Err(Error::InvalidInput { .. })
+    ));
+
+    if common::store().await.is_none() {
+        return;
+    }
+    let store =
+        RedisDedupStore::connect_lazy(&redis_url(), quick.with_prefix(common::fresh_prefix()))
+            .expect("lazy");
+    let lease = must_claim(&store, "s", "k", ttl(SECOND, SECOND)).await;
+    assert_eq!(
+        store.complete(&lease, SECOND).await.expect("complete"),
+        Fenced::Applied
+    );
+}
+
+#[test]
+fn lazy_store_outside_a_runtime_is_an_error_not_a_panic() {
+    let built = RedisDedupStore::connect_lazy("redis://127.0.0.1:6379", RedisConfig::new());
+    assert!(matches!(built, Err(Error::Config(_))), "{built:?}");
+}
