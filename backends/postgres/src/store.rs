@@ -1,0 +1,797 @@
+//! [`PostgresDedupStore`]: the [`DedupStore`] over a sqlx `PgPool`.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::types::PgInterval;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, PgPool};
+
+use idemq::error::redact_url;
+use idemq::key;
+use idemq::{
+    Claim, ClaimTtl, DedupStore, Error, Fenced, Lease, LeaseToken, Record, RecordState, Release,
+};
+
+use crate::error::{BACKEND, backend, from_sqlx, scrub};
+use crate::ident::TableName;
+use crate::migrate;
+
+/// The operation timeout unless [`PostgresDedupStore::with_op_timeout`]
+/// says otherwise.
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The table used unless [`PostgresDedupStore::with_table`] says otherwise.
+pub const DEFAULT_TABLE: &str = "idemq_dedup";
+
+/// How often a claim is tried again when its row changed or vanished
+/// between the upsert and the read of the current state (a concurrent
+/// `forget`, `purge` or `fail`). Each retry is a fresh statement.
+const CLAIM_RACE_RETRIES: usize = 16;
+
+/// Longest duration bound into SQL (100 years): longer ones are clamped so
+/// that `now() + d` never leaves the timestamp range.
+const MAX_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
+
+pub(crate) fn interval(d: Duration) -> PgInterval {
+    let micros = i64::try_from(d.as_micros())
+        .unwrap_or(i64::MAX)
+        .min(MAX_MICROS);
+    PgInterval {
+        months: 0,
+        days: 0,
+        microseconds: micros,
+    }
+}
+
+fn micros_to_duration(us: i64) -> Duration {
+    Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
+fn token_to_sql(t: LeaseToken) -> i64 {
+    i64::from_ne_bytes(t.0.to_ne_bytes())
+}
+
+fn attempts_from_sql(a: i32) -> u32 {
+    u32::try_from(a).unwrap_or(0)
+}
+
+fn state_from_sql(op: &'static str, s: &str) -> Result<RecordState, Error> {
+    match s {
+        "claimed" => Ok(RecordState::Claimed),
+        "released" => Ok(RecordState::Released),
+        "done" => Ok(RecordState::Done),
+        "dead" => Ok(RecordState::Dead),
+        other => Err(backend(
+            op,
+            false,
+            format!("unknown record state {other:?} in the dedup table"),
+        )),
+    }
+}
+
+/// The SQL text of every statement, rendered once for the table.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    claim: Arc<str>,
+    claim_many: Arc<str>,
+    renew: Arc<str>,
+    complete: Arc<str>,
+    complete_many: Arc<str>,
+    fail: Arc<str>,
+    bury: Arc<str>,
+    get: Arc<str>,
+    forget: Arc<str>,
+    purge: Arc<str>,
+    /// The done mark written inside a handler's transaction (clock_timestamp,
+    /// as `now()` is the transaction's start there).
+    pub(crate) done_in_tx: Arc<str>,
+}
+
+/// The shared `ON CONFLICT` arm of both claim statements: take over an
+/// expired record (attempts start again at 1), a released one or a lapsed
+/// lease (attempts + 1); leave everything else alone, so the upsert returns
+/// no row for it.
+const CLAIM_CONFLICT: &str = "
+    ON CONFLICT (scope, key) DO UPDATE SET
+        state = 'claimed',
+        token = excluded.token,
+        attempts = CASE WHEN d.expires_at <= now() THEN 1 ELSE d.attempts + 1 END,
+        lease_until = excluded.lease_until,
+        expires_at = CASE WHEN d.expires_at <= now() THEN excluded.expires_at
+                          ELSE greatest(d.expires_at, excluded.expires_at) END
+    WHERE d.expires_at <= now()
+       OR d.state = 'released'
+       OR (d.state = 'claimed' AND d.lease_until <= now())";
+
+/// Microseconds from now (database clock) until `col`.
+fn micros_until(col: &str) -> String {
+    format!("(extract(epoch FROM {col} - now()) * 1000000)::bigint")
+}
+
+impl Statements {
+    fn new(table: &TableName) -> Statements {
+        let t = table.quoted();
+        let lease_us = micros_until("d.lease_until");
+        let expires_us = micros_until("d.expires_at");
+        let fenced = |set: &str| -> Arc<str> {
+            format!(
+                "UPDATE {t} AS d SET {set}
+                 WHERE d.scope = $1 AND d.key = $2 AND d.token = $3
+                   AND d.state = 'claimed' AND d.expires_at > now()"
+            )
+            .into()
+        };
+        Statements {
+            // $1 scope, $2 key, $3 token, $4 lease, $5 record lifetime.
+            // Answers one row: (won, state, attempts, lease µs left, expired).
+            // The second branch reads the row the upsert left alone; it uses
+            // the statement's snapshot, so a row committed concurrently may
+            // be missing there: the caller then runs the statement again.
+            claim: format!(
+                "WITH ins AS (
+                    INSERT INTO {t} AS d (scope, key, state, token, attempts, lease_until, expires_at)
+                    VALUES ($1, $2, 'claimed', $3, 1, now() + $4, now() + $5)
+                    {CLAIM_CONFLICT}
+                    RETURNING d.attempts
+                 )
+                 SELECT true, 'claimed'::text, ins.attempts, 0::bigint, false FROM ins
+                 UNION ALL
+                 SELECT false, d.state, d.attempts, {lease_us}, d.expires_at <= now()
+                 FROM {t} AS d
+                 WHERE d.scope = $1 AND d.key = $2 AND NOT EXISTS (SELECT 1 FROM ins)"
+            )
+            .into(),
+            // $1 scope, $2 keys (distinct), $3 tokens, $4 lease, $5 lifetime.
+            // Rows are inserted in key order, so concurrent batches lock in
+            // the same order. Answers (key, won, state, attempts, lease µs, expired).
+            // The read of the rows left alone is skipped when all were taken;
+            // it takes the scope from the input rows, not from `$1`, so the
+            // plan is always one primary-key probe per key, whatever the
+            // statistics say about the scope (a custom plan for a scope the
+            // statistics have not seen yet could otherwise scan all of it).
+            claim_many: format!(
+                "WITH input AS MATERIALIZED (
+                    SELECT $1::text AS scope, k.key, k.token
+                    FROM unnest($2::text[], $3::bigint[]) AS k(key, token)
+                 ), ins AS (
+                    INSERT INTO {t} AS d (scope, key, state, token, attempts, lease_until, expires_at)
+                    SELECT $1, i.key, 'claimed', i.token, 1, now() + $4, now() + $5
+                    FROM input AS i ORDER BY i.key
+                    {CLAIM_CONFLICT}
+                    RETURNING d.key, d.attempts
+                 )
+                 SELECT ins.key, true, 'claimed'::text, ins.attempts, 0::bigint, false FROM ins
+                 UNION ALL
+                 SELECT d.key, false, d.state, d.attempts, {lease_us}, d.expires_at <= now()
+                 FROM input AS i JOIN {t} AS d ON d.scope = i.scope AND d.key = i.key
+                 WHERE (SELECT count(*) FROM ins) < cardinality($2::text[])
+                   AND NOT EXISTS (SELECT 1 FROM ins WHERE ins.key = i.key)"
+            )
+            .into(),
+            // $4: the new lease.
+            renew: fenced(
+                "lease_until = now() + $4, expires_at = greatest(d.expires_at, now() + $4)",
+            ),
+            // $4: keep_for.
+            complete: fenced("state = 'done', expires_at = now() + $4"),
+            // $4: 1 to refund the attempt, 0 to keep it.
+            fail: fenced(
+                "state = 'released', lease_until = now(), attempts = greatest(d.attempts - $4, 0)",
+            ),
+            // $4: keep_for.
+            bury: fenced("state = 'dead', expires_at = now() + $4"),
+            // $1 scopes, $2 keys, $3 tokens, $4 keep_for. Answers the applied ones.
+            complete_many: format!(
+                "UPDATE {t} AS d SET state = 'done', expires_at = now() + $4
+                 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS l(scope, key, token)
+                 WHERE d.scope = l.scope AND d.key = l.key AND d.token = l.token
+                   AND d.state = 'claimed' AND d.expires_at > now()
+                 RETURNING d.scope, d.key, d.token"
+            )
+            .into(),
+            get: format!(
+                "SELECT d.state, d.attempts, {lease_us}, {expires_us}
+                 FROM {t} AS d
+                 WHERE d.scope = $1 AND d.key = $2 AND d.expires_at > now()"
+            )
+            .into(),
+            forget: format!(
+                "DELETE FROM {t} AS d WHERE d.scope = $1 AND d.key = $2
+                 RETURNING d.expires_at > now()"
+            )
+            .into(),
+            // $1: batch size. The oldest expired rows are picked through the
+            // expires_at index (ORDER BY makes the LIMIT stop the index scan
+            // early) and deleted by ctid (a TID scan); rows locked by a
+            // concurrent claim are skipped, the expiry is checked again.
+            purge: format!(
+                "DELETE FROM {t} AS d
+                 WHERE d.ctid = ANY(ARRAY(
+                        SELECT e.ctid FROM {t} AS e
+                        WHERE e.expires_at <= now()
+                        ORDER BY e.expires_at
+                        LIMIT $1
+                        FOR UPDATE SKIP LOCKED))
+                   AND d.expires_at <= now()"
+            )
+            .into(),
+            done_in_tx: format!(
+                "UPDATE {t} AS d SET state = 'done', expires_at = clock_timestamp() + $4
+                 WHERE d.scope = $1 AND d.key = $2 AND d.token = $3
+                   AND d.state = 'claimed' AND d.expires_at > clock_timestamp()"
+            )
+            .into(),
+        }
+    }
+}
+
+/// What a claim row says, before it becomes a [`Claim`].
+enum Answer {
+    Final(Claim),
+    /// The row changed under the statement (or vanished): claim again.
+    Again,
+}
+
+type ClaimRow = (bool, String, i32, i64, bool);
+
+fn answer(row: ClaimRow, lease: impl FnOnce(u32) -> Lease) -> Result<Answer, Error> {
+    let (won, state, attempts, lease_us, expired) = row;
+    if won {
+        return Ok(Answer::Final(Claim::Claimed(lease(attempts_from_sql(
+            attempts,
+        )))));
+    }
+    if expired {
+        return Ok(Answer::Again);
+    }
+    Ok(match state_from_sql("claim", &state)? {
+        RecordState::Done => Answer::Final(Claim::Done),
+        RecordState::Dead => Answer::Final(Claim::Dead),
+        RecordState::Claimed if lease_us > 0 => Answer::Final(Claim::InProgress {
+            retry_after: micros_to_duration(lease_us),
+        }),
+        // Claimable, yet the upsert did not take it: it changed meanwhile.
+        RecordState::Claimed | RecordState::Released => Answer::Again,
+    })
+}
+
+/// A [`DedupStore`] in one Postgres table; see the [crate docs](crate).
+///
+/// Cheap to clone (the pool is shared). Create the table with
+/// [`PostgresDedupStore::migrate`] once (any number of processes may call it
+/// concurrently); delete expired rows now and then with
+/// [`PostgresDedupStore::purge`].
+#[derive(Clone)]
+pub struct PostgresDedupStore {
+    pool: PgPool,
+    table: TableName,
+    sql: Arc<Statements>,
+    op_timeout: Option<Duration>,
+}
+
+impl fmt::Debug for PostgresDedupStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresDedupStore")
+            .field("table", &self.table)
+            .field("op_timeout", &self.op_timeout)
+            .field("server", &describe(&self.pool.connect_options()))
+            .field("pool_size", &self.pool.size())
+            .field("pool_idle", &self.pool.num_idle())
+            .finish()
+    }
+}
+
+/// `postgres://user@host:port/db`, built from the options: no password.
+fn describe(o: &PgConnectOptions) -> String {
+    let db = o.get_database().unwrap_or("");
+    match o.get_socket() {
+        Some(socket) => format!("postgres://{}@{}/{db}", o.get_username(), socket.display()),
+        None => format!(
+            "postgres://{}@{}:{}/{db}",
+            o.get_username(),
+            o.get_host(),
+            o.get_port()
+        ),
+    }
+}
+
+/// The password of a connection URL, as written and percent-decoded, so it
+/// can be scrubbed from error messages.
+fn url_secrets(url: &str) -> Vec<String> {
+    let mut raw = Vec::new();
+    if let Some(rest) = url.split_once("://").map(|(_, r)| r) {
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        if let Some((userinfo, _)) = authority.rsplit_once('@')
+            && let Some((_, pw)) = userinfo.split_once(':')
+        {
+            raw.push(pw.to_owned());
+        }
+    }
+    if let Some((_, query)) = url.split_once('?') {
+        for pair in query.split('&') {
+            if let Some((k, v)) = pair.split_once('=')
+                && k.eq_ignore_ascii_case("password")
+            {
+                raw.push(v.to_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for pw in raw {
+        let decoded = percent_decode(&pw);
+        if decoded != pw {
+            out.push(decoded);
+        }
+        out.push(pw);
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = s.get(i + 1..i + 3)
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl PostgresDedupStore {
+    /// A store on `pool`, in the table [`DEFAULT_TABLE`] (`idemq_dedup`).
+    pub fn new(pool: PgPool) -> PostgresDedupStore {
+        let table = TableName::default_table();
+        PostgresDedupStore {
+            sql: Arc::new(Statements::new(&table)),
+            pool,
+            table,
+            op_timeout: Some(DEFAULT_OP_TIMEOUT),
+        }
+    }
+
+    /// The same store in another table: `name` or `schema.name`, each part
+    /// matching `^[a-z_][a-z0-9_]{0,62}$`. Anything else is
+    /// [`Error::InvalidInput`] (`what: "table name"`); the name is never
+    /// spliced into SQL unvalidated, and always double-quoted.
+    pub fn with_table(self, table: &str) -> Result<PostgresDedupStore, Error> {
+        let table = TableName::parse(table)?;
+        Ok(PostgresDedupStore {
+            sql: Arc::new(Statements::new(&table)),
+            pool: self.pool,
+            table,
+            op_timeout: self.op_timeout,
+        })
+    }
+
+    /// Bounds every store operation (acquiring a connection included):
+    /// one that takes longer fails with [`Error::Timeout`] (transient), so
+    /// a hung network makes the engine fail closed and back off instead of
+    /// waiting on TCP timeouts. Default [`DEFAULT_OP_TIMEOUT`]; `None`
+    /// waits as long as the pool and the server let it. An operation that
+    /// timed out may still have taken effect; the fencing tokens keep that
+    /// harmless (a claim whose answer was lost lapses with its lease).
+    pub fn with_op_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.op_timeout = timeout.into();
+        self
+    }
+
+    /// Runs one statement under the operation timeout, mapping its error.
+    async fn run<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, Error> {
+        match self.op_timeout {
+            None => fut.await.map_err(|e| from_sqlx(op, e)),
+            Some(after) => match tokio::time::timeout(after, fut).await {
+                Ok(r) => r.map_err(|e| from_sqlx(op, e)),
+                Err(_) => Err(Error::Timeout {
+                    backend: BACKEND,
+                    op,
+                    after,
+                }),
+            },
+        }
+    }
+
+    /// Connects a pool to `url` (`postgres://user:password@host:port/db`)
+    /// with a 5 s acquire timeout, in the default table. Errors never show
+    /// the password. For other pool settings build the pool yourself and
+    /// use [`PostgresDedupStore::new`].
+    pub async fn connect(url: &str) -> Result<PostgresDedupStore, Error> {
+        let pool = PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| scrub(from_sqlx("connect", e), &url_secrets(url)))
+            .inspect_err(|e| {
+                tracing::debug!(url = %redact_url(url), error = %e, "postgres connect failed");
+            })?;
+        Ok(PostgresDedupStore::new(pool))
+    }
+
+    /// The pool (for your own queries, or a [`crate::transactional`] handler).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The table name, as configured (`name` or `schema.name`).
+    pub fn table(&self) -> String {
+        self.table.to_string()
+    }
+
+    pub(crate) fn statements(&self) -> &Arc<Statements> {
+        &self.sql
+    }
+
+    /// Creates or upgrades the table: applies the embedded migrations this
+    /// table has not seen yet, recorded per table in `idemq_migrations`
+    /// (in the table's schema, created when missing). Safe to call from
+    /// many processes at once (they serialize on an advisory lock), and
+    /// cheap when there is nothing to do. See the
+    /// [crate docs](crate#schema-and-migrations).
+    pub async fn migrate(&self) -> Result<(), Error> {
+        migrate::run(&self.pool, &self.table).await
+    }
+
+    /// The DDL [`PostgresDedupStore::migrate`] runs for this table, as
+    /// `(version, sql)` in order: for teams that apply schema changes with
+    /// their own migration tool instead.
+    pub fn migration_sql(&self) -> Vec<(i64, String)> {
+        migrate::rendered(&self.table)
+    }
+
+    /// Deletes at most `limit` expired rows in one statement; answers how
+    /// many it deleted. Rows a concurrent claim is taking over are skipped.
+    /// `limit` 0 is [`Error::InvalidInput`].
+    pub async fn purge_batch(&self, limit: usize) -> Result<u64, Error> {
+        if limit == 0 {
+            return Err(Error::invalid("purge batch", "must be at least 1"));
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let done = self
+            .run(
+                "purge",
+                sqlx::query(AssertSqlSafe(self.sql.purge.clone()))
+                    .bind(limit)
+                    .execute(&self.pool),
+            )
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes every expired row, `batch` rows per statement (each its own
+    /// short transaction, so purging never holds many locks or one long
+    /// transaction); answers how many it deleted in all. Stops when a batch
+    /// comes back short. Expired rows already behave as absent: purging
+    /// only reclaims space.
+    pub async fn purge(&self, batch: usize) -> Result<u64, Error> {
+        let mut total = 0;
+        loop {
+            let n = self.purge_batch(batch).await?;
+            total += n;
+            if n < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn fenced(
+        &self,
+        op_name: &'static str,
+        sql: &Arc<str>,
+        lease: &Lease,
+        arg: FencedArg,
+    ) -> Result<Fenced, Error> {
+        key::check(&lease.scope, &lease.key)?;
+        let q = sqlx::query(AssertSqlSafe(sql.clone()))
+            .bind(&lease.scope)
+            .bind(&lease.key)
+            .bind(token_to_sql(lease.token));
+        let q = match arg {
+            FencedArg::Interval(d) => q.bind(interval(d)),
+            FencedArg::Int(i) => q.bind(i),
+        };
+        let done = self.run(op_name, q.execute(&self.pool)).await?;
+        Ok(if done.rows_affected() > 0 {
+            Fenced::Applied
+        } else {
+            Fenced::LeaseLost
+        })
+    }
+
+    /// One round trip for the distinct `keys`; answers per key, `None` for
+    /// keys whose row changed under the statement.
+    async fn claim_distinct(
+        &self,
+        scope: &str,
+        keys: &[&str],
+        ttl: ClaimTtl,
+    ) -> Result<HashMap<String, Claim>, Error> {
+        let tokens: Vec<LeaseToken> = keys.iter().map(|_| LeaseToken::random()).collect();
+        let sql_tokens: Vec<i64> = tokens.iter().copied().map(token_to_sql).collect();
+        let rows: Vec<(String, bool, String, i32, i64, bool)> = self
+            .run(
+                "claim_many",
+                sqlx::query_as(AssertSqlSafe(self.sql.claim_many.clone()))
+                    .bind(scope)
+                    .bind(keys)
+                    .bind(&sql_tokens)
+                    .bind(interval(ttl.lease))
+                    .bind(interval(ttl.lease.max(ttl.retain)))
+                    .fetch_all(&self.pool),
+            )
+            .await?;
+        let token_of: HashMap<&str, LeaseToken> =
+            keys.iter().copied().zip(tokens.iter().copied()).collect();
+        let mut out = HashMap::with_capacity(rows.len());
+        for (key, won, state, attempts, lease_us, expired) in rows {
+            let Some(token) = token_of.get(key.as_str()).copied() else {
+                continue;
+            };
+            let a = answer((won, state, attempts, lease_us, expired), |attempt| Lease {
+                scope: scope.to_owned(),
+                key: key.clone(),
+                token,
+                attempt,
+            })?;
+            if let Answer::Final(c) = a {
+                out.insert(key, c);
+            }
+        }
+        Ok(out)
+    }
+}
+
+enum FencedArg {
+    Interval(Duration),
+    Int(i32),
+}
+
+#[async_trait]
+impl DedupStore for PostgresDedupStore {
+    async fn claim(&self, scope: &str, key: &str, ttl: ClaimTtl) -> Result<Claim, Error> {
+        key::check(scope, key)?;
+        for _ in 0..CLAIM_RACE_RETRIES {
+            let token = LeaseToken::random();
+            let row: Option<ClaimRow> = self
+                .run(
+                    "claim",
+                    sqlx::query_as(AssertSqlSafe(self.sql.claim.clone()))
+                        .bind(scope)
+                        .bind(key)
+                        .bind(token_to_sql(token))
+                        .bind(interval(ttl.lease))
+                        .bind(interval(ttl.lease.max(ttl.retain)))
+                        .fetch_optional(&self.pool),
+                )
+                .await?;
+            let Some(row) = row else {
+                tracing::debug!(scope, key, "claim raced with a concurrent change; again");
+                continue;
+            };
+            let a = answer(row, |attempt| Lease {
+                scope: scope.to_owned(),
+                key: key.to_owned(),
+                token,
+                attempt,
+            })?;
+            if let Answer::Final(claim) = a {
+                return Ok(claim);
+            }
+        }
+        Err(backend(
+            "claim",
+            true,
+            format!("the record kept changing under {CLAIM_RACE_RETRIES} claims in a row"),
+        ))
+    }
+
+    async fn renew(&self, lease: &Lease, extend: Duration) -> Result<Fenced, Error> {
+        self.fenced("renew", &self.sql.renew, lease, FencedArg::Interval(extend))
+            .await
+    }
+
+    async fn complete(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
+        self.fenced(
+            "complete",
+            &self.sql.complete,
+            lease,
+            FencedArg::Interval(keep_for),
+        )
+        .await
+    }
+
+    async fn fail(&self, lease: &Lease, release: Release) -> Result<Fenced, Error> {
+        let refund = match release {
+            Release::CountAttempt => 0,
+            Release::RefundAttempt => 1,
+        };
+        self.fenced("fail", &self.sql.fail, lease, FencedArg::Int(refund))
+            .await
+    }
+
+    async fn bury(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
+        self.fenced("bury", &self.sql.bury, lease, FencedArg::Interval(keep_for))
+            .await
+    }
+
+    async fn get(&self, scope: &str, key: &str) -> Result<Option<Record>, Error> {
+        key::check(scope, key)?;
+        let row: Option<(String, i32, i64, i64)> = self
+            .run(
+                "get",
+                sqlx::query_as(AssertSqlSafe(self.sql.get.clone()))
+                    .bind(scope)
+                    .bind(key)
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
+        let Some((state, attempts, lease_us, expires_us)) = row else {
+            return Ok(None);
+        };
+        let state = state_from_sql("get", &state)?;
+        Ok(Some(Record {
+            state,
+            attempts: attempts_from_sql(attempts),
+            lease_remaining: (state == RecordState::Claimed).then(|| micros_to_duration(lease_us)),
+            expires_in: micros_to_duration(expires_us),
+        }))
+    }
+
+    async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
+        key::check(scope, key)?;
+        let live: Option<bool> = self
+            .run(
+                "forget",
+                sqlx::query_scalar(AssertSqlSafe(self.sql.forget.clone()))
+                    .bind(scope)
+                    .bind(key)
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
+        Ok(live.unwrap_or(false))
+    }
+
+    async fn claim_many(
+        &self,
+        scope: &str,
+        keys: &[String],
+        ttl: ClaimTtl,
+    ) -> Result<Vec<Claim>, Error> {
+        key::check_scope(scope)?;
+        for k in keys {
+            key::check_key(k)?;
+        }
+        // ON CONFLICT cannot touch one row twice in a statement: claim each
+        // distinct key once; a repeat inside the batch then meets the claim
+        // its first occurrence made, as it would one call after another.
+        let mut distinct: Vec<&str> = keys.iter().map(String::as_str).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut answers: HashMap<String, Claim> = HashMap::with_capacity(distinct.len());
+        let mut pending = distinct;
+        for _ in 0..CLAIM_RACE_RETRIES {
+            if pending.is_empty() {
+                break;
+            }
+            let got = self.claim_distinct(scope, &pending, ttl).await?;
+            pending.retain(|k| !got.contains_key(*k));
+            answers.extend(got);
+        }
+        if !pending.is_empty() {
+            return Err(backend(
+                "claim_many",
+                true,
+                format!(
+                    "{} records kept changing under {CLAIM_RACE_RETRIES} claims in a row",
+                    pending.len()
+                ),
+            ));
+        }
+        let mut seen: HashSet<&str> = HashSet::with_capacity(keys.len());
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            let first = seen.insert(k.as_str());
+            let claim = answers
+                .get(k.as_str())
+                .cloned()
+                .ok_or_else(|| backend("claim_many", true, "a key got no answer"))?;
+            out.push(match claim {
+                Claim::Claimed(_) if !first => Claim::InProgress {
+                    retry_after: ttl.lease,
+                },
+                other => other,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn complete_many(
+        &self,
+        leases: &[Lease],
+        keep_for: Duration,
+    ) -> Result<Vec<Fenced>, Error> {
+        for l in leases {
+            key::check(&l.scope, &l.key)?;
+        }
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let scopes: Vec<&str> = leases.iter().map(|l| l.scope.as_str()).collect();
+        let keys: Vec<&str> = leases.iter().map(|l| l.key.as_str()).collect();
+        let tokens: Vec<i64> = leases.iter().map(|l| token_to_sql(l.token)).collect();
+        let rows: Vec<(String, String, i64)> = self
+            .run(
+                "complete_many",
+                sqlx::query_as(AssertSqlSafe(self.sql.complete_many.clone()))
+                    .bind(&scopes)
+                    .bind(&keys)
+                    .bind(&tokens)
+                    .bind(interval(keep_for))
+                    .fetch_all(&self.pool),
+            )
+            .await?;
+        let mut applied: HashSet<(String, String, i64)> = rows.into_iter().collect();
+        // A lease repeated in the batch is applied once; its repeats find it
+        // settled, as they would one call after another.
+        Ok(leases
+            .iter()
+            .map(|l| {
+                let id = (l.scope.clone(), l.key.clone(), token_to_sql(l.token));
+                if applied.remove(&id) {
+                    Fenced::Applied
+                } else {
+                    Fenced::LeaseLost
+                }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_passwords_in_urls() {
+        assert_eq!(
+            url_secrets("postgres://u:p%40ss@h/db"),
+            vec!["p@ss".to_string(), "p%40ss".to_string()]
+        );
+        assert_eq!(
+            url_secrets("postgres://u@h/db?password=xyz&sslmode=disable"),
+            vec!["xyz".to_string()]
+        );
+        assert!(url_secrets("postgres://u@h/db").is_empty());
+    }
+
+    #[test]
+    fn durations_are_clamped() {
+        assert_eq!(interval(Duration::MAX).microseconds, MAX_MICROS);
+        assert_eq!(interval(Duration::from_millis(5)).microseconds, 5000);
+        assert_eq!(micros_to_duration(-5), Duration::ZERO);
+    }
+
+    #[test]
+    fn statements_quote_the_table() {
+        let t = TableName::parse("app.x").unwrap();
+        let s = Statements::new(&t);
+        assert!(s.claim.contains("INSERT INTO \"app\".\"x\" AS d"));
+        assert!(s.purge.contains("FOR UPDATE SKIP LOCKED"));
+    }
+}
