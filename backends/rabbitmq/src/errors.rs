@@ -1,0 +1,70 @@
+//! Mapping lapin's errors onto [`idemq::Error`].
+
+use idemq::Error;
+use lapin::ErrorKind;
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+
+/// The backend name written in every error.
+pub(crate) const BACKEND: &str = "rabbitmq";
+
+/// True when the error means the connection or a channel went away (as
+/// opposed to the broker refusing this one operation).
+pub(crate) fn is_connection_error(e: &lapin::Error) -> bool {
+    match e.kind() {
+        ErrorKind::IOError(_)
+        | ErrorKind::MissingHeartbeatError
+        | ErrorKind::InvalidConnectionState(_)
+        | ErrorKind::InvalidChannelState(..)
+        | ErrorKind::InvalidChannel(_)
+        | ErrorKind::RuntimeShutdownError(_) => true,
+        ErrorKind::ProtocolError(p) => matches!(p.kind(), AMQPErrorKind::Hard(_)),
+        _ => false,
+    }
+}
+
+/// Maps a lapin error of operation `op`.
+pub(crate) fn map(op: &'static str, e: lapin::Error) -> Error {
+    if is_connection_error(&e) {
+        return Error::Unavailable {
+            backend: BACKEND,
+            op,
+            source: Box::new(e),
+        };
+    }
+    let transient = match e.kind() {
+        ErrorKind::ProtocolError(p) => !matches!(
+            p.kind(),
+            AMQPErrorKind::Soft(
+                AMQPSoftError::ACCESSREFUSED
+                    | AMQPSoftError::NOTFOUND
+                    | AMQPSoftError::PRECONDITIONFAILED
+                    | AMQPSoftError::CONTENTTOOLARGE
+            )
+        ),
+        _ => false,
+    };
+    Error::Backend {
+        backend: BACKEND,
+        op,
+        transient,
+        source: Box::new(e),
+    }
+}
+
+/// A topology declaration refused with PRECONDITION_FAILED: the queue
+/// exists with other arguments. Permanent until someone fixes it.
+pub(crate) fn map_declare(queue: &str, e: lapin::Error) -> Error {
+    if let ErrorKind::ProtocolError(p) = e.kind()
+        && matches!(
+            p.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+        )
+    {
+        return Error::Config(format!(
+            "queue `{queue}` exists with other arguments than idemq declares \
+             (queue type, TTL or dead-lettering); delete it or change the \
+             configuration: {p}"
+        ));
+    }
+    map("declare", e)
+}

@@ -1,0 +1,937 @@
+//! The connection and its supervisor.
+//!
+//! A [`Link`] owns one *generation* at a time: a lapin connection with
+//! automatic recovery enabled, the consumer channel (topology declared on
+//! it, so lapin's recovery redeclares it too), a pool of publisher-confirm
+//! channels and a channel for `basic.get`.
+//!
+//! lapin recovers a broken connection by itself: it reconnects, reopens
+//! the channels, replays `confirm.select`, `basic.qos`, the queue
+//! declarations and the consumer, and poisons the ackers of every delivery
+//! of the old incarnation (an ack on them reports `Ok(false)`). When lapin
+//! gives up (its backoff is exhausted: the connection turns `Error` and an
+//! [`lapin::Event::Error`] is emitted), or a channel is closed for good, or
+//! recovery is disabled, the supervisor task retires the generation and
+//! builds a new one with exponential backoff. Deliveries carry their
+//! generation number, so a settle on an older one is reported as
+//! [`Error::StaleDelivery`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{FutureExt, Stream, StreamExt};
+use idemq::{Delivery, Error};
+use lapin::message::Delivery as LapinDelivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::uri::AMQPUri;
+use lapin::{
+    Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    Event,
+};
+use tokio::sync::{Mutex, watch};
+use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{debug, error, info, warn};
+
+use crate::config::{QueueType, RabbitConfig};
+use crate::errors::{BACKEND, is_connection_error, map};
+use crate::headers::{from_field_table, short_string};
+use crate::topology::declare_topology;
+
+/// Idle publisher channels kept per connection.
+const MAX_IDLE_CHANNELS: usize = 32;
+/// How often a waiter polls a connection that lapin is recovering.
+const POLL: Duration = Duration::from_millis(50);
+/// The quorum queue header counting deliveries.
+pub(crate) const DELIVERY_COUNT: &str = "x-delivery-count";
+
+type Events = std::pin::Pin<Box<dyn Stream<Item = Event> + Send>>;
+
+/// What a delivery carries for its settlement.
+#[derive(Debug)]
+pub(crate) struct Handle {
+    /// The link that delivered it.
+    pub link: u64,
+    /// The generation (connection incarnation) that delivered it.
+    pub generation: u64,
+    /// lapin's acker (poisoned by lapin when its channel is lost).
+    pub acker: Acker,
+    /// The original properties, copied onto retried and dead-lettered copies.
+    pub properties: BasicProperties,
+}
+
+struct ConsumerSlot {
+    channel: Channel,
+    consumer: Mutex<Consumer>,
+}
+
+pub(crate) struct Generation {
+    pub id: u64,
+    conn: Connection,
+    consumer: Option<ConsumerSlot>,
+    getter: Mutex<Option<Channel>>,
+    pool: StdMutex<Vec<Channel>>,
+    broken: CancellationToken,
+    broken_reason: StdMutex<Option<String>>,
+    retired: CancellationToken,
+}
+
+impl Generation {
+    fn mark_broken(&self, reason: String) {
+        if let Ok(mut r) = self.broken_reason.lock()
+            && r.is_none()
+        {
+            *r = Some(reason);
+        }
+        self.broken.cancel();
+    }
+
+    fn conn_dead(&self) -> bool {
+        let s = self.conn.status();
+        s.errored() || s.closed() || s.closing()
+    }
+
+    /// Neither up nor given up: lapin is reconnecting (its state then
+    /// alternates between `Reconnecting` and `Connecting`).
+    fn recovering(&self) -> bool {
+        !self.conn.status().connected() && !self.conn_dead()
+    }
+
+    fn usable(&self) -> bool {
+        self.conn.status().connected() && !self.retired.is_cancelled()
+    }
+
+    async fn checkout(&self) -> lapin::Result<Channel> {
+        loop {
+            let idle = self.pool.lock().ok().and_then(|mut p| p.pop());
+            match idle {
+                Some(ch) if ch.status().connected() => return Ok(ch),
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        let ch = self.conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(ch)
+    }
+
+    fn checkin(&self, ch: Channel) {
+        if ch.status().connected()
+            && let Ok(mut pool) = self.pool.lock()
+            && pool.len() < MAX_IDLE_CHANNELS
+        {
+            pool.push(ch);
+        }
+    }
+
+    /// Closes the connection, waiting (bounded) for a recovery under way to
+    /// end first: a connection left recovering would come back as a zombie
+    /// consumer holding prefetched messages.
+    async fn close(&self, wait: Duration, wait_for_recovery: bool) {
+        let deadline = Instant::now() + wait;
+        while wait_for_recovery && self.recovering() && Instant::now() < deadline {
+            sleep(POLL).await;
+        }
+        if self.conn.status().connected() {
+            match timeout(wait, self.conn.close(200, "idemq: closing".into())).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(error = %e, "closing the RabbitMQ connection failed"),
+                Err(_) => debug!("closing the RabbitMQ connection timed out"),
+            }
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub cfg: RabbitConfig,
+    uri: AMQPUri,
+    consume: bool,
+    pub link_id: u64,
+    current: watch::Sender<Option<Arc<Generation>>>,
+    closed: CancellationToken,
+    next_generation: AtomicU64,
+}
+
+/// A supervised connection; see the module docs.
+pub(crate) struct Link {
+    pub shared: Arc<Shared>,
+    supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    _close_on_drop: DropGuard,
+}
+
+impl Link {
+    /// Connects (one attempt, bounded by the connect timeout), then hands
+    /// the connection to a supervisor task. With `consume`, the topology is
+    /// declared and a consumer started on the work queue.
+    pub async fn connect(cfg: RabbitConfig, consume: bool) -> Result<Link, Error> {
+        let uri = cfg.validate()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Config(
+                "idemq-rabbitmq must run inside a tokio runtime".into(),
+            ));
+        }
+        let closed = CancellationToken::new();
+        let (current, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            cfg,
+            uri,
+            consume,
+            link_id: rand::random(),
+            current,
+            closed: closed.clone(),
+            next_generation: AtomicU64::new(0),
+        });
+        let (generation, events) = shared.build().await?;
+        info!(url = %shared.cfg.redacted_url(), queue = shared.cfg.queue(),
+            generation = generation.id, "connected to RabbitMQ");
+        shared.current.send_replace(Some(generation.clone()));
+        let supervisor = tokio::spawn(supervise(shared.clone(), generation, events));
+        Ok(Link {
+            shared,
+            supervisor: Mutex::new(Some(supervisor)),
+            _close_on_drop: closed.drop_guard(),
+        })
+    }
+
+    /// Stops the supervisor and closes the connection. Idempotent.
+    pub async fn close(&self) {
+        self.shared.closed.cancel();
+        let handle = self.supervisor.lock().await.take();
+        if let Some(handle) = handle
+            && let Err(e) = handle.await
+        {
+            error!(error = %e, "the RabbitMQ supervisor task failed");
+        }
+    }
+}
+
+impl Shared {
+    /// The current generation's number, `None` while it is being rebuilt.
+    pub fn generation(&self) -> Option<u64> {
+        self.current.borrow().as_ref().map(|g| g.id)
+    }
+
+    /// True when the current connection is up (not recovering, not rebuilding).
+    pub fn is_connected(&self) -> bool {
+        self.current.borrow().as_ref().is_some_and(|g| g.usable())
+    }
+
+    fn properties(&self) -> ConnectionProperties {
+        let rec = self.cfg.recovery().clone();
+        let mut props =
+            ConnectionProperties::default().with_connection_name(self.cfg.connection_name().into());
+        if rec.auto_recover {
+            props = props.enable_auto_recover().configure_backoff(move |b| {
+                b.with_min_delay(rec.min_delay)
+                    .with_max_delay(rec.max_delay)
+                    .with_max_times(rec.attempts)
+                    .with_jitter()
+            });
+        }
+        props
+    }
+
+    /// One attempt at a new generation: connection, topology, consumer.
+    async fn build(&self) -> Result<(Arc<Generation>, Events), Error> {
+        let id = self.next_generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let after = self.cfg.connect_timeout();
+        let attempt = async {
+            let conn = Connection::connect_uri(self.uri.clone(), self.properties())
+                .await
+                .map_err(|e| map("connect", e))?;
+            let mut events: Events = Box::pin(conn.events_listener());
+            let setup = async {
+                let consumer = self.start_consumer(&conn).await?;
+                let publisher = conn
+                    .create_channel()
+                    .await
+                    .map_err(|e| map("open channel", e))?;
+                publisher
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .map_err(|e| map("confirm.select", e))?;
+                Ok::<_, Error>((consumer, publisher))
+            };
+            match setup.await {
+                Ok((consumer, publisher)) => {
+                    // lapin may or may not have queued the `Connected` event
+                    // of this first connection (it races our listener; it
+                    // is sent before any later frame is read, so it is in
+                    // by now): drop it so it is not taken for a recovery.
+                    while let Some(Some(event)) = events.next().now_or_never() {
+                        debug!(?event, "RabbitMQ event during setup");
+                    }
+                    Ok((
+                        Arc::new(Generation {
+                            id,
+                            conn,
+                            consumer,
+                            getter: Mutex::new(None),
+                            pool: StdMutex::new(vec![publisher]),
+                            broken: CancellationToken::new(),
+                            broken_reason: StdMutex::new(None),
+                            retired: CancellationToken::new(),
+                        }),
+                        events,
+                    ))
+                }
+                Err(e) => {
+                    if conn.status().connected() {
+                        let _ = timeout(after, conn.close(200, "idemq: setup failed".into())).await;
+                    }
+                    Err(e)
+                }
+            }
+        };
+        match timeout(after, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                backend: BACKEND,
+                op: "connect",
+                after,
+            }),
+        }
+    }
+
+    async fn start_consumer(&self, conn: &Connection) -> Result<Option<ConsumerSlot>, Error> {
+        if !self.consume {
+            return Ok(None);
+        }
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| map("open channel", e))?;
+        declare_topology(&channel, &self.cfg).await?;
+        channel
+            .basic_qos(self.cfg.prefetch(), BasicQosOptions { global: false })
+            .await
+            .map_err(|e| map("basic.qos", e))?;
+        let queue = short_string("queue name", self.cfg.queue())?;
+        let consumer = channel
+            .basic_consume(
+                queue,
+                consumer_tag(self.cfg.queue()),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map("basic.consume", e))?;
+        Ok(Some(ConsumerSlot {
+            channel,
+            consumer: Mutex::new(consumer),
+        }))
+    }
+
+    /// The current generation; waits while it is being rebuilt. `Ok(None)`
+    /// once closed; `Timeout` when `deadline` passes first.
+    async fn wait_generation(
+        &self,
+        deadline: Option<Instant>,
+        op: &'static str,
+    ) -> Result<Option<Arc<Generation>>, Error> {
+        let mut rx = self.current.subscribe();
+        loop {
+            if self.closed.is_cancelled() {
+                return Ok(None);
+            }
+            if let Some(g) = rx.borrow_and_update().clone()
+                && !g.retired.is_cancelled()
+            {
+                return Ok(Some(g));
+            }
+            let until = deadline.unwrap_or_else(far_future);
+            tokio::select! {
+                _ = self.closed.cancelled() => return Ok(None),
+                changed = rx.changed() => if changed.is_err() { return Ok(None) },
+                _ = sleep_until(until) => return Err(self.timeout(op)),
+            }
+        }
+    }
+
+    fn timeout(&self, op: &'static str) -> Error {
+        Error::Timeout {
+            backend: BACKEND,
+            op,
+            after: self.cfg.publish_timeout(),
+        }
+    }
+
+    /// After a connection-level error: waits until lapin has recovered the
+    /// connection, or the supervisor has replaced the generation, then
+    /// returns so the caller tries again. Fails at `deadline`.
+    async fn pause_after(
+        &self,
+        generation: &Generation,
+        channel: Option<Channel>,
+        cause: lapin::Error,
+        deadline: Instant,
+        op: &'static str,
+    ) -> Result<(), Error> {
+        debug!(op, error = %cause, generation = generation.id,
+            "RabbitMQ operation hit a broken connection; waiting for it to come back");
+        let recovered = async {
+            if let Some(ch) = channel
+                && ch.wait_for_recovery(cause.clone()).await.is_ok()
+            {
+                return;
+            }
+            // Nothing to wait on in lapin: poll until the connection is
+            // usable again or the supervisor retires this generation.
+            loop {
+                if generation.conn.status().connected() {
+                    sleep(POLL).await; // no tight loop on a dead channel
+                    return;
+                }
+                if generation.conn_dead() {
+                    generation.mark_broken(format!("{op} failed: {cause}"));
+                    generation.retired.cancelled().await;
+                    return;
+                }
+                sleep(POLL).await;
+            }
+        };
+        tokio::select! {
+            _ = self.closed.cancelled() => Err(Error::Closed { backend: BACKEND }),
+            _ = generation.retired.cancelled() => Ok(()),
+            _ = recovered => Ok(()),
+            _ = sleep_until(deadline) => Err(Error::Unavailable {
+                backend: BACKEND,
+                op,
+                source: Box::new(cause.clone()),
+            }),
+        }
+    }
+
+    /// Publishes to the default exchange with routing key `queue`,
+    /// mandatory, on a confirm channel, and waits for the confirm. Retries
+    /// (until the publish timeout) across connection recovery: a copy may
+    /// then be published twice, which the dedup record absorbs.
+    pub async fn publish(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        op: &'static str,
+    ) -> Result<(), Error> {
+        let routing_key = short_string("queue name", queue)?;
+        let deadline = Instant::now() + self.cfg.publish_timeout();
+        loop {
+            let Some(generation) = self.wait_generation(Some(deadline), op).await? else {
+                return Err(Error::Closed { backend: BACKEND });
+            };
+            let checkout = tokio::select! {
+                r = timeout_at(deadline, generation.checkout()) => r,
+                _ = generation.retired.cancelled() => continue,
+            };
+            let channel = match checkout {
+                Err(_) => return Err(self.timeout(op)),
+                Ok(Ok(ch)) => ch,
+                Ok(Err(e)) if is_connection_error(&e) => {
+                    self.pause_after(&generation, None, e, deadline, op).await?;
+                    continue;
+                }
+                Ok(Err(e)) => return Err(map(op, e)),
+            };
+            let send = timeout_at(deadline, async {
+                channel
+                    .basic_publish(
+                        ShortString::default(),
+                        routing_key.clone(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            immediate: false,
+                        },
+                        body,
+                        properties.clone(),
+                    )
+                    .await?
+                    .await
+            });
+            let sent = tokio::select! {
+                sent = send => sent,
+                // Replaced meanwhile: publish again on the new connection.
+                _ = generation.retired.cancelled() => continue,
+            };
+            match sent {
+                // The channel is dropped (closed): its confirm is still due.
+                Err(_) => return Err(self.timeout(op)),
+                Ok(Ok(confirmation)) => {
+                    generation.checkin(channel);
+                    return confirmed(confirmation, queue);
+                }
+                Ok(Err(e)) if is_connection_error(&e) => {
+                    self.pause_after(&generation, Some(channel), e, deadline, op)
+                        .await?;
+                }
+                Ok(Err(e)) => return Err(map(op, e)),
+            }
+        }
+    }
+
+    /// The next delivery of the consumer; waits across recovery and
+    /// rebuilds. Cancel safe: lapin keeps a delivery until it is returned.
+    pub async fn next(&self) -> Result<Option<Delivery>, Error> {
+        loop {
+            let Some(generation) = self.wait_generation(None, "next").await? else {
+                return Ok(None);
+            };
+            let Some(slot) = generation.consumer.as_ref() else {
+                return Err(Error::Unsupported {
+                    backend: BACKEND,
+                    op: "next on a publisher",
+                });
+            };
+            let mut consumer = tokio::select! {
+                _ = self.closed.cancelled() => return Ok(None),
+                _ = generation.retired.cancelled() => continue,
+                c = slot.consumer.lock() => c,
+            };
+            let item = tokio::select! {
+                _ = self.closed.cancelled() => return Ok(None),
+                _ = generation.retired.cancelled() => continue,
+                item = consumer.next() => item,
+            };
+            drop(consumer);
+            let reason = match item {
+                Some(Ok(d)) => {
+                    if d.acker.poisoned() {
+                        // Prefetched on a channel that was lost since: it
+                        // cannot be settled and comes back from the broker.
+                        debug!(
+                            tag = d.delivery_tag,
+                            "skipping a delivery of a lost channel"
+                        );
+                        continue;
+                    }
+                    return Ok(Some(self.to_delivery(d, generation.id)));
+                }
+                Some(Err(e)) => format!("the consumer failed: {e}"),
+                None => "the broker cancelled the consumer (queue deleted?)".to_owned(),
+            };
+            warn!(generation = generation.id, queue = self.cfg.queue(), %reason,
+                "RabbitMQ consumer stopped; rebuilding");
+            generation.mark_broken(reason);
+            tokio::select! {
+                _ = self.closed.cancelled() => return Ok(None),
+                _ = generation.retired.cancelled() => {}
+            }
+        }
+    }
+
+    /// Takes one message of `queue` with `basic.get`, unacked.
+    pub async fn get(&self, queue: &str) -> Result<Option<Delivery>, Error> {
+        const OP: &str = "next_dead_letter";
+        let queue_name = short_string("queue name", queue)?;
+        let deadline = Instant::now() + self.cfg.publish_timeout();
+        loop {
+            let Some(generation) = self.wait_generation(Some(deadline), OP).await? else {
+                return Err(Error::Closed { backend: BACKEND });
+            };
+            let mut getter = generation.getter.lock().await;
+            let channel = match getter.as_ref() {
+                Some(ch) if ch.status().connected() || ch.status().reconnecting() => ch.clone(),
+                _ => match tokio::select! {
+                    r = timeout_at(deadline, generation.conn.create_channel()) => r,
+                    _ = generation.retired.cancelled() => continue,
+                } {
+                    Err(_) => return Err(self.timeout(OP)),
+                    Ok(Ok(ch)) => {
+                        *getter = Some(ch.clone());
+                        ch
+                    }
+                    Ok(Err(e)) if is_connection_error(&e) => {
+                        drop(getter);
+                        self.pause_after(&generation, None, e, deadline, OP).await?;
+                        continue;
+                    }
+                    Ok(Err(e)) => return Err(map(OP, e)),
+                },
+            };
+            let got = tokio::select! {
+                got = timeout_at(
+                    deadline,
+                    channel.basic_get(queue_name.clone(), BasicGetOptions { no_ack: false }),
+                ) => got,
+                _ = generation.retired.cancelled() => continue,
+            };
+            match got {
+                Err(_) => return Err(self.timeout(OP)),
+                Ok(Ok(None)) => return Ok(None),
+                Ok(Ok(Some(message))) => {
+                    return Ok(Some(self.to_delivery(message.delivery, generation.id)));
+                }
+                Ok(Err(e)) => {
+                    *getter = None;
+                    drop(getter);
+                    if !is_connection_error(&e) {
+                        return Err(map(OP, e));
+                    }
+                    self.pause_after(&generation, Some(channel), e, deadline, OP)
+                        .await?;
+                }
+            }
+        }
+    }
+
+    fn to_delivery(&self, d: LapinDelivery, generation: u64) -> Delivery {
+        let properties = d.properties;
+        let headers = properties
+            .headers()
+            .as_ref()
+            .map(from_field_table)
+            .unwrap_or_default();
+        let delivery_count = match self.cfg.queue_type() {
+            QueueType::Quorum => Some(
+                headers
+                    .get(DELIVERY_COUNT)
+                    .and_then(idemq::HeaderValue::as_i64)
+                    .and_then(|c| u32::try_from(c).ok())
+                    .unwrap_or(0),
+            ),
+            QueueType::Classic => None,
+        };
+        let mut delivery = Delivery::new(d.delivery_tag, Bytes::from(d.data));
+        delivery.message_id = properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned());
+        delivery.headers = headers;
+        delivery.redelivered = d.redelivered;
+        delivery.delivery_count = delivery_count;
+        delivery.with_handle(Handle {
+            link: self.link_id,
+            generation,
+            acker: d.acker,
+            properties,
+        })
+    }
+
+    /// The delivery's handle, checked to come from this link and the
+    /// current generation.
+    pub fn handle<'d>(&self, delivery: &'d Delivery) -> Result<&'d Handle, Error> {
+        self.handle_and_generation(delivery).map(|(h, _)| h)
+    }
+
+    fn handle_and_generation<'d>(
+        &self,
+        delivery: &'d Delivery,
+    ) -> Result<(&'d Handle, Arc<Generation>), Error> {
+        let Some(handle) = delivery.handle::<Handle>() else {
+            return Err(Error::invalid(
+                "delivery",
+                "it was not delivered by a RabbitMQ broker",
+            ));
+        };
+        if handle.link != self.link_id {
+            return Err(Error::invalid(
+                "delivery",
+                "it was delivered by another RabbitMQ broker instance",
+            ));
+        }
+        let current = self.current.borrow().clone();
+        match current {
+            Some(g) if g.id == handle.generation && handle.acker.usable() => Ok((handle, g)),
+            current => {
+                debug!(
+                    tag = delivery.tag,
+                    generation = handle.generation,
+                    current = ?current.map(|g| g.id),
+                    "settling a stale delivery"
+                );
+                Err(stale(delivery))
+            }
+        }
+    }
+
+    /// Acks or nacks through lapin's acker.
+    pub async fn settle(
+        &self,
+        delivery: &Delivery,
+        nack: Option<bool>,
+        op: &'static str,
+    ) -> Result<(), Error> {
+        let (handle, generation) = self.handle_and_generation(delivery)?;
+        let send = async {
+            match nack {
+                None => handle.acker.ack(BasicAckOptions::default()).await,
+                Some(requeue) => {
+                    handle
+                        .acker
+                        .nack(BasicNackOptions {
+                            multiple: false,
+                            requeue,
+                        })
+                        .await
+                }
+            }
+        };
+        // lapin resolves an ack once its frame is written; on a connection
+        // that is being replaced (or whose I/O loop stalled) that may be
+        // never, so the wait is bounded.
+        let result = tokio::select! {
+            r = timeout(self.cfg.publish_timeout(), send) => match r {
+                Ok(r) => r,
+                Err(_) if generation.usable() => return Err(self.timeout(op)),
+                Err(_) => return Err(stale(delivery)),
+            },
+            _ = generation.retired.cancelled() => return Err(stale(delivery)),
+        };
+        match result {
+            Ok(true) => Ok(()),
+            // Used already, or poisoned by a channel loss (lapin recovery).
+            Ok(false) => Err(stale(delivery)),
+            Err(e) if handle.acker.poisoned() || is_connection_error(&e) => Err(stale(delivery)),
+            Err(e) => Err(map(op, e)),
+        }
+    }
+}
+
+fn stale(delivery: &Delivery) -> Error {
+    Error::StaleDelivery {
+        backend: BACKEND,
+        tag: delivery.tag,
+    }
+}
+
+fn confirmed(confirmation: Confirmation, queue: &str) -> Result<(), Error> {
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(Error::Unroutable {
+            backend: BACKEND,
+            target: queue.to_owned(),
+        }),
+        // NotRequested cannot happen on a confirm channel; never call it success.
+        Confirmation::Nack(None) | Confirmation::NotRequested => Err(Error::NotConfirmed {
+            backend: BACKEND,
+            target: queue.to_owned(),
+        }),
+    }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+fn consumer_tag(queue: &str) -> ShortString {
+    let mut short = String::new();
+    for c in queue.chars() {
+        if short.len() + c.len_utf8() > 200 {
+            break;
+        }
+        short.push(c);
+    }
+    let tag = format!("idemq-{short}-{:016x}", rand::random::<u64>());
+    ShortString::try_new(tag).unwrap_or_default()
+}
+
+enum Ending {
+    Closing,
+    Lost(String),
+}
+
+/// Watches the current generation until it must be replaced.
+async fn watch_generation(shared: &Shared, generation: &Generation, events: &mut Events) -> Ending {
+    let url = shared.cfg.redacted_url();
+    let mut tick = tokio::time::interval(shared.cfg.recovery().health_check);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let max_recovery = shared.cfg.recovery().max_recovery_time;
+    let mut reconnecting_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = shared.closed.cancelled() => return Ending::Closing,
+            _ = generation.broken.cancelled() => {
+                // Let a recovery under way finish (or give up) first.
+                let until = Instant::now() + max_recovery;
+                while generation.recovering() && Instant::now() < until {
+                    tokio::select! {
+                        _ = shared.closed.cancelled() => return Ending::Closing,
+                        _ = sleep(POLL) => {}
+                    }
+                }
+                let reason = generation
+                    .broken_reason
+                    .lock()
+                    .ok()
+                    .and_then(|r| r.clone())
+                    .unwrap_or_default();
+                return Ending::Lost(reason);
+            }
+            event = events.next() => match event {
+                Some(Event::Connected) => {
+                    info!(%url, generation = generation.id, "RabbitMQ connection recovered by lapin");
+                }
+                Some(Event::Error(e)) => {
+                    if generation.conn_dead() {
+                        return Ending::Lost(format!("lapin recovery gave up: {e}"));
+                    }
+                    warn!(%url, generation = generation.id, error = %e, "RabbitMQ reported an error");
+                }
+                Some(Event::ConnectionBlocked(reason)) => {
+                    warn!(%url, %reason, "RabbitMQ blocked the connection (resource alarm)");
+                }
+                Some(Event::ConnectionUnblocked) => info!(%url, "RabbitMQ unblocked the connection"),
+                Some(_) => {}
+                None => return Ending::Lost("lapin's event stream ended".into()),
+            },
+            _ = tick.tick() => {
+                let reconnecting = generation.recovering();
+                match (reconnecting, reconnecting_since) {
+                    (true, None) => {
+                        warn!(%url, generation = generation.id, "RabbitMQ connection lost; lapin is recovering it");
+                        reconnecting_since = Some(Instant::now());
+                    }
+                    (true, Some(since)) if since.elapsed() > max_recovery => {
+                        return Ending::Lost(format!(
+                            "lapin's recovery did not finish within {max_recovery:?}"
+                        ));
+                    }
+                    (false, _) => reconnecting_since = None,
+                    (true, Some(_)) => {}
+                }
+                if generation.conn_dead() {
+                    return Ending::Lost("the connection is closed".into());
+                }
+                if !reconnecting
+                    && generation.conn.status().connected()
+                    && let Some(slot) = generation.consumer.as_ref()
+                {
+                    let s = slot.channel.status();
+                    if !(s.connected() || s.initializing()) {
+                        return Ending::Lost("the consumer channel is closed".into());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The supervisor: replaces lost generations until the link is closed.
+async fn supervise(shared: Arc<Shared>, mut generation: Arc<Generation>, mut events: Events) {
+    let url = shared.cfg.redacted_url();
+    let rec = shared.cfg.recovery().clone();
+    let grace = shared.cfg.connect_timeout();
+    loop {
+        let ending = watch_generation(&shared, &generation, &mut events).await;
+        shared.current.send_replace(None);
+        generation.retired.cancel();
+        match ending {
+            Ending::Closing => {
+                generation.close(grace, true).await;
+                if !generation.conn_dead() {
+                    reap(generation.clone());
+                }
+                info!(%url, generation = generation.id, "RabbitMQ connection closed");
+                return;
+            }
+            Ending::Lost(reason) => {
+                warn!(%url, generation = generation.id, %reason,
+                    "RabbitMQ connection lost for good; rebuilding connection, topology and consumer");
+                // Any recovery under way was waited for already.
+                generation.close(grace, false).await;
+                if !generation.conn_dead() {
+                    reap(generation.clone());
+                }
+            }
+        }
+        let mut failures: u32 = 0;
+        loop {
+            let built = tokio::select! {
+                _ = shared.closed.cancelled() => return,
+                built = shared.build() => built,
+            };
+            match built {
+                Ok((next, next_events)) => {
+                    info!(%url, generation = next.id, "RabbitMQ connection rebuilt");
+                    generation = next;
+                    events = next_events;
+                    shared.current.send_replace(Some(generation.clone()));
+                    break;
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let delay = backoff(rec.rebuild_min_delay, rec.rebuild_max_delay, failures);
+                    warn!(%url, error = %e, attempt = failures, ?delay,
+                        "rebuilding the RabbitMQ connection failed; retrying");
+                    tokio::select! {
+                        _ = shared.closed.cancelled() => return,
+                        _ = sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Watches an abandoned connection that lapin is still recovering: should
+/// the recovery ever complete, it would bring back a consumer nobody reads
+/// (holding prefetched messages), so it is closed as soon as it is up.
+fn reap(generation: Arc<Generation>) {
+    const REAP_FOR: Duration = Duration::from_secs(3600);
+    debug!(
+        generation = generation.id,
+        "watching an abandoned RabbitMQ connection"
+    );
+    tokio::spawn(async move {
+        let until = Instant::now() + REAP_FOR;
+        while Instant::now() < until && !generation.conn_dead() {
+            if generation.conn.status().connected() {
+                warn!(
+                    generation = generation.id,
+                    "an abandoned RabbitMQ connection was recovered by lapin; closing it"
+                );
+                generation.close(Duration::from_secs(10), false).await;
+                return;
+            }
+            sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+/// Exponential backoff with jitter (50 to 100 % of the step), capped.
+fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = 2u32.saturating_pow(attempt.saturating_sub(1).min(16));
+    let step = min.saturating_mul(exp).min(max);
+    let jitter = rand::random::<f64>() * 0.5 + 0.5;
+    step.mul_f64(jitter).max(min.min(max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(2));
+        for attempt in 1..40 {
+            let d = backoff(min, max, attempt);
+            assert!(d >= min && d <= max, "{attempt}: {d:?}");
+        }
+        assert!(backoff(min, max, 30) >= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn consumer_tags_are_short_strings() {
+        let tag = consumer_tag(&"é".repeat(300));
+        assert!(tag.as_str().starts_with("idemq-"));
+        assert!(tag.as_str().len() <= 255);
+    }
+
+    #[test]
+    fn confirmations_map_to_errors() {
+        assert!(confirmed(Confirmation::Ack(None), "q").is_ok());
+        assert!(matches!(
+            confirmed(Confirmation::Nack(None), "q"),
+            Err(Error::NotConfirmed { .. })
+        ));
+        assert!(matches!(
+            confirmed(Confirmation::NotRequested, "q"),
+            Err(Error::NotConfirmed { .. })
+        ));
+    }
+}

@@ -1,0 +1,438 @@
+//! Connection cuts through `idemq::testing::FaultProxy`: lapin's recovery,
+//! the supervisor's rebuild, stale settlements, and no message lost.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use idemq::testing::FaultProxy;
+use idemq::testing::broker::{BrokerCaps, expect_quiet, must_next};
+use idemq::{Broker, DeadLetter, DeadReason, Error, OutgoingMessage};
+use idemq_rabbitmq::{RabbitBroker, RabbitConfig, RabbitPublisher, RecoveryConfig, queue_depths};
+use tokio::time::timeout;
+
+/// Deliveries due after a reconnection may take a few backoff steps.
+fn caps() -> BrokerCaps {
+    BrokerCaps {
+        arrival: Duration::from_secs(20),
+        ..BrokerCaps::default()
+    }
+}
+
+async fn proxy() -> Option<FaultProxy> {
+    common::init_tracing();
+    let upstream = common::upstream().await;
+    if let Err(e) = tokio::net::TcpStream::connect(upstream).await {
+        return idemq::testing::service_unavailable("rabbitmq", e);
+    }
+    Some(
+        FaultProxy::start(upstream)
+            .await
+            .expect("start the fault proxy"),
+    )
+}
+
+/// Quick lapin recovery: many attempts, short delays.
+fn patient() -> RecoveryConfig {
+    RecoveryConfig {
+        attempts: 200,
+        min_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(300),
+        ..RecoveryConfig::default()
+    }
+}
+
+/// lapin gives up at once: the supervisor must rebuild.
+fn impatient() -> RecoveryConfig {
+    RecoveryConfig {
+        attempts: 1,
+        min_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(50),
+        // lapin's recovery can stall instead of giving up: bounded too.
+        max_recovery_time: Duration::from_secs(2),
+        rebuild_min_delay: Duration::from_millis(100),
+        rebuild_max_delay: Duration::from_millis(500),
+        ..RecoveryConfig::default()
+    }
+}
+
+fn via(proxy: &FaultProxy, name: &str, recovery: RecoveryConfig) -> RabbitConfig {
+    common::config_at(&common::url_via(proxy.addr()), name)
+        .with_recovery(recovery)
+        .with_connect_timeout(Duration::from_secs(2))
+}
+
+async fn cut_until_noticed(proxy: &FaultProxy, broker: &RabbitBroker) {
+    proxy.cut();
+    common::wait_until(
+        "the broker to notice the cut",
+        Duration::from_secs(10),
+        || !broker.is_connected(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapin_recovery_resumes_consumption_and_stale_settles_fail() {
+    let Some(proxy) = proxy().await else { return };
+    let broker = common::connect(via(&proxy, "lapin-recovery", patient()))
+        .await
+        .expect("connect through the proxy");
+    for id in ["a", "b"] {
+        broker
+            .publish(OutgoingMessage::new(id).with_message_id(id))
+            .await
+            .expect("publish");
+    }
+    let a = must_next(&broker, &caps()).await;
+    let b = must_next(&broker, &caps()).await;
+    let generation = broker.generation();
+    let accepted = proxy.connections_accepted();
+
+    cut_until_noticed(&proxy, &broker).await;
+    // Publishing waits for the connection instead of failing at once.
+    let publishing = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            broker
+                .publish(OutgoingMessage::new("c").with_message_id("c"))
+                .await
+        })
+    };
+    proxy.restore();
+
+    let mut back = BTreeMap::new();
+    for _ in 0..3 {
+        let d = must_next(&broker, &caps()).await;
+        back.insert(d.message_id.clone().unwrap_or_default(), d);
+    }
+    publishing
+        .await
+        .expect("task")
+        .expect("publish across the cut");
+    assert_eq!(
+        back.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
+    assert!(back["a"].redelivered && back["b"].redelivered);
+    assert_eq!(
+        broker.generation(),
+        generation,
+        "lapin recovered; no rebuild"
+    );
+    assert!(proxy.connections_accepted() > accepted);
+
+    // The deliveries of the lost channel cannot be settled any more.
+    assert!(matches!(
+        broker.ack(&a).await,
+        Err(Error::StaleDelivery { .. })
+    ));
+    let letter = DeadLetter {
+        reason: DeadReason::Permanent,
+        detail: "x".into(),
+        attempts: 1,
+    };
+    assert!(matches!(
+        broker.dead_letter(&b, &letter).await,
+        Err(Error::StaleDelivery { .. })
+    ));
+    assert!(broker.next_dead_letter().await.expect("dlq").is_none());
+    for d in back.values() {
+        broker.ack(d).await.expect("ack the redeliveries");
+    }
+    expect_quiet(&broker, &caps()).await;
+    common::cleanup(broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supervisor_rebuilds_when_lapin_gives_up() {
+    let Some(proxy) = proxy().await else { return };
+    let broker = common::connect(via(&proxy, "rebuild", impatient()))
+        .await
+        .expect("connect through the proxy");
+    broker
+        .publish(OutgoingMessage::new("r").with_message_id("r"))
+        .await
+        .expect("publish");
+    let first = must_next(&broker, &caps()).await;
+    let generation = broker.generation().expect("a generation");
+
+    cut_until_noticed(&proxy, &broker).await;
+    common::wait_until(
+        "lapin to give up and the supervisor to retire the connection",
+        Duration::from_secs(10),
+        || broker.generation().is_none(),
+    )
+    .await;
+    proxy.restore();
+
+    let again = must_next(&broker, &caps()).await;
+    assert_eq!(again.message_id.as_deref(), Some("r"));
+    assert!(again.redelivered);
+    let rebuilt = broker.generation().expect("a generation");
+    assert!(rebuilt > generation, "{rebuilt} after {generation}");
+    assert!(matches!(
+        broker.ack(&first).await,
+        Err(Error::StaleDelivery { .. })
+    ));
+    assert!(matches!(
+        broker.retry_later(&first, common::SHORT_TIER, 1).await,
+        Err(Error::StaleDelivery { .. })
+    ));
+    broker.ack(&again).await.expect("ack");
+    // The rebuilt connection publishes and consumes as before.
+    broker
+        .publish(OutgoingMessage::new("s").with_message_id("s"))
+        .await
+        .expect("publish");
+    let s = must_next(&broker, &caps()).await;
+    broker
+        .retry_later(&s, common::SHORT_TIER, 1)
+        .await
+        .expect("retry");
+    let copy = must_next(&broker, &caps()).await;
+    assert_eq!(
+        (copy.message_id.as_deref(), copy.retry_attempt()),
+        (Some("s"), 1)
+    );
+    broker.ack(&copy).await.expect("ack");
+    expect_quiet(&broker, &caps()).await;
+    common::cleanup(broker).await;
+}
+
+/// Runs a consumer that acks everything, recording what it acked.
+fn consume_all(
+    broker: RabbitBroker,
+    acked: Arc<Mutex<BTreeSet<String>>>,
+    stale: Arc<Mutex<u64>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(Some(d)) = broker.next().await {
+            match broker.ack(&d).await {
+                Ok(()) => {
+                    if let Ok(mut acked) = acked.lock() {
+                        acked.insert(d.message_id.clone().unwrap_or_default());
+                    }
+                }
+                Err(Error::StaleDelivery { .. }) => {
+                    if let Ok(mut stale) = stale.lock() {
+                        *stale += 1;
+                    }
+                }
+                Err(e) => panic!("ack failed: {e}"),
+            }
+        }
+    })
+}
+
+async fn no_message_lost(recovery: RecoveryConfig, name: &str, rebuild: bool) {
+    const N: usize = 600;
+    let Some(proxy) = proxy().await else { return };
+    let broker = common::connect(via(&proxy, name, recovery))
+        .await
+        .expect("connect through the proxy");
+    // The producer talks to the server directly and keeps publishing.
+    let direct = RabbitConfig::new(common::url(), broker.config().queue());
+    let publisher = RabbitPublisher::connect(direct).await.expect("publisher");
+    let ids: Vec<String> = (0..N).map(|i| format!("m{i:04}")).collect();
+    let producing = {
+        let ids = ids.clone();
+        tokio::spawn(async move {
+            for id in ids {
+                publisher
+                    .publish(OutgoingMessage::new(id.clone()).with_message_id(id))
+                    .await
+                    .expect("publish");
+            }
+            publisher.close().await;
+        })
+    };
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let stale = Arc::new(Mutex::new(0));
+    let consuming = consume_all(broker.clone(), acked.clone(), stale.clone());
+    let count = || acked.lock().map(|a| a.len()).unwrap_or(0);
+
+    common::wait_until("a third acked", Duration::from_secs(30), || {
+        count() >= N / 3
+    })
+    .await;
+    let accepted = proxy.connections_accepted();
+    let generation = broker.generation();
+    cut_until_noticed(&proxy, &broker).await;
+    if rebuild {
+        common::wait_until(
+            "the supervisor to retire the connection",
+            Duration::from_secs(10),
+            || broker.generation().is_none(),
+        )
+        .await;
+    }
+    let during = count();
+    proxy.restore();
+    producing.await.expect("producer");
+    common::wait_until("everything acked", Duration::from_secs(60), || count() == N).await;
+
+    assert!(during < N, "the cut came after the stream ended");
+    assert!(proxy.connections_accepted() > accepted, "no reconnection");
+    if rebuild {
+        assert!(broker.generation() > generation, "no rebuild");
+    } else {
+        assert_eq!(
+            broker.generation(),
+            generation,
+            "lapin recovered; no rebuild"
+        );
+    }
+    let acked: BTreeSet<String> = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    assert_eq!(acked, ids.into_iter().collect::<BTreeSet<_>>());
+    expect_quiet(&broker, &caps()).await;
+    let depths = queue_depths(
+        &RabbitConfig::new(common::url(), broker.config().queue())
+            .with_retry_tiers(broker.config().retry_tiers().iter().copied()),
+    )
+    .await
+    .expect("depths");
+    assert_eq!((depths.work, depths.dead), (0, 0));
+    eprintln!(
+        "stale acks after the cut: {}",
+        stale.lock().map(|s| *s).unwrap_or(0)
+    );
+    let closing = broker.clone();
+    common::cleanup(closing).await;
+    timeout(Duration::from_secs(10), consuming)
+        .await
+        .expect("the consumer ended after close")
+        .expect("consumer task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_message_lost_across_lapin_recovery() {
+    no_message_lost(patient(), "lost-lapin", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_message_lost_across_a_rebuild() {
+    no_message_lost(impatient(), "lost-rebuild", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_network_is_detected_by_heartbeats() {
+    let Some(proxy) = proxy().await else { return };
+    let config = via(&proxy, "hung", patient()).with_heartbeat(Some(1));
+    let broker = common::connect(config)
+        .await
+        .expect("connect through the proxy");
+    broker
+        .publish(OutgoingMessage::new("h").with_message_id("h"))
+        .await
+        .expect("publish");
+    let first = must_next(&broker, &caps()).await;
+
+    proxy.blackhole();
+    common::wait_until(
+        "missed heartbeats to be noticed",
+        Duration::from_secs(20),
+        || !broker.is_connected(),
+    )
+    .await;
+    proxy.restore();
+
+    let again = must_next(&broker, &caps()).await;
+    assert_eq!(again.message_id.as_deref(), Some("h"));
+    assert!(again.redelivered);
+    assert!(matches!(
+        broker.ack(&first).await,
+        Err(Error::StaleDelivery { .. })
+    ));
+    broker.ack(&again).await.expect("ack");
+    expect_quiet(&broker, &caps()).await;
+    common::cleanup(broker).await;
+}
+
+/// Consumers on `queue`, by a passive declaration on a fresh connection.
+async fn consumers(queue: &str) -> u32 {
+    use lapin::options::QueueDeclareOptions;
+    let conn = lapin::Connection::connect(&common::url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let channel = conn.create_channel().await.expect("channel");
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default().passive(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    let _ = conn.close(200, "bye".into()).await;
+    q.consumer_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_that_takes_too_long_is_abandoned_and_reaped() {
+    let Some(proxy) = proxy().await else { return };
+    // lapin would retry for minutes; the supervisor waits 1 s.
+    let recovery = RecoveryConfig {
+        attempts: 1000,
+        min_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(200),
+        max_recovery_time: Duration::from_secs(1),
+        rebuild_min_delay: Duration::from_millis(100),
+        rebuild_max_delay: Duration::from_millis(300),
+        ..RecoveryConfig::default()
+    };
+    let broker = common::connect(via(&proxy, "abandon", recovery))
+        .await
+        .expect("connect through the proxy");
+    let queue = broker.config().queue().to_owned();
+    broker
+        .publish(OutgoingMessage::new("z").with_message_id("z"))
+        .await
+        .expect("publish");
+    let first = must_next(&broker, &caps()).await;
+
+    cut_until_noticed(&proxy, &broker).await;
+    common::wait_until(
+        "the supervisor to abandon lapin's recovery",
+        Duration::from_secs(10),
+        || broker.generation().is_none(),
+    )
+    .await;
+    proxy.restore();
+
+    let again = must_next(&broker, &caps()).await;
+    assert_eq!(again.message_id.as_deref(), Some("z"));
+    assert!(broker.generation() > Some(1));
+    assert!(matches!(
+        broker.ack(&first).await,
+        Err(Error::StaleDelivery { .. })
+    ));
+    broker.ack(&again).await.expect("ack");
+    // lapin still recovers the abandoned connection, consumer and all; it
+    // is closed as soon as it is up, so no message is held by it for long.
+    for i in 0..20 {
+        let id = format!("after-{i}");
+        broker
+            .publish(OutgoingMessage::new(id.clone()).with_message_id(id))
+            .await
+            .expect("publish");
+    }
+    let mut got = BTreeSet::new();
+    while got.len() < 20 {
+        let d = must_next(&broker, &caps()).await;
+        broker.ack(&d).await.expect("ack");
+        got.insert(d.message_id.unwrap_or_default());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while consumers(&queue).await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned consumer lingers"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    expect_quiet(&broker, &caps()).await;
+    common::cleanup(broker).await;
+}
