@@ -43,6 +43,17 @@ impl Calls {
     fn total(&self) -> u32 {
         self.0.lock().unwrap().values().sum()
     }
+    /// A handler that counts its runs and succeeds.
+    fn ok_handler(&self) -> impl idemq::Handler + use<> {
+        let calls = self.clone();
+        move |m: Message| {
+            let calls = calls.clone();
+            async move {
+                calls.record(&m);
+                Ok(())
+            }
+        }
+    }
 }
 
 async fn run_until_idle<H: idemq::Handler>(
@@ -77,15 +88,7 @@ async fn unique_messages_are_handled_once_and_acked() {
     for i in 0..100 {
         publish(&broker, &format!("m{i}"), "{}").await;
     }
-    let c = calls.clone();
-    let report = run_until_idle(&broker, &store, move |m: Message| {
-        let c = c.clone();
-        async move {
-            c.record(&m);
-            Ok(())
-        }
-    })
-    .await;
+    let report = run_until_idle(&broker, &store, calls.ok_handler()).await;
     assert_eq!(
         (report.received, report.handled, report.duplicates),
         (100, 100, 0)
@@ -113,15 +116,7 @@ async fn duplicates_are_acked_without_running_the_handler() {
     for id in ["a", "b", "a", "c", "b", "a"] {
         publish(&broker, id, "x").await;
     }
-    let c = calls.clone();
-    let report = run_until_idle(&broker, &store, move |m: Message| {
-        let c = c.clone();
-        async move {
-            c.record(&m);
-            Ok(())
-        }
-    })
-    .await;
+    let report = run_until_idle(&broker, &store, calls.ok_handler()).await;
     assert_eq!((report.handled, report.duplicates), (3, 3));
     assert_eq!((calls.of("a"), calls.of("b"), calls.of("c")), (1, 1, 1));
     assert_eq!(broker.stats().acked, 6);
@@ -135,15 +130,7 @@ async fn missing_key_is_dead_lettered_never_dropped() {
         Calls::default(),
     );
     broker.publish(OutgoingMessage::new("no id")).await.unwrap();
-    let c = calls.clone();
-    let report = run_until_idle(&broker, &store, move |m: Message| {
-        let c = c.clone();
-        async move {
-            c.record(&m);
-            Ok(())
-        }
-    })
-    .await;
+    let report = run_until_idle(&broker, &store, calls.ok_handler()).await;
     assert_eq!(
         (report.dead_lettered, report.handled, calls.total()),
         (1, 0, 0)
@@ -316,20 +303,13 @@ async fn a_claim_past_the_limit_is_dead_lettered_without_running_the_handler() {
     }
     publish(&broker, "crashy", "x").await;
     broker.close_when_idle();
-    let c = calls.clone();
-    let report = Engine::builder(broker.clone(), store.clone(), move |m: Message| {
-        let c = c.clone();
-        async move {
-            c.record(&m);
-            Ok(())
-        }
-    })
-    .scope(SCOPE)
-    .max_attempts(3)
-    .build()
-    .unwrap()
-    .run(CancellationToken::new())
-    .await;
+    let report = Engine::builder(broker.clone(), store.clone(), calls.ok_handler())
+        .scope(SCOPE)
+        .max_attempts(3)
+        .build()
+        .unwrap()
+        .run(CancellationToken::new())
+        .await;
     assert_eq!(
         (calls.total(), report.dead_lettered, report.handled),
         (0, 1, 0)
@@ -415,15 +395,7 @@ async fn a_live_claim_defers_the_delivery_instead_of_requeueing_it() {
         );
     });
     publish(&broker, "busy", "x").await;
-    let c = calls.clone();
-    let report = run_until_idle(&broker, &store, move |m: Message| {
-        let c = c.clone();
-        async move {
-            c.record(&m);
-            Ok(())
-        }
-    })
-    .await;
+    let report = run_until_idle(&broker, &store, calls.ok_handler()).await;
     // Deferrals of 100, 200, 400, 800 ms, then 1.6 s (past the 2 s the other
     // consumer took), then a duplicate: never a hot requeue loop, never a
     // second handler run.
