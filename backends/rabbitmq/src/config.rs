@@ -14,8 +14,12 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The environment variable [`RabbitConfig::from_env`] reads the URL from.
 pub const URL_ENV: &str = "AMQP_ADDR";
 
-/// The default backoff tiers of the retry queues: 1 s, 5 s, 30 s, 2 min, 10 min.
-pub const DEFAULT_RETRY_TIERS: [Duration; 5] = [
+/// The default backoff tiers of the retry queues: 100 ms, 1 s, 5 s, 30 s,
+/// 2 min, 10 min. The 100 ms tier matches the engine's first deferral of a
+/// duplicate that meets its original in flight: without it that deferral
+/// rounds up to a second.
+pub const DEFAULT_RETRY_TIERS: [Duration; 6] = [
+    Duration::from_millis(100),
     Duration::from_secs(1),
     Duration::from_secs(5),
     Duration::from_secs(30),

@@ -15,7 +15,7 @@
 //! | queue | what |
 //! | --- | --- |
 //! | `Q` | the durable work queue, classic or quorum ([`QueueType`]) |
-//! | `Q.retry.<tier>` | one per backoff tier (default 1s, 5s, 30s, 2m, 10m), queue-level `x-message-ttl`, dead-lettering back to `Q` |
+//! | `Q.retry.<tier>` | one per backoff tier (default 100ms, 1s, 5s, 30s, 2m, 10m), queue-level `x-message-ttl`, dead-lettering back to `Q` |
 //! | `Q.dlq` | the dead-letter queue |
 //!
 //! `retry_later(delay)` goes to the smallest tier at least `delay` long
