@@ -74,6 +74,9 @@ struct StoreGate {
 impl StoreGate {
     fn paused_until(&self) -> Option<Instant> {
         let until = self.paused_until_us.load(Ordering::Relaxed);
+        if until == 0 {
+            return None; // the store never failed: skip the clock read
+        }
         let until = self.epoch + Duration::from_micros(until);
         (until > Instant::now()).then_some(until)
     }

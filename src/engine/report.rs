@@ -88,6 +88,8 @@ pub enum Stopped {
     BrokerFailed(String),
 }
 
+/// Padded to a cache line: counters are bumped from every worker thread.
+#[repr(align(64))]
 pub(crate) struct Counter {
     value: AtomicU64,
     metric: metrics::Counter,
