@@ -112,8 +112,10 @@ async fn transactional_handlers_have_exactly_once_effects() {
         // Each engine has its own pool, as separate processes would.
         let store = common::store().await.expect("store");
         let insert = insert.clone();
+        let (copies, watcher, scope_w) = (broker.clone(), base.clone(), scope.clone());
         let handler = store.transactional(move |tx, msg| {
             let insert = insert.clone();
+            let (copies, watcher, scope_w) = (copies.clone(), watcher.clone(), scope_w.clone());
             Box::pin(async move {
                 let key = msg.key().to_owned();
                 sqlx::query(AssertSqlSafe(insert))
@@ -124,8 +126,23 @@ async fn transactional_handlers_have_exactly_once_effects() {
                     .await
                     .map_err(sql_error)?;
                 if is_slow(&key) && msg.attempt() == 1 {
-                    // Several leases long, with no renewal getting through.
-                    tokio::time::sleep(LEASE * 4).await;
+                    // A copy arrives while this attempt stalls with no renewal
+                    // getting through; hold the transaction open until another
+                    // consumer has taken the key over (bounded), so the fenced
+                    // done mark below must refuse.
+                    copies
+                        .publish(OutgoingMessage::new(key.clone()).with_message_id(key.clone()))
+                        .await
+                        .map_err(HandlerError::retry)?;
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    while tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(LEASE / 6).await;
+                        if let Ok(Some(r)) = watcher.get(&scope_w, &key).await
+                            && r.attempts >= 2
+                        {
+                            break;
+                        }
+                    }
                 }
                 if is_poison(&key) {
                     return Err(HandlerError::permanent("poison"));
