@@ -492,6 +492,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "jobs.retry.100ms",
                 "jobs.retry.1s",
                 "jobs.retry.5s",
                 "jobs.retry.30s",
