@@ -110,7 +110,17 @@ async fn transactional_handlers_have_exactly_once_effects() {
     let mut runs = Vec::new();
     for engine_no in 0..ENGINES {
         // Each engine has its own pool, as separate processes would.
-        let store = common::store().await.expect("store");
+        // More connections than handlers in flight: a stalled attempt holds
+        // one inside its open transaction, and claims must still get one.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(12)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&common::url())
+            .await
+            .expect("pool");
+        let store = PostgresDedupStore::new(pool)
+            .with_table(common::TEST_TABLE)
+            .expect("table");
         let insert = insert.clone();
         let (copies, watcher, scope_w) = (broker.clone(), base.clone(), scope.clone());
         let handler = store.transactional(move |tx, msg| {
