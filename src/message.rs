@@ -186,18 +186,20 @@ impl Delivery {
 
     /// How often this message was deferred ([`headers::DEFERRALS`]).
     pub fn deferrals(&self) -> u32 {
-        self.header(headers::DEFERRALS)
-            .and_then(HeaderValue::as_i64)
-            .and_then(|a| u32::try_from(a).ok())
-            .unwrap_or(0)
+        self.count_header(headers::DEFERRALS)
     }
 
     /// The attempt number a retried copy carries ([`headers::ATTEMPT`]),
     /// 0 for a message that was never retried.
     pub fn retry_attempt(&self) -> u32 {
-        self.header(headers::ATTEMPT)
+        self.count_header(headers::ATTEMPT)
+    }
+
+    /// A count idemq keeps in a header: 0 when absent or not a `u32`.
+    fn count_header(&self, name: &str) -> u32 {
+        self.header(name)
             .and_then(HeaderValue::as_i64)
-            .and_then(|a| u32::try_from(a).ok())
+            .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(0)
     }
 }

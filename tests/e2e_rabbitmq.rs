@@ -87,7 +87,7 @@ async fn consume<S: DedupStore, H: Handler>(
     config: &RabbitConfig,
     store: S,
     handler: H,
-    effects: impl Fn() -> usize + Send + 'static,
+    effects: impl AsyncFn() -> usize,
 ) -> Report {
     let engine = Engine::builder(broker.clone(), store, handler)
         .scope(unique_scope("e2e"))
@@ -102,13 +102,13 @@ async fn consume<S: DedupStore, H: Handler>(
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let dead = queue_depths(config).await.expect("depths").dead as usize;
-        if effects() + dead >= ORDERS as usize && dead >= poisoned {
+        let done = effects().await;
+        if done + dead >= ORDERS as usize && dead >= poisoned {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "not done: {} effects, {dead} dead",
-            effects()
+            "not done: {done} effects, {dead} dead"
         );
     }
     shutdown.cancel();
@@ -198,7 +198,7 @@ async fn rabbitmq_and_redis() {
         }
     };
     let counted = effects.clone();
-    let report = consume(&broker, &config, store, handler, move || {
+    let report = consume(&broker, &config, store, handler, async || {
         counted.lock().unwrap().len()
     })
     .await;
@@ -255,25 +255,14 @@ async fn rabbitmq_and_postgres_transactional() {
         })
     };
     let (pool, r) = (store.pool().clone(), run.clone());
-    let distinct = move || {
-        let (pool, r) = (pool.clone(), r.clone());
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    sqlx::query_scalar::<_, i64>(
-                        "SELECT count(DISTINCT order_id) FROM idemq_e2e_effects WHERE run = $1",
-                    )
-                    .bind(&r)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap_or(0) as usize
-                })
-        })
-        .join()
-        .unwrap_or(0)
+    let distinct = async || {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(DISTINCT order_id) FROM idemq_e2e_effects WHERE run = $1",
+        )
+        .bind(&r)
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(0) as usize
     };
     let report = consume(&broker, &config, store.clone(), handler, distinct).await;
     let (rows, orders): (i64, i64) = sqlx::query_as(
