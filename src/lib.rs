@@ -55,6 +55,7 @@
 #![warn(missing_docs)]
 
 pub mod broker;
+pub mod coalesce;
 pub mod engine;
 pub mod error;
 pub mod handler;
@@ -68,6 +69,7 @@ pub mod store;
 pub mod testing;
 
 pub use broker::Broker;
+pub use coalesce::Coalescing;
 pub use engine::{Config, Engine, EngineBuilder, Report, Stopped};
 pub use error::{BoxError, Error};
 pub use handler::{Completion, Handler, HandlerError, JsonHandler, Message, json};
