@@ -428,3 +428,50 @@ pub async fn rejects_bad_scope_and_key<S: DedupStore + ?Sized>(store: &S, scope:
         }
     }
 }
+
+/// Behind [`crate::Coalescing`] (with at most two calls in flight), 500
+/// concurrent tasks claim 400 distinct keys (100 of them twice) and
+/// complete what they win: the calls go out in batches (fewer than 250
+/// store calls for 500 claims), every key has exactly one winner, and every
+/// record ends done after one attempt. For stores whose calls take a round
+/// trip; an in-process store answers before a queue can form.
+pub async fn coalesced_calls_go_out_in_batches<S: DedupStore + 'static>(
+    store: &crate::Coalescing<S>,
+    scope: &str,
+) {
+    let store = store.clone().with_max_in_flight(2);
+    let ttl = ttl(LONG);
+    let tasks = (0..500).map(|i| {
+        let (store, scope) = (store.clone(), scope.to_owned());
+        async move {
+            match store.claim(&scope, &format!("k{}", i % 400), ttl).await {
+                Ok(Claim::Claimed(lease)) => {
+                    assert_eq!(lease.attempt, 1, "{}", lease.key);
+                    let done = store.complete(&lease, LONG).await;
+                    assert_eq!(done.expect("complete"), Fenced::Applied);
+                    1
+                }
+                Ok(Claim::InProgress { .. } | Claim::Done) => 0,
+                other => panic!("claim: {other:?}"),
+            }
+        }
+    });
+    let tasks: Vec<_> = tasks.map(tokio::spawn).collect();
+    let mut wins = 0;
+    for t in join_all(tasks).await {
+        wins += t.expect("claimer");
+    }
+    assert_eq!(wins, 400, "one winner per key");
+    let stats = store.stats();
+    assert!(
+        stats.claim_batches > 0 && stats.complete_batches > 0,
+        "{stats:?}"
+    );
+    let calls = stats.claim_batches + stats.direct_claims;
+    assert!(calls < 250, "500 claims took {calls} calls: {stats:?}");
+    for i in 0..400 {
+        let key = format!("k{i}");
+        let rec = store.get(scope, &key).await.expect("get").expect("record");
+        assert_eq!((rec.state, rec.attempts), (RecordState::Done, 1), "{key}");
+    }
+}
