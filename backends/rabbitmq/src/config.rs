@@ -14,6 +14,10 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The environment variable [`RabbitConfig::from_env`] reads the URL from.
 pub const URL_ENV: &str = "AMQP_ADDR";
 
+/// How long an ack may be held back to go out with others in one
+/// `basic.ack(multiple)`; see [`RabbitConfig::with_ack_batching`].
+pub const DEFAULT_ACK_DELAY: Duration = Duration::from_millis(20);
+
 /// The default backoff tiers of the retry queues: 100 ms, 1 s, 5 s, 30 s,
 /// 2 min, 10 min. The 100 ms tier matches the engine's first deferral of a
 /// duplicate that meets its original in flight: without it that deferral
@@ -140,6 +144,7 @@ pub struct RabbitConfig {
     retry_prefix: Option<String>,
     dead_letter_queue: Option<String>,
     prefetch: u16,
+    ack_delay: Option<Duration>,
     publish_timeout: Duration,
     connect_timeout: Duration,
     heartbeat: Option<u16>,
@@ -161,6 +166,7 @@ impl RabbitConfig {
             retry_prefix: None,
             dead_letter_queue: None,
             prefetch: 16,
+            ack_delay: Some(DEFAULT_ACK_DELAY),
             publish_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(15),
             heartbeat: Some(15),
@@ -217,6 +223,25 @@ impl RabbitConfig {
     /// `basic.qos` prefetch). Set it to the engine's concurrency.
     pub fn with_prefetch(mut self, prefetch: u16) -> Self {
         self.prefetch = prefetch;
+        self
+    }
+
+    /// Batches the consumer's acks (default: on, [`DEFAULT_ACK_DELAY`]).
+    ///
+    /// Acks that complete the run of settled deliveries from the oldest
+    /// unsettled one go out together as one `basic.ack(multiple)`; an ack
+    /// that overtakes an unsettled delivery is held until that one is
+    /// settled, for at most `delay` (or until a quarter of the prefetch is
+    /// held), then sent alone. Nacks and rejects are never held. This
+    /// cuts the ack frames lapin writes and RabbitMQ parses by an order of
+    /// magnitude when deliveries are settled nearly in order.
+    ///
+    /// The cost: an ack is confirmed to the caller when it is held, so a
+    /// connection lost within `delay` redelivers those messages, and the
+    /// dedup store answers the copies as duplicates. `None` sends every ack
+    /// alone, at once.
+    pub fn with_ack_batching(mut self, delay: Option<Duration>) -> Self {
+        self.ack_delay = delay.filter(|d| !d.is_zero());
         self
     }
 
@@ -281,6 +306,11 @@ impl RabbitConfig {
     /// The prefetch count.
     pub fn prefetch(&self) -> u16 {
         self.prefetch
+    }
+
+    /// How long an ack may be held for batching; `None`: not batched.
+    pub fn ack_delay(&self) -> Option<Duration> {
+        self.ack_delay
     }
 
     /// The publish timeout.
@@ -430,6 +460,7 @@ impl fmt::Debug for RabbitConfig {
             .field("retry_tiers", &self.retry_tiers)
             .field("dead_letter_queue", &self.dead_letter_queue())
             .field("prefetch", &self.prefetch)
+            .field("ack_delay", &self.ack_delay)
             .field("publish_timeout", &self.publish_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("heartbeat", &self.heartbeat)

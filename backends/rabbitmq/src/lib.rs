@@ -77,6 +77,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod acks;
 mod broker;
 mod config;
 mod errors;
@@ -87,7 +88,8 @@ pub mod topology;
 
 pub use broker::RabbitBroker;
 pub use config::{
-    DEFAULT_RETRY_TIERS, DEFAULT_URL, QueueType, RabbitConfig, RecoveryConfig, URL_ENV,
+    DEFAULT_ACK_DELAY, DEFAULT_RETRY_TIERS, DEFAULT_URL, QueueType, RabbitConfig, RecoveryConfig,
+    URL_ENV,
 };
 pub use publisher::{RabbitPublisher, generate_message_id};
 pub use topology::{QueueDepths, delete_topology, queue_depths};

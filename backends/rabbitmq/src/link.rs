@@ -39,6 +39,7 @@ use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, error, info, warn};
 
+use crate::acks::AckBatcher;
 use crate::config::{QueueType, RabbitConfig};
 use crate::errors::{BACKEND, is_connection_error, map};
 use crate::headers::{from_field_table, short_string};
@@ -64,6 +65,8 @@ pub(crate) struct Handle {
     pub acker: Acker,
     /// The original properties, copied onto retried and dead-lettered copies.
     pub properties: BasicProperties,
+    /// Delivered by the consumer channel, whose acks are batched.
+    pub batched: bool,
 }
 
 struct ConsumerSlot {
@@ -75,6 +78,8 @@ pub(crate) struct Generation {
     pub id: u64,
     conn: Connection,
     consumer: Option<ConsumerSlot>,
+    /// The consumer channel's ack batching, when on.
+    acks: Option<Arc<AckBatcher>>,
     getter: Mutex<Option<Channel>>,
     pool: StdMutex<Vec<Channel>>,
     broken: CancellationToken,
@@ -271,6 +276,11 @@ impl Shared {
                         Arc::new(Generation {
                             id,
                             conn,
+                            acks: consumer.as_ref().and_then(|_| {
+                                let delay = self.cfg.ack_delay()?;
+                                let limit = usize::from(self.cfg.prefetch()).div_ceil(4);
+                                Some(AckBatcher::new(delay, limit))
+                            }),
                             consumer,
                             getter: Mutex::new(None),
                             pool: StdMutex::new(vec![publisher]),
@@ -509,7 +519,11 @@ impl Shared {
                         );
                         continue;
                     }
-                    return Ok(Some(self.to_delivery(d, generation.id)));
+                    if let Some(acks) = &generation.acks {
+                        acks.opened(d.delivery_tag);
+                    }
+                    let batched = generation.acks.is_some();
+                    return Ok(Some(self.to_delivery(d, generation.id, batched)));
                 }
                 Some(Err(e)) => format!("the consumer failed: {e}"),
                 None => "the broker cancelled the consumer (queue deleted?)".to_owned(),
@@ -564,7 +578,11 @@ impl Shared {
                 Err(_) => return Err(self.timeout(OP)),
                 Ok(Ok(None)) => return Ok(None),
                 Ok(Ok(Some(message))) => {
-                    return Ok(Some(self.to_delivery(message.delivery, generation.id)));
+                    return Ok(Some(self.to_delivery(
+                        message.delivery,
+                        generation.id,
+                        false,
+                    )));
                 }
                 Ok(Err(e)) => {
                     *getter = None;
@@ -579,7 +597,7 @@ impl Shared {
         }
     }
 
-    fn to_delivery(&self, d: LapinDelivery, generation: u64) -> Delivery {
+    fn to_delivery(&self, d: LapinDelivery, generation: u64, batched: bool) -> Delivery {
         let properties = d.properties;
         let headers = properties
             .headers()
@@ -609,6 +627,7 @@ impl Shared {
             generation,
             acker: d.acker,
             properties,
+            batched,
         })
     }
 
@@ -657,17 +676,28 @@ impl Shared {
         op: &'static str,
     ) -> Result<(), Error> {
         let (handle, generation) = self.handle_and_generation(delivery)?;
+        let batcher = generation.acks.as_ref().filter(|_| handle.batched);
         let send = async {
-            match nack {
-                None => handle.acker.ack(BasicAckOptions::default()).await,
-                Some(requeue) => {
-                    handle
+            match (nack, batcher) {
+                (None, Some(acks)) => {
+                    // Held, or sent with others; see `acks`.
+                    acks.ack(delivery.tag, handle.acker.clone()).await
+                }
+                (None, None) => handle.acker.ack(BasicAckOptions::default()).await,
+                (Some(_), Some(acks)) if !acks.is_open(delivery.tag) => Ok(false),
+                (Some(requeue), _) => {
+                    let sent = handle
                         .acker
                         .nack(BasicNackOptions {
                             multiple: false,
                             requeue,
                         })
-                        .await
+                        .await;
+                    // Only now may a multiple ack pass this tag.
+                    if let Some(acks) = batcher {
+                        acks.closed(delivery.tag).await;
+                    }
+                    sent
                 }
             }
         };
