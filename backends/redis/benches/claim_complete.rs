@@ -2,7 +2,9 @@
 //! (default `redis://127.0.0.1:6379`), next to the raw pair a hand-rolled
 //! dedup would send (`SET key token NX PX lease`, then `SET key done PX
 //! keep`), over the same kind of connection (a `ConnectionManager`), in
-//! the same run: sequentially and with 64 concurrent tasks.
+//! the same run: sequentially and with 64 concurrent tasks; and, with 64
+//! tasks, the batch path (`claim_many` of 32 fresh keys, then
+//! `complete_many` of them), as a coalescing caller uses it.
 //!
 //! ```text
 //! CARGO_TARGET_DIR=/work/target-redis cargo bench -p idemq-redis --bench claim_complete
@@ -16,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use idemq::{Claim, ClaimTtl, DedupStore, Fenced};
+use idemq::{Claim, ClaimTtl, DedupStore, Fenced, Lease};
 use idemq_redis::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use idemq_redis::redis::{self, Value};
 use idemq_redis::{RedisConfig, RedisDedupStore};
@@ -24,7 +26,10 @@ use idemq_redis::{RedisConfig, RedisDedupStore};
 const SCOPE: &str = "bench";
 const STORE: &str = "store claim+complete";
 const RAW: &str = "raw SET NX PX + SET PX";
+const BATCHED: &str = "store claim_many+complete_many, batches of 32";
 const CONCURRENCY: u64 = 64;
+/// Messages per `claim_many` / `complete_many` in the batch variant.
+const BATCH: u64 = 32;
 /// Short, so the keys a run leaves behind are gone seconds later.
 const TTL: ClaimTtl = ClaimTtl {
     lease: Duration::from_secs(10),
@@ -58,6 +63,30 @@ impl Setup {
             Ok(Fenced::Applied) => {}
             other => panic!("complete: {other:?}"),
         }
+    }
+
+    /// Claims `n` fresh keys with one `claim_many`, then completes them
+    /// with one `complete_many`.
+    async fn store_batch(&self, n: u64) {
+        let keys: Vec<String> = (0..n).map(|_| self.key()).collect();
+        let claims = self
+            .store
+            .claim_many(SCOPE, &keys, TTL)
+            .await
+            .expect("claim_many");
+        let leases: Vec<Lease> = claims
+            .into_iter()
+            .map(|claim| match claim {
+                Claim::Claimed(lease) => lease,
+                other => panic!("claim of a fresh key: {other:?}"),
+            })
+            .collect();
+        let fenced = self
+            .store
+            .complete_many(&leases, KEEP)
+            .await
+            .expect("complete_many");
+        assert!(fenced.iter().all(|f| *f == Fenced::Applied), "{fenced:?}");
     }
 
     async fn raw_pair(&self) {
@@ -131,38 +160,52 @@ async fn command_stats(conn: &mut ConnectionManager) -> HashMap<String, (u64, u6
 
 /// Prints the server time a message cost during a benchmark: the `usec`
 /// Redis counted for `command` (an `EVALSHA` includes the commands its
-/// script ran) between two snapshots, over the messages (2 calls each).
+/// script ran) between two snapshots, over the messages handled between
+/// them (one fresh key each).
 fn print_server_cost(
     what: &str,
     command: &str,
+    messages: u64,
     before: &HashMap<String, (u64, u64)>,
     after: &HashMap<String, (u64, u64)>,
 ) {
     let (c0, u0) = before.get(command).copied().unwrap_or_default();
     let (c1, u1) = after.get(command).copied().unwrap_or_default();
-    let messages = (c1.saturating_sub(c0)) / 2;
+    let calls = c1.saturating_sub(c0);
     if messages > 0 {
         let per = (u1.saturating_sub(u0)) as f64 / messages as f64;
-        eprintln!("{what}: Redis spent {per:.1} µs per message ({messages} messages, {command})");
+        eprintln!(
+            "{what}: Redis spent {per:.2} µs per message ({messages} messages, {calls} {command} calls)"
+        );
     }
 }
 
-/// Runs `iters` pairs split over [`CONCURRENCY`] tasks; answers the time.
-async fn concurrently(setup: &Arc<Setup>, iters: u64, raw: bool) -> Duration {
+#[derive(Clone, Copy)]
+enum Mode {
+    Store,
+    Raw,
+    Batched,
+}
+
+/// Runs `iters` messages split over [`CONCURRENCY`] tasks; answers the time.
+async fn concurrently(setup: &Arc<Setup>, iters: u64, mode: Mode) -> Duration {
     let left = Arc::new(AtomicU64::new(iters));
     let started = Instant::now();
     let tasks: Vec<_> = (0..CONCURRENCY)
         .map(|_| {
             let (setup, left) = (setup.clone(), left.clone());
             tokio::spawn(async move {
-                while left
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                    .is_ok()
-                {
-                    if raw {
-                        setup.raw_pair().await;
-                    } else {
-                        setup.store_pair().await;
+                let take = match mode {
+                    Mode::Batched => BATCH,
+                    Mode::Store | Mode::Raw => 1,
+                };
+                while let Ok(had) = left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    n.checked_sub(take.min(n)).filter(|_| n > 0)
+                }) {
+                    match mode {
+                        Mode::Store => setup.store_pair().await,
+                        Mode::Raw => setup.raw_pair().await,
+                        Mode::Batched => setup.store_batch(take.min(had)).await,
                     }
                 }
             })
@@ -198,11 +241,20 @@ fn bench(c: &mut Criterion) {
     };
 
     let mut stats_conn = setup.raw.clone();
+    let counter = setup.clone();
     let mut measure = |group: &str, name: &str, command: &str, run: &mut dyn FnMut()| {
         let before = rt.block_on(command_stats(&mut stats_conn));
+        let first = counter.next.load(Ordering::Relaxed);
         run();
+        let messages = counter.next.load(Ordering::Relaxed) - first;
         let after = rt.block_on(command_stats(&mut stats_conn));
-        print_server_cost(&format!("{group}/{name}"), command, &before, &after);
+        print_server_cost(
+            &format!("{group}/{name}"),
+            command,
+            messages,
+            &before,
+            &after,
+        );
     };
 
     let mut seq = c.benchmark_group("sequential");
@@ -220,13 +272,19 @@ fn bench(c: &mut Criterion) {
     measure("concurrent-64", STORE, "evalsha", &mut || {
         par.bench_function(STORE, |b| {
             b.to_async(&rt)
-                .iter_custom(|iters| concurrently(&setup, iters, false))
+                .iter_custom(|iters| concurrently(&setup, iters, Mode::Store))
+        });
+    });
+    measure("concurrent-64", BATCHED, "evalsha", &mut || {
+        par.bench_function(BATCHED, |b| {
+            b.to_async(&rt)
+                .iter_custom(|iters| concurrently(&setup, iters, Mode::Batched))
         });
     });
     measure("concurrent-64", RAW, "set", &mut || {
         par.bench_function(RAW, |b| {
             b.to_async(&rt)
-                .iter_custom(|iters| concurrently(&setup, iters, true))
+                .iter_custom(|iters| concurrently(&setup, iters, Mode::Raw))
         });
     });
     par.finish();

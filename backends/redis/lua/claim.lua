@@ -1,35 +1,57 @@
--- idemq claim: take a record if it is absent, released, or its lease lapsed.
+-- idemq claim: take records that are absent, released, or whose lease
+-- lapsed; n keys in one call, answered as n claims one after the other.
 --
--- KEYS[1]  the record (a hash: state, token, lease, attempts)
--- ARGV[1]  the new owner token
--- ARGV[2]  lease, ms
--- ARGV[3]  retain, ms: the record lives at least max(lease, retain)
+-- KEYS[1..n]  the records (hashes: state, token, lease, attempts)
+-- ARGV[1]     lease, ms
+-- ARGV[2]     retain, ms: a record lives at least max(lease, retain)
+-- ARGV[2 + i] the new owner token for KEYS[i]
 --
--- Replies {0, attempts} claimed, {1} done, {2} dead,
--- {3, remaining lease ms} in progress. Times come from the server clock.
-local rec = redis.call('HMGET', KEYS[1], 'state', 'lease', 'attempts')
-local state = rec[1]
-if state == 'done' then return {1} end
-if state == 'dead' then return {2} end
+-- Replies a flat array, two integers per key: 0, attempts claimed;
+-- 1, 0 done; 2, 0 dead; 3, remaining lease ms in progress. Times come
+-- from the server clock, read once per call.
+--
+-- Numbers go to redis.call as strings made once per call: Redis formats
+-- a Lua number argument with snprintf on every call, which costs about
+-- as much as the command it is for.
+local lease = tonumber(ARGV[1])
+local keep = math.max(lease, tonumber(ARGV[2]), 1)
+local keep_ms = string.format('%d', keep)
 -- Reading TIME before writing is fine from Redis 5 on (scripts replicate
 -- their effects, not the script).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = tonumber(ARGV[2])
-local keep = math.max(lease, tonumber(ARGV[3]), 1)
-local attempts = 0
-if state then
-  if state == 'claimed' then
-    local left = (tonumber(rec[2]) or 0) - now
-    if left > 0 then return {3, left} end
+local deadline = string.format('%d', now + lease)
+local out = {}
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local rec = redis.call('HMGET', key, 'state', 'lease', 'attempts')
+  local state = rec[1]
+  local code, value = 0, 1
+  if not state then
+    -- The fresh path: no PTTL to compare with.
+    redis.call('HSET', key, 'state', 'claimed', 'token', ARGV[i + 2],
+      'lease', deadline, 'attempts', '1')
+    redis.call('PEXPIRE', key, keep_ms)
+  elseif state == 'done' then
+    code, value = 1, 0
+  elseif state == 'dead' then
+    code, value = 2, 0
+  else
+    local left = 0
+    if state == 'claimed' then left = (tonumber(rec[2]) or 0) - now end
+    if left > 0 then
+      code, value = 3, left
+    else
+      value = (tonumber(rec[3]) or 0) + 1
+      redis.call('HSET', key, 'state', 'claimed', 'token', ARGV[i + 2],
+        'lease', deadline, 'attempts', string.format('%d', value))
+      -- Never shorten a record's life: a takeover keeps the longer of the two.
+      if redis.call('PTTL', key) < keep then
+        redis.call('PEXPIRE', key, keep_ms)
+      end
+    end
   end
-  attempts = tonumber(rec[3]) or 0
+  out[2 * i - 1] = code
+  out[2 * i] = value
 end
-attempts = attempts + 1
-redis.call('HSET', KEYS[1], 'state', 'claimed', 'token', ARGV[1],
-  'lease', string.format('%d', now + lease), 'attempts', attempts)
--- Never shorten a record's life: a takeover keeps the longer of the two.
-if state == false or redis.call('PTTL', KEYS[1]) < keep then
-  redis.call('PEXPIRE', KEYS[1], keep)
-end
-return {0, attempts}
+return out

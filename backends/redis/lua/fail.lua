@@ -10,7 +10,8 @@ local rec = redis.call('HMGET', KEYS[1], 'state', 'token', 'attempts')
 if rec[1] ~= 'claimed' or rec[2] ~= ARGV[1] then return 0 end
 if ARGV[2] == '1' then
   local attempts = math.max((tonumber(rec[3]) or 0) - 1, 0)
-  redis.call('HSET', KEYS[1], 'state', 'released', 'attempts', attempts)
+  redis.call('HSET', KEYS[1], 'state', 'released', 'attempts',
+    string.format('%d', attempts))
 else
   redis.call('HSET', KEYS[1], 'state', 'released')
 end

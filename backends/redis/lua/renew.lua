@@ -14,6 +14,6 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local extend = math.max(tonumber(ARGV[2]), 1)
 redis.call('HSET', KEYS[1], 'lease', string.format('%d', now + extend))
 if redis.call('PTTL', KEYS[1]) < extend then
-  redis.call('PEXPIRE', KEYS[1], extend)
+  redis.call('PEXPIRE', KEYS[1], string.format('%d', extend))
 end
 return 1

@@ -4,6 +4,9 @@
 //! hash per message key, claimed under a fenced lease, every operation one
 //! atomic round trip (a Lua script timed by the server clock). Records
 //! expire by themselves; a lapsed lease keeps its attempt count.
+//! `claim_many` and `complete_many` take up to [`MAX_KEYS_PER_CALL`] keys
+//! per script call and need a standalone Redis (see [`RedisDedupStore`]
+//! on Redis Cluster).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -44,7 +47,7 @@ mod scripts;
 mod store;
 
 pub use config::{MAX_PREFIX_LEN, RedisConfig};
-pub use store::RedisDedupStore;
+pub use store::{MAX_KEYS_PER_CALL, RedisDedupStore};
 
 /// The redis crate this store is built on, for [`RedisDedupStore::from_manager`].
 pub use redis;

@@ -1,4 +1,5 @@
-//! The Lua scripts, one per operation, each hashed once per process.
+//! The Lua scripts, each hashed once per process: claim (one or many
+//! keys), settle (complete and bury, one or many keys), renew, fail, get.
 
 use std::sync::LazyLock;
 
@@ -18,10 +19,11 @@ impl Lua {
         }
     }
 
-    /// `EVALSHA <sha1> 1 <key>`; the caller appends the arguments.
-    pub(crate) fn evalsha(&self, key: String) -> Cmd {
+    /// `EVALSHA <sha1> <numkeys>`; the caller appends the keys, then the
+    /// arguments.
+    pub(crate) fn evalsha(&self, numkeys: usize) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(1).arg(key);
+        cmd.arg(self.script.get_hash()).arg(numkeys);
         cmd
     }
 
@@ -47,23 +49,21 @@ impl Lua {
     }
 }
 
-/// claim: see `lua/claim.lua`.
+/// claim and claim_many: see `lua/claim.lua`.
 pub(crate) static CLAIM: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(include_str!("../lua/claim.lua")));
+/// complete, complete_many and bury: see `lua/settle.lua`.
+pub(crate) static SETTLE: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("../lua/settle.lua")));
 /// renew: see `lua/renew.lua`.
 pub(crate) static RENEW: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(include_str!("../lua/renew.lua")));
-/// complete: see `lua/complete.lua`.
-pub(crate) static COMPLETE: LazyLock<Lua> =
-    LazyLock::new(|| Lua::new(include_str!("../lua/complete.lua")));
 /// fail: see `lua/fail.lua`.
 pub(crate) static FAIL: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/fail.lua")));
-/// bury: see `lua/bury.lua`.
-pub(crate) static BURY: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/bury.lua")));
 /// get: see `lua/get.lua`.
 pub(crate) static GET: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/get.lua")));
 
 /// Every script, for loading them all at once.
-pub(crate) fn all() -> [&'static Lua; 6] {
-    [&CLAIM, &RENEW, &COMPLETE, &FAIL, &BURY, &GET]
+pub(crate) fn all() -> [&'static Lua; 5] {
+    [&CLAIM, &SETTLE, &RENEW, &FAIL, &GET]
 }

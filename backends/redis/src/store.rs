@@ -24,6 +24,14 @@ use crate::scripts::{self, Lua};
 const MAX_MS: u64 = 1 << 40;
 /// Longest pause between two reconnection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+/// Most keys one script call of a batch takes: larger batches are split
+/// into calls of this many keys, sent together in one pipeline, so no
+/// single call holds Redis for long.
+pub const MAX_KEYS_PER_CALL: usize = 256;
+/// The state `settle.lua` writes for `complete`.
+const DONE: &str = "done";
+/// The state `settle.lua` writes for `bury`.
+const DEAD: &str = "dead";
 
 /// A [`DedupStore`] keeping one Redis hash per message key.
 ///
@@ -33,13 +41,29 @@ const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 /// fencing token), `lease` (the lease deadline, ms on the server clock) and
 /// `attempts`. The key's own TTL covers the longer of the lease and
 /// [`ClaimTtl::retain`], so a lapsed lease keeps its attempt count; `complete`
-/// and `bury` set it to their `keep_for`.
+/// and `bury` set it to their `keep_for` (a `keep_for` under 1 ms deletes
+/// the record). A value of another type under a record key makes every
+/// operation on it but `forget` fail with a permanent error, and is left
+/// as it is.
 ///
 /// Every operation is one atomic round trip: a Lua script (`EVALSHA`; sent
 /// again as `EVAL` with its source when Redis lost its script cache) timed
-/// by the server's `TIME`, or a plain `DEL` for [`DedupStore::forget`]. `renew`, `complete`, `fail` and `bury` compare the
-/// owner token first and never create a record. The batch forms send one
-/// pipeline.
+/// by the server's `TIME`, or a plain `DEL` for [`DedupStore::forget`].
+/// `renew`, `complete`, `fail` and `bury` compare the owner token first and
+/// never create a record.
+///
+/// [`DedupStore::claim_many`] and [`DedupStore::complete_many`] run one
+/// script call over up to [`MAX_KEYS_PER_CALL`] keys, reading the clock
+/// once (larger batches: several such calls in one pipeline), and answer
+/// exactly as the same single calls made one after the other would, in
+/// order: a key twice in one batch is claimed by its first occurrence and
+/// answers in progress for the second. A batch with a key that fails (a
+/// value of another type) answers that error as a whole; what the calls
+/// did up to that key stays done (won claims then lapse with their lease).
+/// One script call touches keys of any hash slot, so **batches need a
+/// standalone Redis** (or a primary with replicas); on a Redis Cluster only
+/// batches whose keys all share a slot work, the others fail with
+/// `CROSSSLOT`.
 ///
 /// The connection is a redis [`ConnectionManager`]: it reconnects by itself
 /// after a connection error. Every operation is bounded by the configured
@@ -370,18 +394,71 @@ impl RedisDedupStore {
         .await
     }
 
-    fn claim_cmd(&self, scope: &str, key: &str, token: LeaseToken, ttl: ClaimTtl) -> Cmd {
-        let mut cmd = scripts::CLAIM.evalsha(self.key_unchecked(scope, key));
-        cmd.arg(token.to_string())
-            .arg(ms(ttl.lease))
-            .arg(ms(ttl.retain));
+    /// Runs the calls of one batch: a lone call as [`Self::eval`], more in
+    /// one pipeline as [`Self::eval_many`]. Server errors stay in the
+    /// replies.
+    async fn eval_batch(
+        &self,
+        op: &'static str,
+        script: &Lua,
+        mut cmds: Vec<Cmd>,
+    ) -> Result<Vec<Value>, Error> {
+        if cmds.len() == 1
+            && let Some(cmd) = cmds.pop()
+        {
+            return Ok(vec![self.eval(op, script, cmd).await?]);
+        }
+        let n = cmds.len();
+        let replies = self.eval_many(op, script, cmds).await?;
+        expect_len(op, &replies, n)?;
+        Ok(replies)
+    }
+
+    /// One call of `claim.lua` over `keys` (checked), `tokens[i]` for
+    /// `keys[i]`.
+    fn claim_cmd<K: AsRef<str>>(
+        &self,
+        scope: &str,
+        keys: &[K],
+        tokens: &[LeaseToken],
+        ttl: ClaimTtl,
+    ) -> Cmd {
+        let mut cmd = scripts::CLAIM.evalsha(keys.len());
+        for key in keys {
+            cmd.arg(self.key_unchecked(scope, key.as_ref()));
+        }
+        cmd.arg(ms(ttl.lease)).arg(ms(ttl.retain));
+        for token in tokens {
+            cmd.arg(token.to_string());
+        }
         cmd
     }
 
-    fn complete_cmd(&self, lease: &Lease, keep_for: Duration) -> Cmd {
-        let mut cmd = scripts::COMPLETE.evalsha(self.key_unchecked(&lease.scope, &lease.key));
-        cmd.arg(lease.token.to_string()).arg(ms(keep_for));
+    /// One call of `settle.lua` over `leases` (checked): writes `state`.
+    fn settle_cmd(&self, state: &str, leases: &[Lease], keep_for: Duration) -> Cmd {
+        let mut cmd = scripts::SETTLE.evalsha(leases.len());
+        for lease in leases {
+            cmd.arg(self.key_unchecked(&lease.scope, &lease.key));
+        }
+        cmd.arg(state).arg(ms(keep_for));
+        for lease in leases {
+            cmd.arg(lease.token.to_string());
+        }
         cmd
+    }
+
+    /// `complete` or `bury` of one lease.
+    async fn settle(
+        &self,
+        op: &'static str,
+        state: &str,
+        lease: &Lease,
+        keep_for: Duration,
+    ) -> Result<Fenced, Error> {
+        key::check(&lease.scope, &lease.key)?;
+        let cmd = self.settle_cmd(state, std::slice::from_ref(lease), keep_for);
+        let reply = self.eval(op, &scripts::SETTLE, cmd).await?;
+        parse_fenced(op, reply)
     }
 
     async fn fenced(
@@ -392,8 +469,10 @@ impl RedisDedupStore {
         arg: impl redis::ToRedisArgs,
     ) -> Result<Fenced, Error> {
         key::check(&lease.scope, &lease.key)?;
-        let mut cmd = script.evalsha(self.key_unchecked(&lease.scope, &lease.key));
-        cmd.arg(lease.token.to_string()).arg(arg);
+        let mut cmd = script.evalsha(1);
+        cmd.arg(self.key_unchecked(&lease.scope, &lease.key))
+            .arg(lease.token.to_string())
+            .arg(arg);
         let reply = self.eval(op, script, cmd).await?;
         parse_fenced(op, reply)
     }
@@ -403,10 +482,12 @@ impl RedisDedupStore {
 impl DedupStore for RedisDedupStore {
     async fn claim(&self, scope: &str, key: &str, ttl: ClaimTtl) -> Result<Claim, Error> {
         key::check(scope, key)?;
-        let token = LeaseToken::random();
-        let cmd = self.claim_cmd(scope, key, token, ttl);
+        let (keys, tokens) = ([key], [LeaseToken::random()]);
+        let cmd = self.claim_cmd(scope, &keys, &tokens, ttl);
         let reply = self.eval("claim", &scripts::CLAIM, cmd).await?;
-        parse_claim("claim", reply, scope, key, token)
+        parse_claims("claim", reply, scope, &keys, &tokens)?
+            .pop()
+            .ok_or_else(|| error::unexpected("claim", "no answer".into()))
     }
 
     async fn renew(&self, lease: &Lease, extend: Duration) -> Result<Fenced, Error> {
@@ -415,8 +496,7 @@ impl DedupStore for RedisDedupStore {
     }
 
     async fn complete(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
-        self.fenced("complete", &scripts::COMPLETE, lease, ms(keep_for))
-            .await
+        self.settle("complete", DONE, lease, keep_for).await
     }
 
     async fn fail(&self, lease: &Lease, release: Release) -> Result<Fenced, Error> {
@@ -428,13 +508,13 @@ impl DedupStore for RedisDedupStore {
     }
 
     async fn bury(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
-        self.fenced("bury", &scripts::BURY, lease, ms(keep_for))
-            .await
+        self.settle("bury", DEAD, lease, keep_for).await
     }
 
     async fn get(&self, scope: &str, key: &str) -> Result<Option<Record>, Error> {
         key::check(scope, key)?;
-        let cmd = scripts::GET.evalsha(self.key_unchecked(scope, key));
+        let mut cmd = scripts::GET.evalsha(1);
+        cmd.arg(self.key_unchecked(scope, key));
         let reply = self.eval("get", &scripts::GET, cmd).await?;
         parse_record("get", reply)
     }
@@ -471,22 +551,21 @@ impl DedupStore for RedisDedupStore {
             return Ok(Vec::new());
         }
         let tokens: Vec<LeaseToken> = keys.iter().map(|_| LeaseToken::random()).collect();
-        let cmds = keys
-            .iter()
-            .zip(&tokens)
-            .map(|(key, &token)| self.claim_cmd(scope, key, token, ttl))
+        let chunks = || {
+            keys.chunks(MAX_KEYS_PER_CALL)
+                .zip(tokens.chunks(MAX_KEYS_PER_CALL))
+        };
+        let cmds = chunks()
+            .map(|(keys, tokens)| self.claim_cmd(scope, keys, tokens, ttl))
             .collect();
-        let replies = self.eval_many("claim_many", &scripts::CLAIM, cmds).await?;
-        expect_len("claim_many", &replies, keys.len())?;
-        replies
-            .into_iter()
-            .zip(keys.iter().zip(tokens))
-            .map(|(reply, (key, token))| {
-                let reply = ok_or_server_error(reply)
-                    .map_err(|e| error::map("claim_many", self.after(), e))?;
-                parse_claim("claim_many", reply, scope, key, token)
-            })
-            .collect()
+        let replies = self.eval_batch("claim_many", &scripts::CLAIM, cmds).await?;
+        let mut claims = Vec::with_capacity(keys.len());
+        for (reply, (keys, tokens)) in replies.into_iter().zip(chunks()) {
+            let reply =
+                ok_or_server_error(reply).map_err(|e| error::map("claim_many", self.after(), e))?;
+            claims.extend(parse_claims("claim_many", reply, scope, keys, tokens)?);
+        }
+        Ok(claims)
     }
 
     async fn complete_many(
@@ -501,21 +580,19 @@ impl DedupStore for RedisDedupStore {
             return Ok(Vec::new());
         }
         let cmds = leases
-            .iter()
-            .map(|lease| self.complete_cmd(lease, keep_for))
+            .chunks(MAX_KEYS_PER_CALL)
+            .map(|chunk| self.settle_cmd(DONE, chunk, keep_for))
             .collect();
         let replies = self
-            .eval_many("complete_many", &scripts::COMPLETE, cmds)
+            .eval_batch("complete_many", &scripts::SETTLE, cmds)
             .await?;
-        expect_len("complete_many", &replies, leases.len())?;
-        replies
-            .into_iter()
-            .map(|reply| {
-                let reply = ok_or_server_error(reply)
-                    .map_err(|e| error::map("complete_many", self.after(), e))?;
-                parse_fenced("complete_many", reply)
-            })
-            .collect()
+        let mut fenced = Vec::with_capacity(leases.len());
+        for (reply, chunk) in replies.into_iter().zip(leases.chunks(MAX_KEYS_PER_CALL)) {
+            let reply = ok_or_server_error(reply)
+                .map_err(|e| error::map("complete_many", self.after(), e))?;
+            fenced.extend(parse_settled("complete_many", reply, chunk.len())?);
+        }
+        Ok(fenced)
     }
 }
 
@@ -583,20 +660,47 @@ fn ms_duration(n: i64) -> Duration {
     Duration::from_millis(u64::try_from(n).unwrap_or(0))
 }
 
-fn parse_claim(
+/// Reads a reply of `claim.lua` over `keys`: two integers per key, in
+/// order. Anything else is an error.
+fn parse_claims<K: AsRef<str>>(
     op: &'static str,
     reply: Value,
+    scope: &str,
+    keys: &[K],
+    tokens: &[LeaseToken],
+) -> Result<Vec<Claim>, Error> {
+    let items = match reply {
+        Value::Array(items) if items.len() == 2 * keys.len() && tokens.len() == keys.len() => items,
+        other => {
+            return Err(error::unexpected(
+                op,
+                format!("claim of {} keys answered {other:?}", keys.len()),
+            ));
+        }
+    };
+    items
+        .chunks_exact(2)
+        .zip(keys.iter().zip(tokens))
+        .map(|(pair, (key, &token))| parse_claim(op, pair, scope, key.as_ref(), token))
+        .collect()
+}
+
+/// Reads one key's answer of `claim.lua`: `[0, attempts]` claimed,
+/// `[1, 0]` done, `[2, 0]` dead, `[3, remaining lease ms]` in progress.
+fn parse_claim(
+    op: &'static str,
+    pair: &[Value],
     scope: &str,
     key: &str,
     token: LeaseToken,
 ) -> Result<Claim, Error> {
-    let Value::Array(items) = reply else {
-        return Err(error::unexpected(op, format!("claim answered {reply:?}")));
+    let [code, value] = pair else {
+        return Err(error::unexpected(op, format!("claim answered {pair:?}")));
     };
-    match items.as_slice() {
-        [code, attempts] if int(op, code)? == 0 => {
-            let attempt = u32::try_from(int(op, attempts)?).map_err(|_| {
-                error::unexpected(op, format!("attempt count out of range: {attempts:?}"))
+    match (int(op, code)?, int(op, value)?) {
+        (0, attempts) => {
+            let attempt = u32::try_from(attempts).map_err(|_| {
+                error::unexpected(op, format!("attempt count out of range: {attempts}"))
             })?;
             Ok(Claim::Claimed(Lease {
                 scope: scope.to_owned(),
@@ -605,12 +709,28 @@ fn parse_claim(
                 attempt,
             }))
         }
-        [code] if int(op, code)? == 1 => Ok(Claim::Done),
-        [code] if int(op, code)? == 2 => Ok(Claim::Dead),
-        [code, left] if int(op, code)? == 3 => Ok(Claim::InProgress {
-            retry_after: ms_duration(int(op, left)?),
+        (1, 0) => Ok(Claim::Done),
+        (2, 0) => Ok(Claim::Dead),
+        (3, left) => Ok(Claim::InProgress {
+            retry_after: ms_duration(left),
         }),
-        other => Err(error::unexpected(op, format!("claim answered {other:?}"))),
+        _ => Err(error::unexpected(op, format!("claim answered {pair:?}"))),
+    }
+}
+
+/// Reads a reply of `settle.lua` over `n` keys: an array of one integer
+/// per key, or for one key the integer alone.
+fn parse_settled(op: &'static str, reply: Value, n: usize) -> Result<Vec<Fenced>, Error> {
+    match reply {
+        Value::Int(_) if n == 1 => Ok(vec![parse_fenced(op, reply)?]),
+        Value::Array(items) if items.len() == n && n != 1 => items
+            .into_iter()
+            .map(|item| parse_fenced(op, item))
+            .collect(),
+        other => Err(error::unexpected(
+            op,
+            format!("{op} of {n} keys answered {other:?}"),
+        )),
     }
 }
 
@@ -692,9 +812,14 @@ mod tests {
     #[test]
     fn replies_are_parsed_strictly() {
         let token = LeaseToken(7);
-        let claim = |v| parse_claim("claim", v, "s", "k", token);
+        let claim = |code, value| {
+            let reply = Value::Array(vec![Value::Int(code), Value::Int(value)]);
+            let mut claims = parse_claims("claim", reply, "s", &["k"], &[token])?;
+            assert_eq!(claims.len(), 1);
+            Ok::<_, Error>(claims.remove(0))
+        };
         assert_eq!(
-            claim(Value::Array(vec![Value::Int(0), Value::Int(3)])).expect("claimed"),
+            claim(0, 3).expect("claimed"),
             Claim::Claimed(Lease {
                 scope: "s".into(),
                 key: "k".into(),
@@ -702,30 +827,86 @@ mod tests {
                 attempt: 3
             })
         );
+        assert_eq!(claim(1, 0).expect("done"), Claim::Done);
+        assert_eq!(claim(2, 0).expect("dead"), Claim::Dead);
         assert_eq!(
-            claim(Value::Array(vec![Value::Int(1)])).expect("done"),
-            Claim::Done
-        );
-        assert_eq!(
-            claim(Value::Array(vec![Value::Int(2)])).expect("dead"),
-            Claim::Dead
-        );
-        assert_eq!(
-            claim(Value::Array(vec![Value::Int(3), Value::Int(1500)])).expect("busy"),
+            claim(3, 1500).expect("busy"),
             Claim::InProgress {
                 retry_after: Duration::from_millis(1500)
             }
         );
+        for (code, value) in [(9, 0), (0, -1), (1, 5), (2, 1), (-1, 0)] {
+            let e = claim(code, value).expect_err("must be rejected");
+            assert!(!e.is_transient());
+        }
         for bad in [
             Value::Nil,
             Value::Int(0),
             Value::Array(vec![]),
-            Value::Array(vec![Value::Int(9)]),
-            Value::Array(vec![Value::Int(0), Value::Int(-1)]),
+            Value::Array(vec![Value::Int(1)]),
             Value::Array(vec![Value::Int(0), Value::BulkString(b"x".to_vec())]),
+            Value::Array(vec![Value::Int(0), Value::Int(1), Value::Int(1)]),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(1),
+                Value::Int(1),
+                Value::Int(0),
+            ]),
         ] {
-            let e = claim(bad).expect_err("must be rejected");
+            let e = parse_claims("claim", bad, "s", &["k"], &[token]).expect_err("rejected");
             assert!(!e.is_transient());
+        }
+        // Many keys: pairs in order.
+        let many = parse_claims(
+            "claim_many",
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(1),
+                Value::Int(3),
+                Value::Int(20),
+                Value::Int(1),
+                Value::Int(0),
+            ]),
+            "s",
+            &["a", "b", "c"],
+            &[LeaseToken(1), LeaseToken(2), LeaseToken(3)],
+        )
+        .expect("three answers");
+        assert_eq!(
+            many,
+            vec![
+                Claim::Claimed(Lease {
+                    scope: "s".into(),
+                    key: "a".into(),
+                    token: LeaseToken(1),
+                    attempt: 1
+                }),
+                Claim::InProgress {
+                    retry_after: Duration::from_millis(20)
+                },
+                Claim::Done,
+            ]
+        );
+        assert_eq!(
+            parse_settled(
+                "complete_many",
+                Value::Array(vec![Value::Int(1), Value::Int(0)]),
+                2
+            )
+            .expect("two answers"),
+            vec![Fenced::Applied, Fenced::LeaseLost]
+        );
+        assert_eq!(
+            parse_settled("complete", Value::Int(0), 1).expect("one answer"),
+            vec![Fenced::LeaseLost]
+        );
+        for (bad, n) in [
+            (Value::Int(1), 2),
+            (Value::Array(vec![Value::Int(1)]), 1),
+            (Value::Array(vec![Value::Int(1)]), 2),
+            (Value::Array(vec![Value::Int(1), Value::Int(2)]), 2),
+        ] {
+            assert!(parse_settled("complete", bad, n).is_err());
         }
         assert_eq!(
             parse_fenced("renew", Value::Int(1)).expect("ok"),

@@ -22,6 +22,17 @@ async fn must_claim(store: &RedisDedupStore, scope: &str, key: &str, t: ClaimTtl
     }
 }
 
+async fn fields(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> HashMap<String, String> {
+    redis::cmd("HGETALL")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("HGETALL")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_is_one_hash_under_a_hash_tag() {
     let Some(store) = store().await else { return };
@@ -29,15 +40,11 @@ async fn record_is_one_hash_under_a_hash_tag() {
     let lease = must_claim(&store, "orders", "abc", ttl(60 * SECOND, 60 * SECOND)).await;
     let key = store.record_key("orders", "abc").expect("valid");
     assert_eq!(key, format!("{}{{orders:abc}}", store.config().prefix()));
-    let fields: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(&key)
-        .query_async(&mut conn)
-        .await
-        .expect("HGETALL");
-    assert_eq!(fields.get("state").map(String::as_str), Some("claimed"));
-    assert_eq!(fields.get("token"), Some(&lease.token.to_string()));
-    assert_eq!(fields.get("attempts").map(String::as_str), Some("1"));
-    let lease_until: u64 = fields
+    let f = fields(&mut conn, &key).await;
+    assert_eq!(f.get("state").map(String::as_str), Some("claimed"));
+    assert_eq!(f.get("token"), Some(&lease.token.to_string()));
+    assert_eq!(f.get("attempts").map(String::as_str), Some("1"));
+    let lease_until: u64 = f
         .get("lease")
         .and_then(|v| v.parse().ok())
         .expect("lease deadline in ms");
@@ -50,7 +57,25 @@ async fn record_is_one_hash_under_a_hash_tag() {
         lease_until > now_ms + 55_000 && lease_until <= now_ms + 60_000,
         "lease deadline {lease_until} vs server now {now_ms}"
     );
-    assert_eq!(fields.len(), 4, "{fields:?}");
+    assert_eq!(f.len(), 4, "{f:?}");
+
+    // complete and bury write their state and keep token and attempts.
+    assert_eq!(
+        store.complete(&lease, 60 * SECOND).await.expect("complete"),
+        Fenced::Applied
+    );
+    let done = fields(&mut conn, &key).await;
+    assert_eq!(done.get("state").map(String::as_str), Some("done"));
+    assert_eq!(done.get("token"), Some(&lease.token.to_string()));
+    assert_eq!(done.get("attempts").map(String::as_str), Some("1"));
+    let buried = must_claim(&store, "orders", "dead", ttl(60 * SECOND, 60 * SECOND)).await;
+    assert_eq!(
+        store.bury(&buried, 60 * SECOND).await.expect("bury"),
+        Fenced::Applied
+    );
+    let dead = fields(&mut conn, &store.record_key("orders", "dead").expect("key")).await;
+    assert_eq!(dead.get("state").map(String::as_str), Some("dead"));
+    assert_eq!(dead.len(), 4, "{dead:?}");
     assert!(store.record_key("a:b", "k").is_err());
 }
 
@@ -269,11 +294,7 @@ async fn foreign_data_under_a_record_key_is_a_permanent_error() {
         .query_async(&mut conn)
         .await
         .expect("SET");
-    let err = store
-        .claim("s", "squatted", ttl(SECOND, SECOND))
-        .await
-        .expect_err("a string is not a record");
-    assert!(
+    let permanent = |err: &Error| {
         matches!(
             err,
             Error::Backend {
@@ -281,9 +302,35 @@ async fn foreign_data_under_a_record_key_is_a_permanent_error() {
                 transient: false,
                 ..
             }
-        ),
-        "{err:?}"
-    );
+        )
+    };
+    let err = store
+        .claim("s", "squatted", ttl(SECOND, SECOND))
+        .await
+        .expect_err("a string is not a record");
+    assert!(permanent(&err), "{err:?}");
+    let err = store
+        .claim_many(
+            "s",
+            &["fine".to_owned(), "squatted".to_owned()],
+            ttl(SECOND, SECOND),
+        )
+        .await
+        .expect_err("a batch with it fails as a whole");
+    assert!(permanent(&err), "{err:?}");
+    let ghost = Lease {
+        scope: "s".into(),
+        key: "squatted".into(),
+        token: LeaseToken(7),
+        attempt: 1,
+    };
+    let err = store
+        .complete_many(std::slice::from_ref(&ghost), SECOND)
+        .await
+        .expect_err("complete_many");
+    assert!(permanent(&err), "{err:?}");
+    let err = store.bury(&ghost, SECOND).await.expect_err("bury");
+    assert!(permanent(&err), "{err:?}");
     let err = store.get("s", "squatted").await.expect_err("get");
     assert!(!err.is_transient(), "{err:?}");
     // Untouched, and forget clears it.
