@@ -64,9 +64,11 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
 ///   `max_batch` keys.
 /// - A bad scope or key fails its own call with
 ///   [`Error::InvalidInput`] before it is queued; it never fails a batch.
-/// - When a batch call fails, every call in it gets the error (the first
-///   the original, the others an equal copy: same variant, same
-///   [`Error::is_transient`]).
+/// - When a batch call fails with a transient error, every call in it
+///   gets the error (the first the original, the others an equal copy:
+///   same variant, same [`Error::is_transient`]). When it fails for good
+///   (say, one record holds a value the store cannot read), its calls are
+///   made again one by one, so only the call at fault fails.
 /// - A caller that gives up (its future dropped) while its claim is
 ///   queued is left out of the batch; one that gives up while the batch is
 ///   out has the claim it won given back at once (released, attempt
@@ -443,6 +445,19 @@ async fn run_claims<S: DedupStore>(shared: &Shared<S>, batch: Vec<ClaimJob>) {
                 }
             }
         }
+        // One bad record (say, a foreign value at its key) must not fail
+        // the calls it happened to share a batch with: call them one by one.
+        Err(e) if !e.is_transient() && batch.len() > 1 => {
+            for job in batch {
+                if job.abandoned() {
+                    continue;
+                }
+                let answer = shared.store.claim(&job.scope, &job.key, job.ttl).await;
+                if let Err(Ok(Claim::Claimed(lease))) = job.reply.send(answer) {
+                    let _ = shared.store.fail(&lease, Release::RefundAttempt).await;
+                }
+            }
+        }
         Err(e) => reply_all(batch.into_iter().map(|j| j.reply), e),
     }
 }
@@ -468,6 +483,12 @@ async fn run_completes<S: DedupStore>(shared: &Shared<S>, batch: Vec<CompleteJob
         Ok(answers) => {
             for (job, answer) in batch.into_iter().zip(answers) {
                 let _ = job.reply.send(Ok(answer));
+            }
+        }
+        Err(e) if !e.is_transient() && batch.len() > 1 => {
+            for job in batch {
+                let answer = shared.store.complete(&job.lease, job.keep_for).await;
+                let _ = job.reply.send(answer);
             }
         }
         Err(e) => reply_all(batch.into_iter().map(|j| j.reply), e),

@@ -50,6 +50,9 @@ struct Probe {
     /// When set, every claim and claim_many waits for a permit.
     gate: Option<Arc<Semaphore>>,
     fail_batches: bool,
+    /// A key whose record the store cannot read: its claims fail for good,
+    /// and so does any batch holding it.
+    poison: Option<&'static str>,
     /// When set, every claim and completion takes this long (a network).
     delay: Option<Duration>,
 }
@@ -87,6 +90,9 @@ impl DedupStore for Probe {
     async fn claim(&self, scope: &str, key: &str, ttl: ClaimTtl) -> Result<Claim, Error> {
         self.pass().await;
         self.singles.fetch_add(1, Ordering::SeqCst);
+        if self.poison == Some(key) {
+            return Err(poisoned());
+        }
         self.store.claim(scope, key, ttl).await
     }
     async fn renew(&self, lease: &Lease, extend: Duration) -> Result<Fenced, Error> {
@@ -121,6 +127,9 @@ impl DedupStore for Probe {
             .lock()
             .unwrap()
             .push((scope.to_owned(), keys.to_vec()));
+        if keys.iter().any(|k| self.poison == Some(k.as_str())) {
+            return Err(poisoned());
+        }
         if self.fail_batches {
             return Err(Error::Unavailable {
                 backend: "probe",
@@ -140,6 +149,15 @@ impl DedupStore for Probe {
         }
         self.complete_batches.lock().unwrap().push(leases.len());
         self.store.complete_many(leases, keep_for).await
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Backend {
+        backend: "probe",
+        op: "claim",
+        transient: false,
+        source: "WRONGTYPE a foreign value at the key".into(),
     }
 }
 
@@ -360,6 +378,37 @@ async fn a_failed_batch_fails_every_call_in_it_with_a_transient_error() {
     // The one direct call went through; the 19 queued ones shared a failure.
     assert_eq!((ok, failed), (1, 19));
     assert!(!probe.claim_batches().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_fails_its_batch_for_good_fails_only_its_own_call() {
+    let (mut probe, gate) = Probe::gated();
+    probe.poison = Some("k7");
+    let store = Coalescing::new(probe.clone()).with_max_in_flight(1);
+    let first = {
+        let store = store.clone();
+        tokio::spawn(async move { store.claim("s", "first", TTL).await })
+    };
+    wait_at_gate(&probe, 1).await;
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { (i, store.claim("s", &format!("k{i}"), TTL).await) })
+        })
+        .collect();
+    wait_queued(&store, 20).await;
+    gate.add_permits(10_000);
+    claimed(first.await.unwrap().unwrap());
+    for t in tasks {
+        match t.await.expect("claimer") {
+            (7, Err(e)) => assert!(!e.is_transient(), "{e:?}"),
+            (7, other) => panic!("the poisoned key answered {other:?}"),
+            (i, answer) => assert_eq!(claimed(answer.unwrap()).key, format!("k{i}")),
+        }
+    }
+    // The batch failed once, then its calls went out one by one.
+    assert_eq!(probe.claim_batches().len(), 1);
+    assert_eq!(probe.singles.load(Ordering::SeqCst), 21);
 }
 
 #[tokio::test]
