@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use idemq::BoxError;
@@ -128,7 +128,7 @@ pub async fn run(
             Some(Err(e)) => return Err(e.into()),
             None => break,
         };
-        let since = Instant::now();
+        let since = meter.received();
         let work = work.clone();
         let counts = counts.clone();
         let meter = meter.clone();

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use idemq::memory::MemoryDedupStore;
-use idemq::{BoxError, DedupStore, Engine, Handler, HandlerError, Message};
+use idemq::{BoxError, Coalescing, DedupStore, Engine, Handler, HandlerError, Message};
 use idemq_postgres::{PostgresDedupStore, transactional};
 use idemq_rabbitmq::{RabbitBroker, RabbitConfig, delete_topology, queue_depths, topology};
 use idemq_redis::RedisDedupStore;
@@ -45,8 +45,13 @@ pub struct Settings {
     pub fail_percent: u8,
     /// Engine configurations to run.
     pub configs: Vec<ConfigKind>,
-    /// Deliveries in flight (= prefetch).
+    /// Handlers running at once (the engine's concurrency).
     pub concurrency: u16,
+    /// RabbitMQ prefetch of every consumer, baselines and engine alike.
+    pub prefetch: u16,
+    /// Store calls out at once under [`Coalescing`] (Redis and Postgres
+    /// engine phases); `None` sends one call per delivery.
+    pub store_in_flight: Option<usize>,
     /// Hide the progress bar.
     pub quiet: bool,
     /// A phase is abandoned when nothing settles for this long.
@@ -224,16 +229,34 @@ pub async fn run(s: &Settings) -> Result<BenchReport, BoxError> {
             ConfigKind::Redis => {
                 let inner = redis.clone().ok_or("redis store missing")?;
                 let store = CountingStore::new(inner, calls.clone());
-                phase_ctx
-                    .engine(config, store, bench_handler, &scope, calls)
-                    .await?
+                match s.store_in_flight {
+                    Some(n) => {
+                        phase_ctx
+                            .engine(config, coalesce(store, n), bench_handler, &scope, calls)
+                            .await?
+                    }
+                    None => {
+                        phase_ctx
+                            .engine(config, store, bench_handler, &scope, calls)
+                            .await?
+                    }
+                }
             }
             ConfigKind::Postgres => {
                 let inner = pg.clone().ok_or("postgres store missing")?;
                 let store = CountingStore::new(inner, calls.clone());
-                phase_ctx
-                    .engine(config, store, bench_handler, &scope, calls)
-                    .await?
+                match s.store_in_flight {
+                    Some(n) => {
+                        phase_ctx
+                            .engine(config, coalesce(store, n), bench_handler, &scope, calls)
+                            .await?
+                    }
+                    None => {
+                        phase_ctx
+                            .engine(config, store, bench_handler, &scope, calls)
+                            .await?
+                    }
+                }
             }
             ConfigKind::PostgresTx => {
                 let inner = pg.clone().ok_or("postgres store missing")?;
@@ -250,9 +273,18 @@ pub async fn run(s: &Settings) -> Result<BenchReport, BoxError> {
                     })
                 });
                 let store = CountingStore::new(inner, calls.clone());
-                phase_ctx
-                    .engine(config, store, handler, &scope, calls)
-                    .await?
+                match s.store_in_flight {
+                    Some(n) => {
+                        phase_ctx
+                            .engine(config, coalesce(store, n), handler, &scope, calls)
+                            .await?
+                    }
+                    None => {
+                        phase_ctx
+                            .engine(config, store, handler, &scope, calls)
+                            .await?
+                    }
+                }
             }
         };
         results.push(r);
@@ -279,9 +311,17 @@ pub async fn run(s: &Settings) -> Result<BenchReport, BoxError> {
         dup_percent: s.dup_percent,
         fail_percent: s.fail_percent,
         concurrency: s.concurrency,
+        prefetch: s.prefetch,
+        store_in_flight: s.store_in_flight,
         peak_rss_per_phase: rss_reset,
         results,
     })
+}
+
+/// Wraps a counting store in [`Coalescing`]: the counter inside sees the
+/// batch calls that really go to the store.
+fn coalesce<S: DedupStore + 'static>(store: S, in_flight: usize) -> Coalescing<S> {
+    Coalescing::new(store).with_max_in_flight(in_flight)
 }
 
 /// The bench's handler: does nothing, or fails permanently for `fail-` ids.
@@ -312,7 +352,7 @@ impl PhaseCtx<'_> {
             &self.s.amqp_url,
             format!("idemq-bench-{}-{phase}", self.run_id),
         )
-        .with_prefetch(self.s.concurrency)
+        .with_prefetch(self.s.prefetch)
         .with_connection_name(format!("idemq-bench-{phase}"))
     }
 
@@ -425,11 +465,10 @@ impl PhaseCtx<'_> {
         let stop = CancellationToken::new();
         reset_peak_rss();
         let bar = self.watch(meter.clone(), stop.clone(), kind.name());
-        let start = Instant::now();
         let source = baseline::Source {
             amqp_url: &self.s.amqp_url,
             queue: cfg.queue(),
-            prefetch: self.s.concurrency,
+            prefetch: self.s.prefetch,
             lease: LEASE,
             keep: KEEP,
         };
@@ -443,7 +482,7 @@ impl PhaseCtx<'_> {
                 return Err(e);
             }
         };
-        let elapsed = meter.finished_at().unwrap_or_else(Instant::now) - start;
+        let elapsed = meter.elapsed();
         let mut problems = Vec::new();
         let handled = counts.handled.load(Ordering::Relaxed);
         let expect = if kind == BaselineKind::Bare {
@@ -508,11 +547,10 @@ impl PhaseCtx<'_> {
         .build()?;
         let stop = CancellationToken::new();
         let bar = self.watch(meter.clone(), stop.clone(), config.name());
-        let start = Instant::now();
         let report = engine.run(stop.clone()).await;
         stop.cancel();
         bar.finish_and_clear();
-        let elapsed = meter.finished_at().unwrap_or_else(Instant::now) - start;
+        let elapsed = meter.elapsed();
         broker.close().await;
         let mut problems = Vec::new();
         let expect = self.mix.unique - self.mix.failing_unique;

@@ -92,6 +92,10 @@ pub struct Meter {
     pub target: u64,
     /// Receipt-to-settlement latency of each settled delivery, in µs.
     latencies: Mutex<Vec<u32>>,
+    /// When the first delivery was received: the phase's clock starts
+    /// there, so connecting and declaring are not timed, for the baselines
+    /// and the engine alike.
+    first: std::sync::OnceLock<Instant>,
     /// When the last expected delivery was settled.
     finished: Mutex<Option<Instant>>,
     /// Cancelled once `settled` reaches `target`.
@@ -105,9 +109,27 @@ impl Meter {
             settled: AtomicU64::new(0),
             target,
             latencies: Mutex::new(Vec::with_capacity(target as usize)),
+            first: std::sync::OnceLock::new(),
             finished: Mutex::new(None),
             done: CancellationToken::new(),
         })
+    }
+
+    /// Notes a received delivery; answers the time, for [`Meter::settle`].
+    pub fn received(&self) -> Instant {
+        let now = Instant::now();
+        let _ = self.first.set(now);
+        now
+    }
+
+    /// The time from the first receipt to the last expected settlement (or
+    /// to now, if the phase did not finish).
+    pub fn elapsed(&self) -> Duration {
+        let end = self.finished_at().unwrap_or_else(Instant::now);
+        self.first
+            .get()
+            .map(|first| end.saturating_duration_since(*first))
+            .unwrap_or_default()
     }
 
     /// Notes one settled delivery that was received at `since`.
@@ -187,7 +209,7 @@ impl<B: Broker> Broker for TimedBroker<B> {
         if let Some(d) = &d
             && let Ok(mut r) = self.received.lock()
         {
-            r.insert(d.tag, Instant::now());
+            r.insert(d.tag, self.meter.received());
         }
         Ok(d)
     }

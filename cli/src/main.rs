@@ -130,7 +130,7 @@ enum Command {
 #[derive(Args, Debug)]
 struct BenchArgs {
     /// Messages published per configuration (duplicates included).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 20_000)]
     messages: u64,
     /// Body size in bytes.
     #[arg(long, default_value_t = 64)]
@@ -149,9 +149,19 @@ struct BenchArgs {
         default_value = "memory,redis,postgres,postgres-tx"
     )]
     configs: Vec<ConfigKind>,
-    /// Deliveries in flight (and prefetch).
+    /// Handlers running at once in the engine.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
+    /// RabbitMQ prefetch of every consumer (baselines and engine alike).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+    prefetch: u16,
+    /// Claim and completion calls out at once per store when the engine's
+    /// Redis and Postgres stores are wrapped in `idemq::Coalescing`.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    store_in_flight: u16,
+    /// One store call per delivery: no `Coalescing` wrapper.
+    #[arg(long)]
+    no_coalesce: bool,
     /// Writes the report as JSON to this file (`-` or no value: stdout).
     #[arg(long, num_args = 0..=1, default_missing_value = "-")]
     json: Option<PathBuf>,
@@ -187,6 +197,8 @@ async fn bench(conn: &Conn, a: BenchArgs) -> Result<bool, BoxError> {
         fail_percent: a.fail_percent,
         configs: a.configs,
         concurrency: a.concurrency,
+        prefetch: a.prefetch,
+        store_in_flight: (!a.no_coalesce).then_some(usize::from(a.store_in_flight)),
         quiet: a.quiet,
         stall_timeout: Duration::from_secs(a.stall_secs),
     };

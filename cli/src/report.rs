@@ -63,8 +63,15 @@ pub struct BenchReport {
     pub dup_percent: u8,
     /// Failing unique messages, percent.
     pub fail_percent: u8,
-    /// Deliveries in flight (= prefetch).
+    /// Handlers running at once (the engine's concurrency; the baselines'
+    /// tasks are bounded by the prefetch).
     pub concurrency: u16,
+    /// RabbitMQ prefetch of every consumer, baselines and engine alike.
+    pub prefetch: u16,
+    /// Claim (and completion) calls out at once per store with
+    /// [`idemq::Coalescing`] over the Redis and Postgres stores; `None`:
+    /// one call per delivery, no coalescing.
+    pub store_in_flight: Option<usize>,
     /// True when the peak RSS could be reset before each phase.
     pub peak_rss_per_phase: bool,
     /// One entry per phase, in the order they ran.
@@ -82,13 +89,18 @@ impl BenchReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} messages ({} unique, {} failing), {}-byte bodies, {}% duplicates, concurrency {}",
+            "{} messages ({} unique, {} failing), {}-byte bodies, {}% duplicates, concurrency {}, prefetch {}, {}",
             self.messages,
             self.unique,
             self.failing_unique,
             self.body_size,
             self.dup_percent,
-            self.concurrency
+            self.concurrency,
+            self.prefetch,
+            match self.store_in_flight {
+                Some(n) => format!("store calls coalesced ({n} in flight)"),
+                None => "no coalescing".to_owned(),
+            }
         );
         let _ = writeln!(
             out,
