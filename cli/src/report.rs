@@ -6,6 +6,7 @@ use std::path::Path;
 
 use idemq::BoxError;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::Serialize;
 
 /// What one bench phase (an engine configuration or a baseline) measured.
@@ -163,19 +164,21 @@ impl BenchReport {
         let mut chart = ChartBuilder::on(&root)
             .caption(
                 format!(
-                    "idemq bench: unique messages/s ({} msgs, {}% dup, {} B, concurrency {})",
-                    self.messages, self.dup_percent, self.body_size, self.concurrency
+                    "idemq bench: unique messages/s ({} msgs, {}% dup, {} B, concurrency {}, prefetch {})",
+                    self.messages, self.dup_percent, self.body_size, self.concurrency, self.prefetch
                 ),
                 ("sans-serif", 20),
             )
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d((0..n as i32).into_segmented(), 0f64..max)?;
+            // A segmented range includes its end: n bars are 0..n-1.
+            .build_cartesian_2d((0..n as i32 - 1).into_segmented(), 0f64..max)?;
         let names: Vec<String> = bars.iter().map(|b| b.0.to_owned()).collect();
         chart
             .configure_mesh()
             .disable_x_mesh()
+            .light_line_style(WHITE)
             .x_labels(n)
             .x_label_formatter(&|x| match x {
                 SegmentValue::CenterOf(i) => usize::try_from(*i)
@@ -185,6 +188,7 @@ impl BenchReport {
                 _ => String::new(),
             })
             .y_desc("unique msg/s")
+            .x_desc("grey: hand-written lapin baseline; blue: idemq engine")
             .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()?;
         let engine_color = RGBColor(31, 119, 180);
@@ -209,11 +213,15 @@ impl BenchReport {
                 })
                 .data(bars.iter().enumerate().map(|(i, b)| (i as i32, b.1))),
         )?;
+        let label = ("sans-serif", 14)
+            .into_font()
+            .into_text_style(&root)
+            .pos(Pos::new(HPos::Center, VPos::Bottom));
         chart.draw_series(bars.iter().enumerate().map(|(i, (_, v, _))| {
             Text::new(
                 format!("{v:.0}"),
                 (SegmentValue::CenterOf(i as i32), *v + max * 0.01),
-                ("sans-serif", 14),
+                label.clone(),
             )
         }))?;
         root.present()?;
