@@ -4,7 +4,14 @@
 //! keep`), over the same kind of connection (a `ConnectionManager`), in
 //! the same run: sequentially and with 64 concurrent tasks; and, with 64
 //! tasks, the batch path (`claim_many` of 32 fresh keys, then
-//! `complete_many` of them), as a coalescing caller uses it.
+//! `complete_many` of them), and single `claim` + `complete` calls through
+//! [`idemq::Coalescing`] (default settings, and one call in flight), which
+//! is how an engine with concurrency 64 reaches the store.
+//!
+//! Each variant also prints what Redis spent per message, from `INFO
+//! commandstats` (`usec` of `EVALSHA`, which includes the commands its
+//! script ran, or of `SET` for the raw pair), and for the coalesced
+//! variants how the calls went out.
 //!
 //! ```text
 //! CARGO_TARGET_DIR=/work/target-redis cargo bench -p idemq-redis --bench claim_complete
@@ -18,7 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use idemq::{Claim, ClaimTtl, DedupStore, Fenced, Lease};
+use idemq::coalesce::CoalescingStats;
+use idemq::{Claim, ClaimTtl, Coalescing, DedupStore, Fenced, Lease};
 use idemq_redis::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use idemq_redis::redis::{self, Value};
 use idemq_redis::{RedisConfig, RedisDedupStore};
@@ -27,6 +35,8 @@ const SCOPE: &str = "bench";
 const STORE: &str = "store claim+complete";
 const RAW: &str = "raw SET NX PX + SET PX";
 const BATCHED: &str = "store claim_many+complete_many, batches of 32";
+const COALESCED: &str = "store claim+complete via Coalescing";
+const COALESCED_ONE: &str = "store claim+complete via Coalescing, in-flight 1";
 const CONCURRENCY: u64 = 64;
 /// Messages per `claim_many` / `complete_many` in the batch variant.
 const BATCH: u64 = 32;
@@ -43,6 +53,10 @@ fn url() -> String {
 
 struct Setup {
     store: RedisDedupStore,
+    /// `Coalescing::new(store)`, default settings.
+    coalesced: Coalescing<RedisDedupStore>,
+    /// The same with one call of each kind in flight.
+    coalesced_one: Coalescing<RedisDedupStore>,
     raw: ConnectionManager,
     raw_prefix: String,
     next: AtomicU64,
@@ -54,12 +68,17 @@ impl Setup {
     }
 
     async fn store_pair(&self) {
+        self.pair(&self.store).await;
+    }
+
+    /// One `claim` of a fresh key, then its `complete`, on `store`.
+    async fn pair(&self, store: &impl DedupStore) {
         let key = self.key();
-        let lease = match self.store.claim(SCOPE, &key, TTL).await {
+        let lease = match store.claim(SCOPE, &key, TTL).await {
             Ok(Claim::Claimed(lease)) => lease,
             other => panic!("claim of a fresh key: {other:?}"),
         };
-        match self.store.complete(&lease, KEEP).await {
+        match store.complete(&lease, KEEP).await {
             Ok(Fenced::Applied) => {}
             other => panic!("complete: {other:?}"),
         }
@@ -127,6 +146,8 @@ async fn connect() -> Result<Setup, String> {
         .await
         .map_err(|e| e.to_string())?;
     Ok(Setup {
+        coalesced: Coalescing::new(store.clone()),
+        coalesced_one: Coalescing::new(store.clone()).with_max_in_flight(1),
         store,
         raw,
         raw_prefix: format!("{prefix}raw:"),
@@ -180,11 +201,31 @@ fn print_server_cost(
     }
 }
 
+/// Prints how the calls of a coalesced variant went out between two
+/// snapshots of its stats.
+fn print_coalescing(what: &str, before: CoalescingStats, after: CoalescingStats) {
+    let batches = after.claim_batches - before.claim_batches;
+    let batched = after.batched_claims - before.batched_claims;
+    let direct = after.direct_claims - before.direct_claims;
+    let completes = after.complete_batches - before.complete_batches;
+    let batched_completes = after.batched_completes - before.batched_completes;
+    let direct_completes = after.direct_completes - before.direct_completes;
+    let mean = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
+    eprintln!(
+        "{what}: claims {direct} direct + {batched} in {batches} batches (mean {:.1}), \
+         completes {direct_completes} direct + {batched_completes} in {completes} batches (mean {:.1})",
+        mean(batched, batches),
+        mean(batched_completes, completes),
+    );
+}
+
 #[derive(Clone, Copy)]
 enum Mode {
     Store,
     Raw,
     Batched,
+    Coalesced,
+    CoalescedOne,
 }
 
 /// Runs `iters` messages split over [`CONCURRENCY`] tasks; answers the time.
@@ -197,7 +238,7 @@ async fn concurrently(setup: &Arc<Setup>, iters: u64, mode: Mode) -> Duration {
             tokio::spawn(async move {
                 let take = match mode {
                     Mode::Batched => BATCH,
-                    Mode::Store | Mode::Raw => 1,
+                    Mode::Store | Mode::Raw | Mode::Coalesced | Mode::CoalescedOne => 1,
                 };
                 while let Ok(had) = left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                     n.checked_sub(take.min(n)).filter(|_| n > 0)
@@ -206,6 +247,8 @@ async fn concurrently(setup: &Arc<Setup>, iters: u64, mode: Mode) -> Duration {
                         Mode::Store => setup.store_pair().await,
                         Mode::Raw => setup.raw_pair().await,
                         Mode::Batched => setup.store_batch(take.min(had)).await,
+                        Mode::Coalesced => setup.pair(&setup.coalesced).await,
+                        Mode::CoalescedOne => setup.pair(&setup.coalesced_one).await,
                     }
                 }
             })
@@ -281,6 +324,19 @@ fn bench(c: &mut Criterion) {
                 .iter_custom(|iters| concurrently(&setup, iters, Mode::Batched))
         });
     });
+    for (name, mode, coalescing) in [
+        (COALESCED, Mode::Coalesced, &setup.coalesced),
+        (COALESCED_ONE, Mode::CoalescedOne, &setup.coalesced_one),
+    ] {
+        let before = coalescing.stats();
+        measure("concurrent-64", name, "evalsha", &mut || {
+            par.bench_function(name, |b| {
+                b.to_async(&rt)
+                    .iter_custom(|iters| concurrently(&setup, iters, mode))
+            });
+        });
+        print_coalescing(&format!("concurrent-64/{name}"), before, coalescing.stats());
+    }
     measure("concurrent-64", RAW, "set", &mut || {
         par.bench_function(RAW, |b| {
             b.to_async(&rt)

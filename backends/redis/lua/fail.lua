@@ -1,18 +1,21 @@
 -- idemq fail: release the caller's claim so the key is claimable at once,
--- fenced by its token. The record keeps its expiry.
+-- fenced by its token. The record keeps its expiry. Records:
+-- 'state:token:lease:attempts' strings, see record.lua.
 --
 -- KEYS[1]  the record
 -- ARGV[1]  the caller's token
 -- ARGV[2]  '1' to give the attempt back (refund), '0' to keep it counted
 --
 -- Replies 1 applied, 0 lease lost. Never creates a record.
-local rec = redis.call('HMGET', KEYS[1], 'state', 'token', 'attempts')
-if rec[1] ~= 'claimed' or rec[2] ~= ARGV[1] then return 0 end
+local key, token = KEYS[1], ARGV[1]
+local old = pcall('GET', key)
+if not old then return 0 end
+if type(old) ~= 'string' then return refuse(key, old) end
+local state, owner, deadline, attempts = match(old, RECORD)
+if not state then return refuse(key) end
+if state ~= 'c' or owner ~= token then return 0 end
 if ARGV[2] == '1' then
-  local attempts = math.max((tonumber(rec[3]) or 0) - 1, 0)
-  redis.call('HSET', KEYS[1], 'state', 'released', 'attempts',
-    string.format('%d', attempts))
-else
-  redis.call('HSET', KEYS[1], 'state', 'released')
+  attempts = format('%d', math.max(tonumber(attempts) - 1, 0))
 end
+call('SET', key, 'r:' .. owner .. ':' .. deadline .. ':' .. attempts, 'KEEPTTL')
 return 1

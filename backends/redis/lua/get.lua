@@ -1,12 +1,15 @@
--- idemq get: read a record without changing it.
+-- idemq get: read a record without changing it. Records:
+-- 'state:token:lease:attempts' strings, see record.lua.
 --
 -- KEYS[1]  the record
 --
--- Replies nil when absent, else {state, attempts, lease ms left (may be
--- negative once lapsed), record ms left (PTTL)}. Server clock.
-local rec = redis.call('HMGET', KEYS[1], 'state', 'attempts', 'lease')
-if not rec[1] then return false end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return {rec[1], tonumber(rec[2]) or 0, (tonumber(rec[3]) or 0) - now,
-  redis.call('PTTL', KEYS[1])}
+-- Replies nil when absent, else {state letter, attempts, lease ms left
+-- (may be negative once lapsed), record ms left (PTTL)}. Server clock.
+local key = KEYS[1]
+local old = pcall('GET', key)
+if not old then return false end
+if type(old) ~= 'string' then return refuse(key, old) end
+local state, _, deadline, attempts = match(old, RECORD)
+if not state then return refuse(key) end
+return {state, tonumber(attempts), tonumber(deadline) - now_ms(),
+  call('PTTL', key)}

@@ -1,19 +1,24 @@
--- idemq renew: extend the caller's lease, fenced by its token.
+-- idemq renew: extend the caller's lease, fenced by its token. Records:
+-- 'state:token:lease:attempts' strings, see record.lua.
 --
 -- KEYS[1]  the record
 -- ARGV[1]  the caller's token
 -- ARGV[2]  new lease, ms from now (server clock)
 --
--- Replies 1 applied, 0 lease lost. Never creates a record.
-local rec = redis.call('HMGET', KEYS[1], 'state', 'token')
-if rec[1] ~= 'claimed' or rec[2] ~= ARGV[1] then return 0 end
--- Reading TIME before writing is fine from Redis 5 on (scripts replicate
--- their effects, not the script).
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Replies 1 applied, 0 lease lost. Never creates a record; never shortens
+-- its life.
+local key, token = KEYS[1], ARGV[1]
+local old = pcall('GET', key)
+if not old then return 0 end
+if type(old) ~= 'string' then return refuse(key, old) end
+local state, owner, _, attempts = match(old, RECORD)
+if not state then return refuse(key) end
+if state ~= 'c' or owner ~= token then return 0 end
 local extend = math.max(tonumber(ARGV[2]), 1)
-redis.call('HSET', KEYS[1], 'lease', string.format('%d', now + extend))
-if redis.call('PTTL', KEYS[1]) < extend then
-  redis.call('PEXPIRE', KEYS[1], string.format('%d', extend))
+local record = 'c:' .. token .. ':' .. format('%d', now_ms() + extend) .. ':' .. attempts
+if call('PTTL', key) < extend then
+  call('SET', key, record, 'PX', format('%d', extend))
+else
+  call('SET', key, record, 'KEEPTTL')
 end
 return 1

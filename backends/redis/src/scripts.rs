@@ -1,5 +1,6 @@
 //! The Lua scripts, each hashed once per process: claim (one or many
-//! keys), settle (complete and bury, one or many keys), renew, fail, get.
+//! keys), settle (complete and bury, one or many keys), renew, fail, get;
+//! each begins with `lua/record.lua`, which describes the record layout.
 
 use std::sync::LazyLock;
 
@@ -49,19 +50,29 @@ impl Lua {
     }
 }
 
+/// A script of `lua/`, with `lua/record.lua` (the record layout and the
+/// helpers every script uses) in front of it.
+macro_rules! script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Lua::new(concat!(
+                include_str!("../lua/record.lua"),
+                include_str!(concat!("../lua/", $file))
+            ))
+        })
+    };
+}
+
 /// claim and claim_many: see `lua/claim.lua`.
-pub(crate) static CLAIM: LazyLock<Lua> =
-    LazyLock::new(|| Lua::new(include_str!("../lua/claim.lua")));
+pub(crate) static CLAIM: LazyLock<Lua> = script!("claim.lua");
 /// complete, complete_many and bury: see `lua/settle.lua`.
-pub(crate) static SETTLE: LazyLock<Lua> =
-    LazyLock::new(|| Lua::new(include_str!("../lua/settle.lua")));
+pub(crate) static SETTLE: LazyLock<Lua> = script!("settle.lua");
 /// renew: see `lua/renew.lua`.
-pub(crate) static RENEW: LazyLock<Lua> =
-    LazyLock::new(|| Lua::new(include_str!("../lua/renew.lua")));
+pub(crate) static RENEW: LazyLock<Lua> = script!("renew.lua");
 /// fail: see `lua/fail.lua`.
-pub(crate) static FAIL: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/fail.lua")));
+pub(crate) static FAIL: LazyLock<Lua> = script!("fail.lua");
 /// get: see `lua/get.lua`.
-pub(crate) static GET: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/get.lua")));
+pub(crate) static GET: LazyLock<Lua> = script!("get.lua");
 
 /// Every script, for loading them all at once.
 pub(crate) fn all() -> [&'static Lua; 5] {

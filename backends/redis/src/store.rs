@@ -29,22 +29,36 @@ const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 /// single call holds Redis for long.
 pub const MAX_KEYS_PER_CALL: usize = 256;
 /// The state `settle.lua` writes for `complete`.
-const DONE: &str = "done";
+const DONE: &str = "d";
 /// The state `settle.lua` writes for `bury`.
-const DEAD: &str = "dead";
+const DEAD: &str = "x";
 
-/// A [`DedupStore`] keeping one Redis hash per message key.
+/// A [`DedupStore`] keeping one Redis string per message key.
 ///
 /// The record of `(scope, key)` lives at `<prefix>{<scope>:<key>}` (the
-/// `{...}` hash tag keeps a record in one cluster slot) with the fields
-/// `state` (`claimed`, `released`, `done`, `dead`), `token` (the owner's
-/// fencing token), `lease` (the lease deadline, ms on the server clock) and
-/// `attempts`. The key's own TTL covers the longer of the lease and
-/// [`ClaimTtl::retain`], so a lapsed lease keeps its attempt count; `complete`
-/// and `bury` set it to their `keep_for` (a `keep_for` under 1 ms deletes
-/// the record). A value of another type under a record key makes every
-/// operation on it but `forget` fail with a permanent error, and is left
-/// as it is.
+/// `{...}` hash tag keeps a record in one cluster slot) as the string
+/// `<state>:<token>:<lease>:<attempts>`, for instance
+/// `c:5f0e1d2c3b4a5968:1795558172956:1`:
+///
+/// - `state`, one letter: `c` claimed, `r` released, `d` done, `x` dead;
+/// - `token`, the fencing token of the last claim (16 hex digits, as
+///   [`LeaseToken`] displays);
+/// - `lease`, the lease deadline, ms on the server clock (decimal);
+/// - `attempts`, how many claims were won (decimal).
+///
+/// The key's own TTL covers the longer of the lease and
+/// [`ClaimTtl::retain`], so a lapsed lease keeps its attempt count;
+/// `complete` and `bury` set it to their `keep_for` (a `keep_for` under
+/// 1 ms deletes the record). A claim of a fresh key is one `SET NX PX GET`
+/// inside the script (Redis 7.0 and later; on Redis 6.x a `GET`, then a
+/// `SET`); the store needs Redis 6.0 or later (`SET KEEPTTL`).
+///
+/// A value that is not such a string under a record key makes every
+/// operation on it but `forget` fail with a permanent error (`WRONGTYPE`,
+/// naming the key), and is left as it is. That includes the hashes earlier
+/// versions of this store wrote (`state`, `token`, `lease` and `attempts`
+/// fields): **upgrading from the hash layout needs an empty key prefix**,
+/// or a new one ([`RedisConfig::with_prefix`]); the error says so.
 ///
 /// Every operation is one atomic round trip: a Lua script (`EVALSHA`; sent
 /// again as `EVAL` with its source when Redis lost its script cache) timed
@@ -660,8 +674,9 @@ fn ms_duration(n: i64) -> Duration {
     Duration::from_millis(u64::try_from(n).unwrap_or(0))
 }
 
-/// Reads a reply of `claim.lua` over `keys`: two integers per key, in
-/// order. Anything else is an error.
+/// Reads a reply of `claim.lua` over `keys`: an array of one integer per
+/// key, in order, or for one key the integer alone. Anything else is an
+/// error.
 fn parse_claims<K: AsRef<str>>(
     op: &'static str,
     reply: Value,
@@ -670,7 +685,12 @@ fn parse_claims<K: AsRef<str>>(
     tokens: &[LeaseToken],
 ) -> Result<Vec<Claim>, Error> {
     let items = match reply {
-        Value::Array(items) if items.len() == 2 * keys.len() && tokens.len() == keys.len() => items,
+        Value::Int(_) if keys.len() == 1 && tokens.len() == 1 => vec![reply],
+        Value::Array(items)
+            if items.len() == keys.len() && tokens.len() == keys.len() && keys.len() != 1 =>
+        {
+            items
+        }
         other => {
             return Err(error::unexpected(
                 op,
@@ -679,28 +699,28 @@ fn parse_claims<K: AsRef<str>>(
         }
     };
     items
-        .chunks_exact(2)
+        .iter()
         .zip(keys.iter().zip(tokens))
-        .map(|(pair, (key, &token))| parse_claim(op, pair, scope, key.as_ref(), token))
+        .map(|(item, (key, &token))| parse_claim(op, item, scope, key.as_ref(), token))
         .collect()
 }
 
-/// Reads one key's answer of `claim.lua`: `[0, attempts]` claimed,
-/// `[1, 0]` done, `[2, 0]` dead, `[3, remaining lease ms]` in progress.
+/// Reads one key's answer of `claim.lua`: `4 * attempts` claimed, `1`
+/// done, `2` dead, `4 * remaining lease ms + 3` in progress.
 fn parse_claim(
     op: &'static str,
-    pair: &[Value],
+    item: &Value,
     scope: &str,
     key: &str,
     token: LeaseToken,
 ) -> Result<Claim, Error> {
-    let [code, value] = pair else {
-        return Err(error::unexpected(op, format!("claim answered {pair:?}")));
-    };
-    match (int(op, code)?, int(op, value)?) {
-        (0, attempts) => {
-            let attempt = u32::try_from(attempts).map_err(|_| {
-                error::unexpected(op, format!("attempt count out of range: {attempts}"))
+    let n = int(op, item)?;
+    match (n, n % 4) {
+        (1, _) => Ok(Claim::Done),
+        (2, _) => Ok(Claim::Dead),
+        (4.., 0) => {
+            let attempt = u32::try_from(n / 4).map_err(|_| {
+                error::unexpected(op, format!("attempt count out of range: {}", n / 4))
             })?;
             Ok(Claim::Claimed(Lease {
                 scope: scope.to_owned(),
@@ -709,12 +729,10 @@ fn parse_claim(
                 attempt,
             }))
         }
-        (1, 0) => Ok(Claim::Done),
-        (2, 0) => Ok(Claim::Dead),
-        (3, left) => Ok(Claim::InProgress {
-            retry_after: ms_duration(left),
+        (3.., 3) => Ok(Claim::InProgress {
+            retry_after: ms_duration(n / 4),
         }),
-        _ => Err(error::unexpected(op, format!("claim answered {pair:?}"))),
+        _ => Err(error::unexpected(op, format!("claim answered {n}"))),
     }
 }
 
@@ -742,6 +760,8 @@ fn parse_fenced(op: &'static str, reply: Value) -> Result<Fenced, Error> {
     }
 }
 
+/// Reads a reply of `get.lua`: nil, or `[state letter, attempts, lease ms
+/// left, PTTL]`.
 fn parse_record(op: &'static str, reply: Value) -> Result<Option<Record>, Error> {
     let items = match reply {
         Value::Nil => return Ok(None),
@@ -753,10 +773,10 @@ fn parse_record(op: &'static str, reply: Value) -> Result<Option<Record>, Error>
     };
     let state = match state {
         Value::BulkString(s) => match s.as_slice() {
-            b"claimed" => RecordState::Claimed,
-            b"released" => RecordState::Released,
-            b"done" => RecordState::Done,
-            b"dead" => RecordState::Dead,
+            b"c" => RecordState::Claimed,
+            b"r" => RecordState::Released,
+            b"d" => RecordState::Done,
+            b"x" => RecordState::Dead,
             _ => {
                 return Err(error::unexpected(
                     op,
@@ -812,14 +832,13 @@ mod tests {
     #[test]
     fn replies_are_parsed_strictly() {
         let token = LeaseToken(7);
-        let claim = |code, value| {
-            let reply = Value::Array(vec![Value::Int(code), Value::Int(value)]);
-            let mut claims = parse_claims("claim", reply, "s", &["k"], &[token])?;
+        let claim = |n| {
+            let mut claims = parse_claims("claim", Value::Int(n), "s", &["k"], &[token])?;
             assert_eq!(claims.len(), 1);
             Ok::<_, Error>(claims.remove(0))
         };
         assert_eq!(
-            claim(0, 3).expect("claimed"),
+            claim(4 * 3).expect("claimed"),
             Claim::Claimed(Lease {
                 scope: "s".into(),
                 key: "k".into(),
@@ -827,46 +846,42 @@ mod tests {
                 attempt: 3
             })
         );
-        assert_eq!(claim(1, 0).expect("done"), Claim::Done);
-        assert_eq!(claim(2, 0).expect("dead"), Claim::Dead);
+        assert_eq!(claim(1).expect("done"), Claim::Done);
+        assert_eq!(claim(2).expect("dead"), Claim::Dead);
         assert_eq!(
-            claim(3, 1500).expect("busy"),
+            claim(4 * 1500 + 3).expect("busy"),
             Claim::InProgress {
                 retry_after: Duration::from_millis(1500)
             }
         );
-        for (code, value) in [(9, 0), (0, -1), (1, 5), (2, 1), (-1, 0)] {
-            let e = claim(code, value).expect_err("must be rejected");
+        for n in [0, 5, 6, 9, 10, -1, -3, -4, 4 * (1 << 33)] {
+            let e = claim(n).expect_err("must be rejected");
             assert!(!e.is_transient());
         }
         for bad in [
             Value::Nil,
-            Value::Int(0),
             Value::Array(vec![]),
-            Value::Array(vec![Value::Int(1)]),
-            Value::Array(vec![Value::Int(0), Value::BulkString(b"x".to_vec())]),
-            Value::Array(vec![Value::Int(0), Value::Int(1), Value::Int(1)]),
-            Value::Array(vec![
-                Value::Int(0),
-                Value::Int(1),
-                Value::Int(1),
-                Value::Int(0),
-            ]),
+            Value::Array(vec![Value::Int(4)]),
+            Value::BulkString(b"4".to_vec()),
+            Value::Array(vec![Value::Int(4), Value::Int(1)]),
         ] {
             let e = parse_claims("claim", bad, "s", &["k"], &[token]).expect_err("rejected");
             assert!(!e.is_transient());
         }
-        // Many keys: pairs in order.
+        for bad in [
+            Value::Int(4),
+            Value::Array(vec![Value::Int(4)]),
+            Value::Array(vec![Value::Int(4), Value::Nil]),
+            Value::Array(vec![Value::Int(4), Value::Int(4), Value::Int(4)]),
+        ] {
+            let e = parse_claims("claim", bad, "s", &["k", "l"], &[token, token])
+                .expect_err("rejected");
+            assert!(!e.is_transient());
+        }
+        // Many keys: one answer each, in order.
         let many = parse_claims(
             "claim_many",
-            Value::Array(vec![
-                Value::Int(0),
-                Value::Int(1),
-                Value::Int(3),
-                Value::Int(20),
-                Value::Int(1),
-                Value::Int(0),
-            ]),
+            Value::Array(vec![Value::Int(4), Value::Int(4 * 20 + 3), Value::Int(1)]),
             "s",
             &["a", "b", "c"],
             &[LeaseToken(1), LeaseToken(2), LeaseToken(3)],
@@ -921,7 +936,7 @@ mod tests {
         let record = parse_record(
             "get",
             Value::Array(vec![
-                Value::BulkString(b"claimed".to_vec()),
+                Value::BulkString(b"c".to_vec()),
                 Value::Int(2),
                 Value::Int(-5),
                 Value::Int(1000),
@@ -942,7 +957,7 @@ mod tests {
             parse_record(
                 "get",
                 Value::Array(vec![
-                    Value::BulkString(b"weird".to_vec()),
+                    Value::BulkString(b"claimed".to_vec()),
                     Value::Int(2),
                     Value::Int(0),
                     Value::Int(0),

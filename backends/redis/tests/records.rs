@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{SECOND, pttl, raw, redis_url, store};
@@ -22,32 +21,52 @@ async fn must_claim(store: &RedisDedupStore, scope: &str, key: &str, t: ClaimTtl
     }
 }
 
-async fn fields(
-    conn: &mut redis::aio::MultiplexedConnection,
-    key: &str,
-) -> HashMap<String, String> {
-    redis::cmd("HGETALL")
+/// A record as stored: `state:token:lease:attempts`.
+#[derive(Debug)]
+struct Stored {
+    state: String,
+    token: String,
+    lease: u64,
+    attempts: String,
+}
+
+async fn stored(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Stored {
+    let kind: String = redis::cmd("TYPE")
         .arg(key)
         .query_async(conn)
         .await
-        .expect("HGETALL")
+        .expect("TYPE");
+    assert_eq!(kind, "string", "{key}");
+    let value: String = redis::cmd("GET")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("GET");
+    let fields: Vec<&str> = value.split(':').collect();
+    let [state, token, lease, attempts] = fields.as_slice() else {
+        panic!("four fields: {value:?}");
+    };
+    Stored {
+        state: (*state).to_owned(),
+        token: (*token).to_owned(),
+        lease: lease.parse().expect("lease deadline in ms"),
+        attempts: (*attempts).to_owned(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn record_is_one_hash_under_a_hash_tag() {
+async fn record_is_one_string_under_a_hash_tag() {
     let Some(store) = store().await else { return };
     let mut conn = raw().await;
     let lease = must_claim(&store, "orders", "abc", ttl(60 * SECOND, 60 * SECOND)).await;
     let key = store.record_key("orders", "abc").expect("valid");
     assert_eq!(key, format!("{}{{orders:abc}}", store.config().prefix()));
-    let f = fields(&mut conn, &key).await;
-    assert_eq!(f.get("state").map(String::as_str), Some("claimed"));
-    assert_eq!(f.get("token"), Some(&lease.token.to_string()));
-    assert_eq!(f.get("attempts").map(String::as_str), Some("1"));
-    let lease_until: u64 = f
-        .get("lease")
-        .and_then(|v| v.parse().ok())
-        .expect("lease deadline in ms");
+    let f = stored(&mut conn, &key).await;
+    assert_eq!(f.state, "c");
+    assert_eq!(f.token, lease.token.to_string());
+    assert_eq!(f.token.len(), 16, "{f:?}");
+    assert_eq!(f.attempts, "1");
+    let lease_until = f.lease;
     let (secs, micros): (u64, u64) = redis::cmd("TIME")
         .query_async(&mut conn)
         .await
@@ -57,25 +76,72 @@ async fn record_is_one_hash_under_a_hash_tag() {
         lease_until > now_ms + 55_000 && lease_until <= now_ms + 60_000,
         "lease deadline {lease_until} vs server now {now_ms}"
     );
-    assert_eq!(f.len(), 4, "{f:?}");
 
-    // complete and bury write their state and keep token and attempts.
+    // renew moves the deadline only.
+    assert_eq!(
+        store.renew(&lease, 120 * SECOND).await.expect("renew"),
+        Fenced::Applied
+    );
+    let renewed = stored(&mut conn, &key).await;
+    assert_eq!(
+        (
+            renewed.state.as_str(),
+            &renewed.token,
+            renewed.attempts.as_str()
+        ),
+        ("c", &f.token, "1")
+    );
+    assert!(renewed.lease > lease_until + 55_000, "{renewed:?} vs {f:?}");
+
+    // complete and bury write their state and keep token, lease and attempts.
     assert_eq!(
         store.complete(&lease, 60 * SECOND).await.expect("complete"),
         Fenced::Applied
     );
-    let done = fields(&mut conn, &key).await;
-    assert_eq!(done.get("state").map(String::as_str), Some("done"));
-    assert_eq!(done.get("token"), Some(&lease.token.to_string()));
-    assert_eq!(done.get("attempts").map(String::as_str), Some("1"));
+    let done = stored(&mut conn, &key).await;
+    assert_eq!(done.state, "d");
+    assert_eq!(done.token, lease.token.to_string());
+    assert_eq!((done.lease, done.attempts.as_str()), (renewed.lease, "1"));
     let buried = must_claim(&store, "orders", "dead", ttl(60 * SECOND, 60 * SECOND)).await;
     assert_eq!(
         store.bury(&buried, 60 * SECOND).await.expect("bury"),
         Fenced::Applied
     );
-    let dead = fields(&mut conn, &store.record_key("orders", "dead").expect("key")).await;
-    assert_eq!(dead.get("state").map(String::as_str), Some("dead"));
-    assert_eq!(dead.len(), 4, "{dead:?}");
+    let dead = stored(&mut conn, &store.record_key("orders", "dead").expect("key")).await;
+    assert_eq!((dead.state.as_str(), dead.attempts.as_str()), ("x", "1"));
+    assert_eq!(dead.token, buried.token.to_string());
+
+    // fail releases (r), with or without giving the attempt back; the next
+    // claim counts on from there.
+    let released = must_claim(&store, "orders", "again", ttl(60 * SECOND, 60 * SECOND)).await;
+    let again = store.record_key("orders", "again").expect("key");
+    assert_eq!(
+        store
+            .fail(&released, Release::CountAttempt)
+            .await
+            .expect("fail"),
+        Fenced::Applied
+    );
+    let r = stored(&mut conn, &again).await;
+    assert_eq!((r.state.as_str(), r.attempts.as_str()), ("r", "1"));
+    assert_eq!(r.token, released.token.to_string());
+    let second = must_claim(&store, "orders", "again", ttl(60 * SECOND, 60 * SECOND)).await;
+    assert_eq!(second.attempt, 2);
+    let c = stored(&mut conn, &again).await;
+    assert_eq!((c.state.as_str(), c.attempts.as_str()), ("c", "2"));
+    assert_eq!(c.token, second.token.to_string());
+    assert_eq!(
+        store
+            .fail(&second, Release::RefundAttempt)
+            .await
+            .expect("fail"),
+        Fenced::Applied
+    );
+    let refunded = stored(&mut conn, &again).await;
+    assert_eq!(
+        (refunded.state.as_str(), refunded.attempts.as_str()),
+        ("r", "1")
+    );
     assert!(store.record_key("a:b", "k").is_err());
 }
 
@@ -288,7 +354,7 @@ async fn foreign_data_under_a_record_key_is_a_permanent_error() {
     let key = store.record_key("s", "squatted").expect("key");
     let () = redis::cmd("SET")
         .arg(&key)
-        .arg("not a hash")
+        .arg("not a record")
         .arg("PX")
         .arg(60_000)
         .query_async(&mut conn)
@@ -309,6 +375,7 @@ async fn foreign_data_under_a_record_key_is_a_permanent_error() {
         .await
         .expect_err("a string is not a record");
     assert!(permanent(&err), "{err:?}");
+    assert!(err.to_string().contains(&key), "names the key: {err}");
     let err = store
         .claim_many(
             "s",
@@ -339,8 +406,132 @@ async fn foreign_data_under_a_record_key_is_a_permanent_error() {
         .query_async(&mut conn)
         .await
         .expect("GET");
-    assert_eq!(kept, "not a hash");
+    assert_eq!(kept, "not a record");
     assert!(store.forget("s", "squatted").await.expect("forget"));
+
+    // Strings that look almost like records are refused too, by every
+    // operation that reads them.
+    for almost in [
+        "c:0000000000000007:1:1:1",
+        "c:0000000000000007:1",
+        "c:zz:1:1",
+        "q:0000000000000007:1:1",
+        "c:0000000000000007:-1:1",
+        "",
+    ] {
+        let () = redis::cmd("SET")
+            .arg(&key)
+            .arg(almost)
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut conn)
+            .await
+            .expect("SET");
+        let other = Lease {
+            token: LeaseToken(8),
+            ..ghost.clone()
+        };
+        let errs = [
+            store
+                .claim("s", "squatted", ttl(SECOND, SECOND))
+                .await
+                .map(drop),
+            store.get("s", "squatted").await.map(drop),
+            store.complete(&other, SECOND).await.map(drop),
+            store.renew(&other, SECOND).await.map(drop),
+            store.fail(&other, Release::CountAttempt).await.map(drop),
+        ];
+        for err in errs {
+            let err = err.expect_err(almost);
+            assert!(permanent(&err), "{almost:?}: {err:?}");
+        }
+        let kept: String = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("GET");
+        assert_eq!(kept, almost);
+    }
+    assert!(store.forget("s", "squatted").await.expect("forget"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_the_hash_layout_are_refused_with_a_clear_error() {
+    let Some(store) = store().await else { return };
+    let mut conn = raw().await;
+    // What earlier versions wrote: one hash per record.
+    let token = LeaseToken(0x5f0e_1d2c_3b4a_5968);
+    let key = store.record_key("s", "old").expect("key");
+    let () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("state")
+        .arg("claimed")
+        .arg("token")
+        .arg(token.to_string())
+        .arg("lease")
+        .arg("99999999999999")
+        .arg("attempts")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .map(|_: i64| ())
+        .expect("HSET");
+    let _: i64 = redis::cmd("PEXPIRE")
+        .arg(&key)
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .expect("PEXPIRE");
+    let lease = Lease {
+        scope: "s".into(),
+        key: "old".into(),
+        token,
+        attempt: 1,
+    };
+    let t = ttl(SECOND, SECOND);
+    let errs = [
+        store.claim("s", "old", t).await.map(drop),
+        store
+            .claim_many("s", &["new".to_owned(), "old".to_owned()], t)
+            .await
+            .map(drop),
+        store.get("s", "old").await.map(drop),
+        store.renew(&lease, SECOND).await.map(drop),
+        store.complete(&lease, SECOND).await.map(drop),
+        store
+            .complete_many(std::slice::from_ref(&lease), SECOND)
+            .await
+            .map(drop),
+        store.fail(&lease, Release::RefundAttempt).await.map(drop),
+        store.bury(&lease, SECOND).await.map(drop),
+    ];
+    for err in errs {
+        let err = err.expect_err("a hash is not a record");
+        assert!(
+            matches!(
+                err,
+                Error::Backend {
+                    backend: "redis",
+                    transient: false,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        for part in ["WRONGTYPE", key.as_str(), "hash layout", "prefix"] {
+            assert!(text.contains(part), "{part:?} missing from: {text}");
+        }
+    }
+    // Left as it was; forget removes it.
+    let state: Option<String> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("state")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET");
+    assert_eq!(state.as_deref(), Some("claimed"));
+    assert!(store.forget("s", "old").await.expect("forget"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
