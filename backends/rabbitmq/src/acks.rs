@@ -117,6 +117,21 @@ impl AckBatcher {
         self.flush(false).await.map(|()| true)
     }
 
+    /// Writes every held ack (before the channel closes), waiting for a
+    /// writer at work to finish first; gives up at `deadline`.
+    pub(crate) async fn drain(self: &Arc<Self>, deadline: tokio::time::Instant) {
+        while tokio::time::Instant::now() < deadline {
+            if self.lock().held.is_empty() {
+                return;
+            }
+            if let Err(e) = self.flush(true).await {
+                debug!(error = %e, "held acks could not be written; the broker redelivers them");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Writes held acks while there is something to write and no other
     /// task is writing. With `force`, also the ones above the floor.
     async fn flush(self: &Arc<Self>, force: bool) -> lapin::Result<()> {

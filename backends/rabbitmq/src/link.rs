@@ -144,6 +144,11 @@ impl Generation {
             sleep(POLL).await;
         }
         if self.conn.status().connected() {
+            // Acks confirmed to their callers but still held go out first;
+            // closing would send their messages back to the queue.
+            if let Some(acks) = &self.acks {
+                acks.drain(deadline).await;
+            }
             match timeout(wait, self.conn.close(200, "idemq: closing".into())).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(error = %e, "closing the RabbitMQ connection failed"),

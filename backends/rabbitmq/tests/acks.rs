@@ -181,3 +181,25 @@ async fn without_batching_every_ack_goes_out_alone() {
     assert_eq!(left_after_close(broker, &config).await, 1);
     cleanup(&config).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_writes_the_held_acks_first() {
+    // A delay far longer than the test: only the close can send them.
+    let config = common::config("acks_close")
+        .with_prefetch(100)
+        .with_ack_batching(Some(Duration::from_secs(60)));
+    let Some(broker) = common::connect(config.clone()).await else {
+        return;
+    };
+    publish(&broker, 10).await;
+    let inflight = take(&broker, 10).await;
+    for d in &inflight[1..] {
+        broker.ack(d).await.expect("ack");
+    }
+    assert_eq!(
+        left_after_close(broker, &config).await,
+        1,
+        "the nine held acks went out before the channel closed"
+    );
+    cleanup(&config).await;
+}
