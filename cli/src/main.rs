@@ -266,6 +266,15 @@ async fn run(cli: Cli) -> Result<bool, BoxError> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Warnings and errors of the engine and backends go to stderr;
+    // RUST_LOG=idemq=debug (or any filter) shows more. lapin logs an error
+    // for every channel it closes on purpose; those are left out.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin::channels=off"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     match run(cli).await {
         Ok(true) => ExitCode::SUCCESS,
