@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use foldhash::fast::RandomState;
 use tokio::sync::oneshot;
 
 use crate::Error;
@@ -337,28 +338,38 @@ fn take_batch<J: Job>(queue: &mut VecDeque<J>, max: usize) -> Vec<J> {
     while queue.front().is_some_and(Job::abandoned) {
         queue.pop_front();
     }
-    let Some(first) = queue.pop_front() else {
+    if queue.is_empty() {
         return Vec::new();
-    };
-    let mut batch = vec![first];
-    let mut seen: HashSet<(String, String)> = HashSet::new();
-    {
-        let (s, k) = batch[0].record();
-        seen.insert((s.to_owned(), k.to_owned()));
     }
-    let mut rest = VecDeque::with_capacity(queue.len());
-    while let Some(job) = queue.pop_front() {
-        if job.abandoned() {
-            continue;
-        }
-        if batch.len() < max && job.joins(&batch[0]) {
-            let (s, k) = job.record();
-            if seen.insert((s.to_owned(), k.to_owned())) {
-                batch.push(job);
+    // First pass, borrowing: which jobs go (one per record, joining the
+    // first). Second pass: move them out, keep the rest in order.
+    let mut take = vec![false; queue.len()];
+    {
+        let mut seen: HashSet<(&str, &str), RandomState> =
+            HashSet::with_capacity_and_hasher(max.min(queue.len()), RandomState::default());
+        let first = &queue[0];
+        let mut n = 0;
+        for (i, job) in queue.iter().enumerate() {
+            if n == max {
+                break;
+            }
+            if job.abandoned() || !job.joins(first) {
                 continue;
             }
+            if seen.insert(job.record()) {
+                take[i] = true;
+                n += 1;
+            }
         }
-        rest.push_back(job);
+    }
+    let mut batch = Vec::with_capacity(take.iter().filter(|t| **t).count());
+    let mut rest = VecDeque::with_capacity(queue.len() - batch.capacity());
+    for (job, go) in queue.drain(..).zip(take) {
+        if go {
+            batch.push(job);
+        } else if !job.abandoned() {
+            rest.push_back(job);
+        }
     }
     *queue = rest;
     batch
