@@ -31,6 +31,8 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -375,10 +377,15 @@ fn take_batch<J: Job>(queue: &mut VecDeque<J>, max: usize) -> Vec<J> {
     batch
 }
 
+/// Sends one batch; the slot it holds is given back when it is done.
+type SendBatch<S, J> = fn(Arc<Shared<S>>, Vec<J>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// Sends what is queued while slots are free. Called with the lane locked.
-fn flush_claims<S: DedupStore + 'static>(
+fn flush<S: DedupStore + 'static, J: Job>(
     shared: &Arc<Shared<S>>,
-    mut st: MutexGuard<'_, LaneState<ClaimJob>>,
+    mut st: MutexGuard<'_, LaneState<J>>,
+    which: Which,
+    send: SendBatch<S, J>,
 ) {
     while st.in_flight < shared.max_in_flight() && !st.queue.is_empty() {
         let batch = take_batch(&mut st.queue, shared.max_batch());
@@ -394,38 +401,32 @@ fn flush_claims<S: DedupStore + 'static>(
         st.in_flight += 1;
         let slot = Slot {
             shared: shared.clone(),
-            which: Which::Claims,
+            which,
         };
+        let sending = send(shared.clone(), batch);
         rt.spawn(async move {
-            run_claims(&slot.shared, batch).await;
+            sending.await;
             drop(slot);
         });
     }
 }
 
+fn flush_claims<S: DedupStore + 'static>(
+    shared: &Arc<Shared<S>>,
+    st: MutexGuard<'_, LaneState<ClaimJob>>,
+) {
+    flush(shared, st, Which::Claims, |sh, batch| {
+        Box::pin(async move { run_claims(&sh, batch).await })
+    });
+}
+
 fn flush_completes<S: DedupStore + 'static>(
     shared: &Arc<Shared<S>>,
-    mut st: MutexGuard<'_, LaneState<CompleteJob>>,
+    st: MutexGuard<'_, LaneState<CompleteJob>>,
 ) {
-    while st.in_flight < shared.max_in_flight() && !st.queue.is_empty() {
-        let batch = take_batch(&mut st.queue, shared.max_batch());
-        if batch.is_empty() {
-            break;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            st.queue.clear();
-            return;
-        };
-        st.in_flight += 1;
-        let slot = Slot {
-            shared: shared.clone(),
-            which: Which::Completes,
-        };
-        rt.spawn(async move {
-            run_completes(&slot.shared, batch).await;
-            drop(slot);
-        });
-    }
+    flush(shared, st, Which::Completes, |sh, batch| {
+        Box::pin(async move { run_completes(&sh, batch).await })
+    });
 }
 
 async fn run_claims<S: DedupStore>(shared: &Shared<S>, batch: Vec<ClaimJob>) {

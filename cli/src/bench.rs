@@ -229,34 +229,16 @@ pub async fn run(s: &Settings) -> Result<BenchReport, BoxError> {
             ConfigKind::Redis => {
                 let inner = redis.clone().ok_or("redis store missing")?;
                 let store = CountingStore::new(inner, calls.clone());
-                match s.store_in_flight {
-                    Some(n) => {
-                        phase_ctx
-                            .engine(config, coalesce(store, n), bench_handler, &scope, calls)
-                            .await?
-                    }
-                    None => {
-                        phase_ctx
-                            .engine(config, store, bench_handler, &scope, calls)
-                            .await?
-                    }
-                }
+                phase_ctx
+                    .engine_on(config, store, bench_handler, &scope, calls)
+                    .await?
             }
             ConfigKind::Postgres => {
                 let inner = pg.clone().ok_or("postgres store missing")?;
                 let store = CountingStore::new(inner, calls.clone());
-                match s.store_in_flight {
-                    Some(n) => {
-                        phase_ctx
-                            .engine(config, coalesce(store, n), bench_handler, &scope, calls)
-                            .await?
-                    }
-                    None => {
-                        phase_ctx
-                            .engine(config, store, bench_handler, &scope, calls)
-                            .await?
-                    }
-                }
+                phase_ctx
+                    .engine_on(config, store, bench_handler, &scope, calls)
+                    .await?
             }
             ConfigKind::PostgresTx => {
                 let inner = pg.clone().ok_or("postgres store missing")?;
@@ -273,18 +255,9 @@ pub async fn run(s: &Settings) -> Result<BenchReport, BoxError> {
                     })
                 });
                 let store = CountingStore::new(inner, calls.clone());
-                match s.store_in_flight {
-                    Some(n) => {
-                        phase_ctx
-                            .engine(config, coalesce(store, n), handler, &scope, calls)
-                            .await?
-                    }
-                    None => {
-                        phase_ctx
-                            .engine(config, store, handler, &scope, calls)
-                            .await?
-                    }
-                }
+                phase_ctx
+                    .engine_on(config, store, handler, &scope, calls)
+                    .await?
             }
         };
         results.push(r);
@@ -512,6 +485,25 @@ impl PhaseCtx<'_> {
             counts.round_trips.load(Ordering::Relaxed),
             problems,
         ))
+    }
+
+    /// [`PhaseCtx::engine`] on `store` behind [`Coalescing`], unless the
+    /// bench runs without it.
+    async fn engine_on<S: DedupStore + 'static, H: Handler>(
+        &self,
+        config: ConfigKind,
+        store: S,
+        handler: H,
+        scope: &str,
+        calls: Arc<AtomicU64>,
+    ) -> Result<PhaseResult, BoxError> {
+        match self.s.store_in_flight {
+            Some(n) => {
+                self.engine(config, coalesce(store, n), handler, scope, calls)
+                    .await
+            }
+            None => self.engine(config, store, handler, scope, calls).await,
+        }
     }
 
     async fn engine<S: DedupStore, H: Handler>(

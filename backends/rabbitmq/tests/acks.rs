@@ -45,6 +45,22 @@ async fn left_after_close(broker: RabbitBroker, config: &RabbitConfig) -> u32 {
     work
 }
 
+/// Publishes ten messages, takes them, acks all but the oldest, waits
+/// `pause`, closes: answers how many came back to the queue (1 when every
+/// ack arrived). `None` when RabbitMQ is down (skip).
+async fn ack_all_but_the_oldest(config: &RabbitConfig, pause: Duration) -> Option<u32> {
+    let broker = common::connect(config.clone()).await?;
+    publish(&broker, 10).await;
+    let inflight = take(&broker, 10).await;
+    for d in &inflight[1..] {
+        broker.ack(d).await.expect("ack");
+    }
+    tokio::time::sleep(pause).await;
+    let left = left_after_close(broker, config).await;
+    cleanup(config).await;
+    Some(left)
+}
+
 async fn cleanup(config: &RabbitConfig) {
     let broker = common::connect(config.clone()).await.expect("reconnect");
     common::cleanup(broker).await;
@@ -82,26 +98,15 @@ async fn acks_in_any_order_all_reach_the_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsettled_delivery_holds_later_acks_back_only_briefly() {
+    // The oldest stays unsettled; the nine acks after it are held behind
+    // it, and go out one by one once the 50 ms delay is over.
     let config = common::config("acks_hold")
         .with_prefetch(100)
         .with_ack_batching(Some(Duration::from_millis(50)));
-    let Some(broker) = common::connect(config.clone()).await else {
+    let Some(left) = ack_all_but_the_oldest(&config, Duration::from_millis(400)).await else {
         return;
     };
-    publish(&broker, 10).await;
-    let inflight = take(&broker, 10).await;
-    // The oldest stays unsettled; the nine after it are acked.
-    for d in &inflight[1..] {
-        broker.ack(d).await.expect("ack");
-    }
-    // Past the delay the held acks go out one by one.
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(
-        left_after_close(broker, &config).await,
-        1,
-        "only the unsettled delivery comes back"
-    );
-    cleanup(&config).await;
+    assert_eq!(left, 1, "past the delay the held acks went out one by one");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,17 +174,10 @@ async fn without_batching_every_ack_goes_out_alone() {
         .with_prefetch(100)
         .with_ack_batching(None);
     assert_eq!(config.ack_delay(), None);
-    let Some(broker) = common::connect(config.clone()).await else {
+    let Some(left) = ack_all_but_the_oldest(&config, Duration::ZERO).await else {
         return;
     };
-    publish(&broker, 10).await;
-    let inflight = take(&broker, 10).await;
-    for d in &inflight[1..] {
-        broker.ack(d).await.expect("ack");
-    }
-    // No delay: the nine acks are out before the close.
-    assert_eq!(left_after_close(broker, &config).await, 1);
-    cleanup(&config).await;
+    assert_eq!(left, 1, "no delay: the nine acks were out before the close");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,18 +186,11 @@ async fn closing_writes_the_held_acks_first() {
     let config = common::config("acks_close")
         .with_prefetch(100)
         .with_ack_batching(Some(Duration::from_secs(60)));
-    let Some(broker) = common::connect(config.clone()).await else {
+    let Some(left) = ack_all_but_the_oldest(&config, Duration::ZERO).await else {
         return;
     };
-    publish(&broker, 10).await;
-    let inflight = take(&broker, 10).await;
-    for d in &inflight[1..] {
-        broker.ack(d).await.expect("ack");
-    }
     assert_eq!(
-        left_after_close(broker, &config).await,
-        1,
+        left, 1,
         "the nine held acks went out before the channel closed"
     );
-    cleanup(&config).await;
 }
