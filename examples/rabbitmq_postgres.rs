@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use idemq::{Broker, Engine, HandlerError, Message, OutgoingMessage, headers};
+use idemq::{Broker, Coalescing, Engine, HandlerError, Message, OutgoingMessage, headers};
 use idemq_postgres::sqlx::{self, PgConnection};
 use idemq_postgres::{PostgresDedupStore, sql_error};
 use idemq_rabbitmq::{RabbitBroker, RabbitConfig, RabbitPublisher, delete_topology};
@@ -26,7 +26,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let queue = format!("idemq-demo.pg.{run}");
     let config = RabbitConfig::from_env(&queue)
         .with_retry_tiers([Duration::from_millis(200), Duration::from_secs(1)])
-        .with_prefetch(32);
+        .with_prefetch(64); // twice the engine's concurrency
     let db_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let store = PostgresDedupStore::connect(&db_url).await?;
@@ -89,7 +89,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
         })
     };
-    let engine = Engine::builder(broker.clone(), store.clone(), handler)
+    // Concurrent claims go out as one statement per batch (completions are
+    // written by the transactional handler itself).
+    let engine = Engine::builder(broker.clone(), Coalescing::new(store.clone()), handler)
         .scope(format!("demo-pg-{run}"))
         .concurrency(32)
         .keep_for(Duration::from_secs(600))

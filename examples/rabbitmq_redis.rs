@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idemq::{Broker, Engine, HandlerError, Message, OutgoingMessage, headers};
+use idemq::{Broker, Coalescing, Engine, HandlerError, Message, OutgoingMessage, headers};
 use idemq_rabbitmq::{RabbitBroker, RabbitConfig, RabbitPublisher, delete_topology};
 use idemq_redis::RedisDedupStore;
 use tokio_util::sync::CancellationToken;
@@ -31,9 +31,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Short retry tiers so the demo's retries come back within a second.
     let config = RabbitConfig::from_env(&queue)
         .with_retry_tiers([Duration::from_millis(200), Duration::from_secs(1)])
-        .with_prefetch(32);
+        .with_prefetch(64); // twice the engine's concurrency
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let store = RedisDedupStore::connect(&redis_url).await?;
+    // Concurrent claims and completions go out as batch scripts.
+    let store = Coalescing::new(RedisDedupStore::connect(&redis_url).await?);
     let broker = RabbitBroker::connect(config.clone()).await?;
     println!(
         "queue {queue} at {}; dedup in {store:?}",

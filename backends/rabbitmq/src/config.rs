@@ -220,7 +220,9 @@ impl RabbitConfig {
     }
 
     /// How many unacknowledged deliveries the consumer may hold (AMQP
-    /// `basic.qos` prefetch). Set it to the engine's concurrency.
+    /// `basic.qos` prefetch). At least the engine's concurrency; about
+    /// twice it keeps every handler busy while acks are held for batching
+    /// (a held ack still counts against the prefetch).
     pub fn with_prefetch(mut self, prefetch: u16) -> Self {
         self.prefetch = prefetch;
         self

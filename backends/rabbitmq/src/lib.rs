@@ -1,8 +1,10 @@
 //! # idemq-rabbitmq: the RabbitMQ broker of idemq
 //!
 //! [`RabbitBroker`] implements [`idemq::Broker`] over
-//! [lapin](https://docs.rs/lapin): consumption with a prefetch equal to the
-//! engine's concurrency, each delivery settled on its own; retries through
+//! [lapin](https://docs.rs/lapin): consumption with a prefetch of at least
+//! the engine's concurrency, each delivery settled on its own (acks batched
+//! into `basic.ack(multiple)`, see [`RabbitConfig::with_ack_batching`]);
+//! retries through
 //! one delay queue per backoff tier; a dead-letter queue whose copies carry
 //! the reason; every copy published persistent, `mandatory`, with publisher
 //! confirms, and the original acked only once the copy is confirmed.
@@ -55,7 +57,7 @@
 //! let config = RabbitConfig::from_env("orders")
 //!     .with_queue_type(QueueType::Quorum)
 //!     .with_retry_tiers([Duration::from_secs(1), Duration::from_secs(30), Duration::from_secs(600)])
-//!     .with_prefetch(32); // = the engine's concurrency
+//!     .with_prefetch(64); // twice the engine's concurrency
 //! let broker = RabbitBroker::connect(config).await?;
 //!
 //! broker
