@@ -446,15 +446,7 @@ async fn run_claims<S: DedupStore>(shared: &Shared<S>, batch: Vec<ClaimJob>) {
     match answers {
         Ok(answers) => {
             for (job, answer) in batch.into_iter().zip(answers) {
-                if let Err(Ok(Claim::Claimed(lease))) = job.reply.send(Ok(answer)) {
-                    // The caller is gone: nobody will complete this claim.
-                    // Give it back rather than let the record stay claimed
-                    // until the lease lapses.
-                    if let Err(e) = shared.store.fail(&lease, Release::RefundAttempt).await {
-                        tracing::warn!(error = %e, key = %lease.key,
-                            "could not release a claim whose caller gave up; its lease will lapse");
-                    }
-                }
+                answer_claim(shared, job.reply, Ok(answer)).await;
             }
         }
         // One bad record (say, a foreign value at its key) must not fail
@@ -465,12 +457,26 @@ async fn run_claims<S: DedupStore>(shared: &Shared<S>, batch: Vec<ClaimJob>) {
                     continue;
                 }
                 let answer = shared.store.claim(&job.scope, &job.key, job.ttl).await;
-                if let Err(Ok(Claim::Claimed(lease))) = job.reply.send(answer) {
-                    let _ = shared.store.fail(&lease, Release::RefundAttempt).await;
-                }
+                answer_claim(shared, job.reply, answer).await;
             }
         }
         Err(e) => reply_all(batch.into_iter().map(|j| j.reply), e),
+    }
+}
+
+/// Hands a claim's answer to its caller. When the caller is gone, nobody
+/// will complete a claim it won: give it back rather than let the record
+/// stay claimed until the lease lapses.
+async fn answer_claim<S: DedupStore>(
+    shared: &Shared<S>,
+    reply: oneshot::Sender<Result<Claim, Error>>,
+    answer: Result<Claim, Error>,
+) {
+    if let Err(Ok(Claim::Claimed(lease))) = reply.send(answer)
+        && let Err(e) = shared.store.fail(&lease, Release::RefundAttempt).await
+    {
+        tracing::warn!(error = %e, key = %lease.key,
+            "could not release a claim whose caller gave up; its lease will lapse");
     }
 }
 
@@ -520,22 +526,12 @@ fn same_len<T>(op: &'static str, answers: Vec<T>, want: usize) -> Result<Vec<T>,
     }
 }
 
-fn reply_all<T>(replies: impl Iterator<Item = oneshot::Sender<Result<T, Error>>>, e: Error) {
-    let mut original = Some(e);
-    let mut copy: Option<Error> = None;
+fn reply_all<T>(mut replies: impl Iterator<Item = oneshot::Sender<Result<T, Error>>>, e: Error) {
+    let Some(first) = replies.next() else { return };
     for reply in replies {
-        let err = match original.take() {
-            Some(e) => {
-                copy = Some(duplicate(&e));
-                e
-            }
-            None => copy
-                .as_ref()
-                .map(duplicate)
-                .unwrap_or_else(|| gone("batch")),
-        };
-        let _ = reply.send(Err(err));
+        let _ = reply.send(Err(duplicate(&e)));
     }
+    let _ = first.send(Err(e));
 }
 
 /// An equal copy of `e`: the same variant and fields, the source kept as text.

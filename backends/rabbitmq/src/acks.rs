@@ -182,10 +182,10 @@ impl AckBatcher {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let me = Arc::downgrade(self);
+        let (me, delay) = (Arc::downgrade(self), self.delay);
         rt.spawn(async move {
             loop {
-                tokio::time::sleep_until(tokio::time::Instant::now() + delay_of(&me)).await;
+                tokio::time::sleep(delay).await;
                 let Some(me) = me.upgrade() else { return };
                 {
                     let mut st = me.lock();
@@ -206,12 +206,6 @@ impl AckBatcher {
             }
         });
     }
-}
-
-fn delay_of(me: &std::sync::Weak<AckBatcher>) -> Duration {
-    me.upgrade()
-        .map(|b| b.delay)
-        .unwrap_or(Duration::from_millis(1))
 }
 
 async fn send(job: Job) -> lapin::Result<()> {
