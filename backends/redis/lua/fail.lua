@@ -1,6 +1,6 @@
 -- idemq fail: release the caller's claim so the key is claimable at once,
 -- fenced by its token. The record keeps its expiry. Records:
--- 'state:token:lease:attempts' strings, see record.lua.
+-- 'state:token:attempts:slack' strings, see record.lua.
 --
 -- KEYS[1]  the record
 -- ARGV[1]  the caller's token
@@ -11,11 +11,12 @@ local key, token = KEYS[1], ARGV[1]
 local old = pcall('GET', key)
 if not old then return 0 end
 if type(old) ~= 'string' then return refuse(key, old) end
-local state, owner, deadline, attempts = match(old, RECORD)
+local state, owner, attempts, slack = fields(old)
 if not state then return refuse(key) end
 if state ~= 'c' or owner ~= token then return 0 end
 if ARGV[2] == '1' then
-  attempts = format('%d', math.max(tonumber(attempts) - 1, 0))
+  attempts = math.max(attempts - 1, 0)
 end
-call('SET', key, 'r:' .. owner .. ':' .. deadline .. ':' .. attempts, 'KEEPTTL')
+call('SET', key, 'r:' .. owner .. ':' .. format('%d', attempts) .. ':'
+  .. format('%d', slack), 'KEEPTTL')
 return 1

@@ -1,15 +1,15 @@
 -- idemq get: read a record without changing it. Records:
--- 'state:token:lease:attempts' strings, see record.lua.
+-- 'state:token:attempts:slack' strings, see record.lua.
 --
 -- KEYS[1]  the record
 --
 -- Replies nil when absent, else {state letter, attempts, lease ms left
--- (may be negative once lapsed), record ms left (PTTL)}. Server clock.
+-- (may be negative once lapsed), record ms left (PTTL)}.
 local key = KEYS[1]
 local old = pcall('GET', key)
 if not old then return false end
 if type(old) ~= 'string' then return refuse(key, old) end
-local state, _, deadline, attempts = match(old, RECORD)
+local state, _, attempts, slack = fields(old)
 if not state then return refuse(key) end
-return {state, tonumber(attempts), tonumber(deadline) - now_ms(),
-  call('PTTL', key)}
+local ttl = call('PTTL', key)
+return {state, attempts, ttl - slack, ttl}

@@ -1,9 +1,9 @@
 -- idemq renew: extend the caller's lease, fenced by its token. Records:
--- 'state:token:lease:attempts' strings, see record.lua.
+-- 'state:token:attempts:slack' strings, see record.lua.
 --
 -- KEYS[1]  the record
 -- ARGV[1]  the caller's token
--- ARGV[2]  new lease, ms from now (server clock)
+-- ARGV[2]  new lease, ms from now
 --
 -- Replies 1 applied, 0 lease lost. Never creates a record; never shortens
 -- its life.
@@ -11,12 +11,15 @@ local key, token = KEYS[1], ARGV[1]
 local old = pcall('GET', key)
 if not old then return 0 end
 if type(old) ~= 'string' then return refuse(key, old) end
-local state, owner, _, attempts = match(old, RECORD)
+local state, owner, attempts = fields(old)
 if not state then return refuse(key) end
 if state ~= 'c' or owner ~= token then return 0 end
 local extend = math.max(tonumber(ARGV[2]), 1)
-local record = 'c:' .. token .. ':' .. format('%d', now_ms() + extend) .. ':' .. attempts
-if call('PTTL', key) < extend then
+local ttl = call('PTTL', key)
+local life = math.max(ttl, extend)
+local record = 'c:' .. token .. ':' .. format('%d', attempts) .. ':'
+  .. format('%d', life - extend)
+if ttl < extend then
   call('SET', key, record, 'PX', format('%d', extend))
 else
   call('SET', key, record, 'KEEPTTL')

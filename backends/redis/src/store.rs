@@ -37,43 +37,59 @@ const DEAD: &str = "x";
 ///
 /// The record of `(scope, key)` lives at `<prefix>{<scope>:<key>}` (the
 /// `{...}` hash tag keeps a record in one cluster slot) as the string
-/// `<state>:<token>:<lease>:<attempts>`, for instance
-/// `c:5f0e1d2c3b4a5968:1795558172956:1`:
+/// `<state>:<token>:<attempts>:<slack>`, for instance
+/// `c:5f0e1d2c3b4a5968:1:30000`:
 ///
 /// - `state`, one letter: `c` claimed, `r` released, `d` done, `x` dead;
 /// - `token`, the fencing token of the last claim (16 hex digits, as
 ///   [`LeaseToken`] displays);
-/// - `lease`, the lease deadline, ms on the server clock (decimal);
-/// - `attempts`, how many claims were won (decimal).
+/// - `attempts`, how many claims were won (decimal);
+/// - `slack`, how long the record outlives its lease, ms (decimal): the
+///   lease holds while the key's TTL is above it; `0` in a done or dead
+///   record, which holds no lease.
 ///
-/// The key's own TTL covers the longer of the lease and
-/// [`ClaimTtl::retain`], so a lapsed lease keeps its attempt count;
-/// `complete` and `bury` set it to their `keep_for` (a `keep_for` under
-/// 1 ms deletes the record). A claim of a fresh key is one `SET NX PX GET`
-/// inside the script (Redis 7.0 and later; on Redis 6.x a `GET`, then a
-/// `SET`); the store needs Redis 6.0 or later (`SET KEEPTTL`).
+/// The key's own TTL is the record's life. It covers the longer of the
+/// lease and [`ClaimTtl::retain`], so a lapsed lease keeps its attempt
+/// count; `complete` and `bury` set it to their `keep_for` (a `keep_for`
+/// under 1 ms deletes the record). Since the lease is measured against the
+/// TTL, no script reads the clock: a claim of a fresh key is one `SET NX
+/// PX GET` (Redis 7.0 and later; on Redis 6.2 a `GET`, then a `SET`), and
+/// a `complete` or `bury` that applies is a `SET XX KEEPTTL GET` and a
+/// `PEXPIRE`. The record that `SET` replaced must be the caller's claim
+/// (its token and attempt); when it is not, the script puts it back,
+/// expiry untouched, before it answers lease lost. The store needs Redis
+/// 6.2 or later (`SET ... GET`).
 ///
 /// A value that is not such a string under a record key makes every
 /// operation on it but `forget` fail with a permanent error (`WRONGTYPE`,
-/// naming the key), and is left as it is. That includes the hashes earlier
-/// versions of this store wrote (`state`, `token`, `lease` and `attempts`
-/// fields): **upgrading from the hash layout needs an empty key prefix**,
-/// or a new one ([`RedisConfig::with_prefix`]); the error says so.
+/// naming the key), and is left as it is. That includes the records
+/// earlier versions of this store wrote: hashes (`state`, `token`, `lease`
+/// and `attempts` fields) and strings of the form
+/// `state:token:lease:attempts`. **Upgrading from an earlier layout needs
+/// an empty key prefix**, or a new one ([`RedisConfig::with_prefix`]); the
+/// error says so.
 ///
 /// Every operation is one atomic round trip: a Lua script (`EVALSHA`; sent
 /// again as `EVAL` with its source when Redis lost its script cache) timed
-/// by the server's `TIME`, or a plain `DEL` for [`DedupStore::forget`].
-/// `renew`, `complete`, `fail` and `bury` compare the owner token first and
-/// never create a record.
+/// by the server's own key expiry, or a plain `DEL` for
+/// [`DedupStore::forget`].
+/// `renew` and `fail` compare the owner token first, `complete` and `bury`
+/// the token and the attempt; none of them creates a record.
 ///
 /// [`DedupStore::claim_many`] and [`DedupStore::complete_many`] run one
-/// script call over up to [`MAX_KEYS_PER_CALL`] keys, reading the clock
-/// once (larger batches: several such calls in one pipeline), and answer
+/// script call over up to [`MAX_KEYS_PER_CALL`] keys (larger batches:
+/// several such calls in one pipeline), and answer
 /// exactly as the same single calls made one after the other would, in
 /// order: a key twice in one batch is claimed by its first occurrence and
 /// answers in progress for the second. A batch with a key that fails (a
 /// value of another type) answers that error as a whole; what the calls
 /// did up to that key stays done (won claims then lapse with their lease).
+/// An engine that calls `claim` and `complete` from many tasks gets these
+/// batches through [`idemq::Coalescing`]. Redis runs one script at a time,
+/// so there one call of each kind in flight
+/// (`Coalescing::new(store).with_max_in_flight(1)`) makes the largest
+/// batches and costs Redis the least (the bench `claim_complete` compares
+/// it with the default).
 /// One script call touches keys of any hash slot, so **batches need a
 /// standalone Redis** (or a primary with replicas); on a Redis Cluster only
 /// batches whose keys all share a slot work, the others fail with
@@ -251,16 +267,26 @@ impl RedisDedupStore {
     /// instead (which caches it too).
     pub async fn load_scripts(&self) -> Result<(), Error> {
         let mut pipe = redis::pipe();
+        pipe.add_command(redis::cmd("INFO").arg("server").to_owned());
         for script in scripts::all() {
             pipe.add_command(script.load());
         }
         let mut conn = self.conn();
         let n = pipe.len();
-        let replies = self
+        let mut replies = self
             .deadline("load_scripts", async move {
                 conn.send_packed_commands(&pipe, 0, n).await
             })
-            .await?;
+            .await?
+            .into_iter();
+        // A server that does not answer INFO (a proxy, an ACL) is let be:
+        // only a version known to be too old is refused.
+        let info = match replies.next() {
+            Some(Value::BulkString(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+            Some(Value::VerbatimString { text, .. }) => text,
+            _ => String::new(),
+        };
+        check_version(&info)?;
         for reply in replies {
             ok_or_server_error(reply).map_err(|e| error::map("load_scripts", self.after(), e))?;
         }
@@ -441,7 +467,9 @@ impl RedisDedupStore {
         for key in keys {
             cmd.arg(self.key_unchecked(scope, key.as_ref()));
         }
-        cmd.arg(ms(ttl.lease)).arg(ms(ttl.retain));
+        let lease = ms(ttl.lease);
+        let life = lease.max(ms(ttl.retain)).max(1);
+        cmd.arg(life).arg(lease).arg(life - lease);
         for token in tokens {
             cmd.arg(token.to_string());
         }
@@ -449,6 +477,8 @@ impl RedisDedupStore {
     }
 
     /// One call of `settle.lua` over `leases` (checked): writes `state`.
+    /// Each lease goes as `<token>:<attempt>`, what the caller's claim
+    /// record starts with after its state.
     fn settle_cmd(&self, state: &str, leases: &[Lease], keep_for: Duration) -> Cmd {
         let mut cmd = scripts::SETTLE.evalsha(leases.len());
         for lease in leases {
@@ -456,7 +486,7 @@ impl RedisDedupStore {
         }
         cmd.arg(state).arg(ms(keep_for));
         for lease in leases {
-            cmd.arg(lease.token.to_string());
+            cmd.arg(format!("{}:{}", lease.token, lease.attempt));
         }
         cmd
     }
@@ -633,6 +663,32 @@ fn ensure_crypto_provider() {
 
 /// Milliseconds for Redis: rounded up, so a short lease never becomes 0,
 /// and capped at [`MAX_MS`].
+/// The oldest Redis the scripts run on: `SET ... GET` came with 6.2.
+const MIN_REDIS: (u32, u32) = (6, 2);
+
+/// Refuses a server whose `INFO server` names a version older than
+/// [`MIN_REDIS`]; lets anything it cannot read pass.
+fn check_version(info: &str) -> Result<(), Error> {
+    let Some(version) = info
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .map(str::trim)
+    else {
+        return Ok(());
+    };
+    let mut parts = version.split('.').map(|p| p.parse::<u32>());
+    let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
+        return Ok(());
+    };
+    if (major, minor) < MIN_REDIS {
+        return Err(Error::Config(format!(
+            "Redis {version} is too old: idemq-redis needs Redis {}.{} or later (SET ... GET)",
+            MIN_REDIS.0, MIN_REDIS.1
+        )));
+    }
+    Ok(())
+}
+
 fn ms(d: Duration) -> u64 {
     let ms = d.as_nanos().div_ceil(1_000_000);
     u64::try_from(ms).unwrap_or(MAX_MS).min(MAX_MS)
@@ -806,6 +862,24 @@ fn parse_record(op: &'static str, reply: Value) -> Result<Option<Record>, Error>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_older_than_6_2_are_refused() {
+        let info = |v: &str| format!("# Server\r\nredis_version:{v}\r\nredis_mode:standalone\r\n");
+        for old in ["6.0.20", "6.1.0", "5.0.14"] {
+            let err = check_version(&info(old)).expect_err(old);
+            assert!(matches!(err, Error::Config(_)), "{err:?}");
+            assert!(err.to_string().contains(old), "{err}");
+            assert!(err.to_string().contains("6.2"), "{err}");
+        }
+        for fine in ["6.2.0", "7.0.15", "7.4.2", "10.0.0"] {
+            assert!(check_version(&info(fine)).is_ok(), "{fine}");
+        }
+        // What it cannot read is let be.
+        for unknown in ["", "# Server\r\n", &info("unstable"), &info("7")] {
+            assert!(check_version(unknown).is_ok(), "{unknown:?}");
+        }
+    }
 
     #[test]
     fn milliseconds_round_up_and_cap() {

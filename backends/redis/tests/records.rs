@@ -21,13 +21,23 @@ async fn must_claim(store: &RedisDedupStore, scope: &str, key: &str, t: ClaimTtl
     }
 }
 
-/// A record as stored: `state:token:lease:attempts`.
+/// A record as stored: `state:token:attempts:slack`, and the key's TTL.
 #[derive(Debug)]
 struct Stored {
     state: String,
     token: String,
-    lease: u64,
     attempts: String,
+    /// How long the record outlives its lease, ms.
+    slack: i64,
+    /// The key's `PTTL`, ms.
+    pttl: i64,
+}
+
+impl Stored {
+    /// Time left on the lease, ms: the TTL above the slack.
+    fn lease_left(&self) -> i64 {
+        self.pttl - self.slack
+    }
 }
 
 async fn stored(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Stored {
@@ -43,14 +53,15 @@ async fn stored(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Stor
         .await
         .expect("GET");
     let fields: Vec<&str> = value.split(':').collect();
-    let [state, token, lease, attempts] = fields.as_slice() else {
+    let [state, token, attempts, slack] = fields.as_slice() else {
         panic!("four fields: {value:?}");
     };
     Stored {
         state: (*state).to_owned(),
         token: (*token).to_owned(),
-        lease: lease.parse().expect("lease deadline in ms"),
         attempts: (*attempts).to_owned(),
+        slack: slack.parse().expect("slack in ms"),
+        pttl: pttl(conn, key).await,
     }
 }
 
@@ -58,7 +69,7 @@ async fn stored(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Stor
 async fn record_is_one_string_under_a_hash_tag() {
     let Some(store) = store().await else { return };
     let mut conn = raw().await;
-    let lease = must_claim(&store, "orders", "abc", ttl(60 * SECOND, 60 * SECOND)).await;
+    let lease = must_claim(&store, "orders", "abc", ttl(60 * SECOND, 90 * SECOND)).await;
     let key = store.record_key("orders", "abc").expect("valid");
     assert_eq!(key, format!("{}{{orders:abc}}", store.config().prefix()));
     let f = stored(&mut conn, &key).await;
@@ -66,16 +77,10 @@ async fn record_is_one_string_under_a_hash_tag() {
     assert_eq!(f.token, lease.token.to_string());
     assert_eq!(f.token.len(), 16, "{f:?}");
     assert_eq!(f.attempts, "1");
-    let lease_until = f.lease;
-    let (secs, micros): (u64, u64) = redis::cmd("TIME")
-        .query_async(&mut conn)
-        .await
-        .expect("TIME");
-    let now_ms = secs * 1000 + micros / 1000;
-    assert!(
-        lease_until > now_ms + 55_000 && lease_until <= now_ms + 60_000,
-        "lease deadline {lease_until} vs server now {now_ms}"
-    );
+    // lease 60 s, retain 90 s: the record lives 90 s, 30 s past its lease.
+    assert_eq!(f.slack, 30_000, "{f:?}");
+    assert!(f.pttl > 85_000 && f.pttl <= 90_000, "{f:?}");
+    assert!(f.lease_left() > 55_000, "{f:?}");
 
     // renew moves the deadline only.
     assert_eq!(
@@ -91,17 +96,22 @@ async fn record_is_one_string_under_a_hash_tag() {
         ),
         ("c", &f.token, "1")
     );
-    assert!(renewed.lease > lease_until + 55_000, "{renewed:?} vs {f:?}");
+    // A lease of 120 s outlasts the record's 90 s: the record now lives
+    // exactly as long as the lease.
+    assert_eq!(renewed.slack, 0, "{renewed:?}");
+    assert!(renewed.lease_left() > 115_000, "{renewed:?}");
 
-    // complete and bury write their state and keep token, lease and attempts.
+    // complete and bury write their state, keep token and attempts, drop
+    // the lease, and live keep_for from now.
     assert_eq!(
-        store.complete(&lease, 60 * SECOND).await.expect("complete"),
+        store.complete(&lease, 30 * SECOND).await.expect("complete"),
         Fenced::Applied
     );
     let done = stored(&mut conn, &key).await;
     assert_eq!(done.state, "d");
     assert_eq!(done.token, lease.token.to_string());
-    assert_eq!((done.lease, done.attempts.as_str()), (renewed.lease, "1"));
+    assert_eq!((done.slack, done.attempts.as_str()), (0, "1"));
+    assert!(done.pttl > 25_000 && done.pttl <= 30_000, "{done:?}");
     let buried = must_claim(&store, "orders", "dead", ttl(60 * SECOND, 60 * SECOND)).await;
     assert_eq!(
         store.bury(&buried, 60 * SECOND).await.expect("bury"),
@@ -242,6 +252,98 @@ async fn lapsed_lease_keeps_attempts_until_retain_ends() {
         Fenced::Applied
     );
     assert_eq!(must_claim(&store, "s", "crashy", t).await.attempt, 5);
+}
+
+/// The value and the expiry (`PEXPIRETIME`) of a key, exactly.
+async fn snapshot(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> (String, i64) {
+    let value: String = redis::cmd("GET")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("GET");
+    let at: i64 = redis::cmd("PEXPIRETIME")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("PEXPIRETIME");
+    (value, at)
+}
+
+/// A `complete` or `bury` writes first and checks the record it replaced
+/// after (one command when it applies); when that record was not the
+/// caller's claim it must be back exactly as it was, value and expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_that_misses_leaves_the_record_exactly_as_it_was() {
+    let Some(store) = store().await else { return };
+    let mut conn = raw().await;
+    let key = store.record_key("s", "contested").expect("key");
+    let first = must_claim(&store, "s", "contested", ttl(SECOND / 5, 60 * SECOND)).await;
+    tokio::time::sleep(SECOND / 2).await;
+    let second = must_claim(&store, "s", "contested", ttl(30 * SECOND, 45 * SECOND)).await;
+    assert_eq!(second.attempt, 2);
+
+    // The lapsed lease: complete, bury and the batch form all miss.
+    let held = snapshot(&mut conn, &key).await;
+    assert!(held.0.starts_with("c:"), "{held:?}");
+    assert_eq!(
+        store.complete(&first, 5 * SECOND).await.expect("complete"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store.bury(&first, 5 * SECOND).await.expect("bury"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store
+            .complete_many(std::slice::from_ref(&first), 5 * SECOND)
+            .await
+            .expect("complete_many"),
+        vec![Fenced::LeaseLost]
+    );
+    // The right token with another attempt is not the claim either.
+    let forged = Lease {
+        attempt: 1,
+        ..second.clone()
+    };
+    assert_eq!(
+        store.complete(&forged, 5 * SECOND).await.expect("complete"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(snapshot(&mut conn, &key).await, held);
+
+    // A done record stays done, with its own expiry, when completed again.
+    assert_eq!(
+        store
+            .complete(&second, 20 * SECOND)
+            .await
+            .expect("complete"),
+        Fenced::Applied
+    );
+    let done = snapshot(&mut conn, &key).await;
+    assert!(done.0.starts_with("d:"), "{done:?}");
+    assert_ne!(done.1, held.1, "complete sets keep_for");
+    assert_eq!(
+        store.complete(&second, 5 * SECOND).await.expect("again"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store.bury(&second, 5 * SECOND).await.expect("bury"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(snapshot(&mut conn, &key).await, done);
+
+    // In a batch, the miss is put back and the hit applies.
+    let other = must_claim(&store, "s", "other", ttl(30 * SECOND, 30 * SECOND)).await;
+    assert_eq!(
+        store
+            .complete_many(&[second.clone(), other.clone()], 5 * SECOND)
+            .await
+            .expect("complete_many"),
+        vec![Fenced::LeaseLost, Fenced::Applied]
+    );
+    assert_eq!(snapshot(&mut conn, &key).await, done);
+    let record = store.get("s", "other").await.expect("get").expect("kept");
+    assert_eq!(record.state, RecordState::Done);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,11 +494,11 @@ async fn foreign_data_under_a_record_key_is_a_permanent_error() {
         attempt: 1,
     };
     let err = store
-        .complete_many(std::slice::from_ref(&ghost), SECOND)
+        .complete_many(std::slice::from_ref(&ghost), 60 * SECOND)
         .await
         .expect_err("complete_many");
     assert!(permanent(&err), "{err:?}");
-    let err = store.bury(&ghost, SECOND).await.expect_err("bury");
+    let err = store.bury(&ghost, 60 * SECOND).await.expect_err("bury");
     assert!(permanent(&err), "{err:?}");
     let err = store.get("s", "squatted").await.expect_err("get");
     assert!(!err.is_transient(), "{err:?}");
@@ -417,6 +519,8 @@ async fn foreign_data_under_a_record_key_is_a_permanent_error() {
         "c:zz:1:1",
         "q:0000000000000007:1:1",
         "c:0000000000000007:-1:1",
+        // The layout before this one (state:token:lease:attempts).
+        "c:0000000000000007:1795558172956:1",
         "",
     ] {
         let () = redis::cmd("SET")
@@ -427,6 +531,7 @@ async fn foreign_data_under_a_record_key_is_a_permanent_error() {
             .query_async(&mut conn)
             .await
             .expect("SET");
+        let before = snapshot(&mut conn, &key).await;
         let other = Lease {
             token: LeaseToken(8),
             ..ghost.clone()
@@ -437,7 +542,7 @@ async fn foreign_data_under_a_record_key_is_a_permanent_error() {
                 .await
                 .map(drop),
             store.get("s", "squatted").await.map(drop),
-            store.complete(&other, SECOND).await.map(drop),
+            store.complete(&other, 60 * SECOND).await.map(drop),
             store.renew(&other, SECOND).await.map(drop),
             store.fail(&other, Release::CountAttempt).await.map(drop),
         ];
@@ -445,12 +550,8 @@ async fn foreign_data_under_a_record_key_is_a_permanent_error() {
             let err = err.expect_err(almost);
             assert!(permanent(&err), "{almost:?}: {err:?}");
         }
-        let kept: String = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .expect("GET");
-        assert_eq!(kept, almost);
+        // Value and expiry both as they were.
+        assert_eq!(snapshot(&mut conn, &key).await, before, "{almost:?}");
     }
     assert!(store.forget("s", "squatted").await.expect("forget"));
 }
