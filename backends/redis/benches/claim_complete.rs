@@ -8,16 +8,24 @@
 //! [`idemq::Coalescing`] (default settings, and one call in flight), which
 //! is how an engine with concurrency 64 reaches the store.
 //!
-//! Each variant also prints what Redis spent per message, from `INFO
-//! commandstats` (`usec` of `EVALSHA`, which includes the commands its
-//! script ran, or of `SET` for the raw pair), and for the coalesced
-//! variants how the calls went out.
+//! Each variant also prints what Redis spent per message: the CPU time of
+//! the server process (`INFO cpu`: commands, network I/O, expiring keys),
+//! and the `usec` of the commands alone (`INFO commandstats`: `EVALSHA`,
+//! which includes the commands its script ran, or `SET` for the raw pair);
+//! and for the coalesced variants how the calls went out. Before each
+//! variant the bench waits for the keys of the one before to expire
+//! (they live 2 s), so none pays for another's expiry.
 //!
 //! ```text
 //! CARGO_TARGET_DIR=/work/target-redis cargo bench -p idemq-redis --bench claim_complete
 //! ```
 //!
 //! Throughput is in messages (claim + complete pairs) per second.
+//!
+//! After the criterion groups, a paired run alternates the same variants
+//! in short rounds and prints the median per-round ratio of each store
+//! variant to the raw pair (see [`paired`]; `IDEMQ_BENCH_NO_PAIRED=1`
+//! skips it).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,12 +48,16 @@ const COALESCED_ONE: &str = "store claim+complete via Coalescing, in-flight 1";
 const CONCURRENCY: u64 = 64;
 /// Messages per `claim_many` / `complete_many` in the batch variant.
 const BATCH: u64 = 32;
-/// Short, so the keys a run leaves behind are gone seconds later.
+/// Short, so the keys a variant leaves behind are gone before the next
+/// one starts (it waits for that): expiring them costs Redis CPU, which
+/// would otherwise be billed to whichever variant runs next.
 const TTL: ClaimTtl = ClaimTtl {
-    lease: Duration::from_secs(10),
-    retain: Duration::from_secs(10),
+    lease: Duration::from_secs(2),
+    retain: Duration::from_secs(2),
 };
-const KEEP: Duration = Duration::from_secs(10);
+const KEEP: Duration = Duration::from_secs(2);
+/// The longest wait for the keys of the last variant to expire.
+const DRAIN: Duration = Duration::from_secs(30);
 
 fn url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
@@ -155,16 +167,28 @@ async fn connect() -> Result<Setup, String> {
     })
 }
 
-/// `INFO commandstats` as `command -> (calls, usec)`.
+/// `INFO commandstats` as `command -> (calls, usec)`, and `INFO cpu` as
+/// `"cpu" -> (0, usec)` (user + system time of the server).
 async fn command_stats(conn: &mut ConnectionManager) -> HashMap<String, (u64, u64)> {
     let info: String = match redis::cmd("INFO")
         .arg("commandstats")
+        .arg("cpu")
         .query_async(conn)
         .await
     {
         Ok(info) => info,
         Err(_) => return HashMap::new(),
     };
+    let cpu: f64 = info
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            matches!(name, "used_cpu_user" | "used_cpu_sys")
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum();
+    let cpu = ("cpu".to_owned(), (0, (cpu * 1e6) as u64));
     info.lines()
         .filter_map(|line| {
             let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
@@ -176,7 +200,27 @@ async fn command_stats(conn: &mut ConnectionManager) -> HashMap<String, (u64, u6
             };
             Some((name.to_owned(), (field("calls=")?, field("usec=")?)))
         })
+        .chain([cpu])
         .collect()
+}
+
+/// Waits (at most [`DRAIN`]) until the database holds no more keys than
+/// `floor` + 100: the keys of the variant before have expired.
+async fn drained(conn: &mut ConnectionManager, floor: u64) {
+    let started = Instant::now();
+    while started.elapsed() < DRAIN {
+        let keys: u64 = match redis::cmd("DBSIZE").query_async(conn).await {
+            Ok(keys) => keys,
+            Err(_) => return,
+        };
+        if keys <= floor + 100 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "claim_complete: keys still expiring after {DRAIN:?}; the next variant pays for some"
+    );
 }
 
 /// Prints the server time a message cost during a benchmark: the `usec`
@@ -192,11 +236,16 @@ fn print_server_cost(
 ) {
     let (c0, u0) = before.get(command).copied().unwrap_or_default();
     let (c1, u1) = after.get(command).copied().unwrap_or_default();
+    let (_, cpu0) = before.get("cpu").copied().unwrap_or_default();
+    let (_, cpu1) = after.get("cpu").copied().unwrap_or_default();
     let calls = c1.saturating_sub(c0);
     if messages > 0 {
-        let per = (u1.saturating_sub(u0)) as f64 / messages as f64;
+        let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / messages as f64;
         eprintln!(
-            "{what}: Redis spent {per:.2} µs per message ({messages} messages, {calls} {command} calls)"
+            "{what}: Redis CPU {:.2} µs per message, {:.2} µs in commands \
+             ({messages} messages, {calls} {command} calls)",
+            per(cpu0, cpu1),
+            per(u0, u1),
         );
     }
 }
@@ -285,7 +334,11 @@ fn bench(c: &mut Criterion) {
 
     let mut stats_conn = setup.raw.clone();
     let counter = setup.clone();
+    let floor: u64 = rt
+        .block_on(redis::cmd("DBSIZE").query_async(&mut stats_conn))
+        .unwrap_or(0);
     let mut measure = |group: &str, name: &str, command: &str, run: &mut dyn FnMut()| {
+        rt.block_on(drained(&mut stats_conn, floor));
         let before = rt.block_on(command_stats(&mut stats_conn));
         let first = counter.next.load(Ordering::Relaxed);
         run();
@@ -344,6 +397,80 @@ fn bench(c: &mut Criterion) {
         });
     });
     par.finish();
+
+    if std::env::var_os("IDEMQ_BENCH_NO_PAIRED").is_none() {
+        rt.block_on(paired(&setup));
+    }
+}
+
+/// Messages per round of [`paired`]: sequential, concurrent.
+const PAIRED_MESSAGES: (u64, u64) = (1_000, 20_000);
+/// Rounds of [`paired`].
+const PAIRED_ROUNDS: usize = 15;
+
+/// The same comparisons again, in short rounds that alternate the store
+/// and the raw pair: the machine's speed drifts over the seconds a
+/// criterion group takes (a shared VM more than most), and a ratio taken
+/// within one round is not fooled by that. Prints the median time per
+/// message of each variant and the median of the per-round ratios to the
+/// raw pair. `IDEMQ_BENCH_NO_PAIRED=1` skips it.
+async fn paired(setup: &Arc<Setup>) {
+    let (seq_n, par_n) = PAIRED_MESSAGES;
+    let sequential = |n: u64, raw: bool| {
+        let setup = setup.clone();
+        async move {
+            let started = Instant::now();
+            for _ in 0..n {
+                if raw {
+                    setup.raw_pair().await;
+                } else {
+                    setup.store_pair().await;
+                }
+            }
+            started.elapsed()
+        }
+    };
+    let mut seq: [Vec<f64>; 2] = Default::default();
+    let mut par: [Vec<f64>; 4] = Default::default();
+    let per_msg = |d: Duration, n: u64| d.as_secs_f64() * 1e6 / n as f64;
+    for _ in 0..PAIRED_ROUNDS {
+        seq[0].push(per_msg(sequential(seq_n, false).await, seq_n));
+        seq[1].push(per_msg(sequential(seq_n, true).await, seq_n));
+        for (i, mode) in [
+            Mode::Coalesced,
+            Mode::CoalescedOne,
+            Mode::Batched,
+            Mode::Raw,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            par[i].push(per_msg(concurrently(setup, par_n, mode).await, par_n));
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let ratios = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(a, b)| a / b).collect());
+    eprintln!(
+        "paired ({PAIRED_ROUNDS} alternating rounds; µs per message, median; \
+         store / raw pair, median of the rounds' ratios):"
+    );
+    eprintln!(
+        "  sequential    {STORE}: {:.2}, {RAW}: {:.2}, ratio {:.3}",
+        median(seq[0].clone()),
+        median(seq[1].clone()),
+        ratios(&seq[0], &seq[1]),
+    );
+    for (i, name) in [COALESCED, COALESCED_ONE, BATCHED].into_iter().enumerate() {
+        eprintln!(
+            "  concurrent-64 {name}: {:.2}, {RAW}: {:.2}, ratio {:.3}",
+            median(par[i].clone()),
+            median(par[3].clone()),
+            ratios(&par[i], &par[3]),
+        );
+    }
 }
 
 criterion_group! {
