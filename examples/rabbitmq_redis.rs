@@ -33,8 +33,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_retry_tiers([Duration::from_millis(200), Duration::from_secs(1)])
         .with_prefetch(64); // twice the engine's concurrency
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    // Concurrent claims and completions go out as batch scripts.
-    let store = Coalescing::new(RedisDedupStore::connect(&redis_url).await?);
+    // Concurrent claims and completions go out as batch scripts; Redis runs
+    // one script at a time, so one call of each kind in flight.
+    let store = Coalescing::new(RedisDedupStore::connect(&redis_url).await?).with_max_in_flight(1);
     let broker = RabbitBroker::connect(config.clone()).await?;
     println!(
         "queue {queue} at {}; dedup in {store:?}",
