@@ -661,8 +661,6 @@ fn ensure_crypto_provider() {
     }
 }
 
-/// Milliseconds for Redis: rounded up, so a short lease never becomes 0,
-/// and capped at [`MAX_MS`].
 /// The oldest Redis the scripts run on: `SET ... GET` came with 6.2.
 const MIN_REDIS: (u32, u32) = (6, 2);
 
@@ -689,6 +687,8 @@ fn check_version(info: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Milliseconds for Redis: rounded up, so a short lease never becomes 0,
+/// and capped at [`MAX_MS`].
 fn ms(d: Duration) -> u64 {
     let ms = d.as_nanos().div_ceil(1_000_000);
     u64::try_from(ms).unwrap_or(MAX_MS).min(MAX_MS)
