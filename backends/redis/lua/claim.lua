@@ -13,7 +13,8 @@
 -- Replies one integer per key: 4 * attempts when claimed; 1 done; 2 dead;
 -- 4 * remaining lease ms + 3 in progress. A flat array, or for one key the
 -- integer alone (a table reply costs Redis more than the rest of a
--- single-key call).
+-- single-key call). A key that holds no record fails the call with an
+-- error, and the call leaves every key as it found it.
 --
 -- A fresh key costs one command: SET NX GET (Redis 7.0 on; before, GET
 -- then SET) writes the record and answers what was there instead, if
@@ -24,7 +25,13 @@ local keep_ms = ARGV[1]
 local fresh = ':1:' .. ARGV[3]
 -- REDIS_VERSION_NUM came with 7.0, as did SET with both NX and GET.
 local nx_get = redis.REDIS_VERSION_NUM ~= nil
-local out = {}
+-- out[i]: the answer for KEYS[i]; undo[i]: how to take back what was
+-- written for it (true: the key was absent; {old, ttl}: a takeover).
+local out, undo = {}, {}
+-- {i, error} when KEYS[i] holds no record: the call fails, and changes
+-- nothing (see the end).
+local failed
+
 for i = 1, #KEYS do
   local key = KEYS[i]
   local old
@@ -38,10 +45,16 @@ for i = 1, #KEYS do
   end
   if not old then
     out[i] = 4
+    undo[i] = true
   else
-    if type(old) ~= 'string' then return refuse(key, old) end
-    local state, _, attempts, slack = fields(old)
-    if not state then return refuse(key) end
+    local state, owner, attempts, slack
+    if type(old) == 'string' then
+      state, owner, attempts, slack = fields(old)
+    end
+    if not state then
+      failed = {i, refuse(key, type(old) ~= 'string' and old or nil)}
+      break
+    end
     if state == 'd' then
       out[i] = 1
     elseif state == 'x' then
@@ -65,9 +78,28 @@ for i = 1, #KEYS do
           call('SET', key, record, 'KEEPTTL')
         end
         out[i] = value * 4
+        undo[i] = {old, ttl}
       end
     end
   end
+end
+
+if failed then
+  -- What was written for the keys before goes back as it was, last first
+  -- (a key may come twice).
+  for j = failed[1] - 1, 1, -1 do
+    local was = undo[j]
+    if was == true then
+      call('DEL', KEYS[j])
+    elseif was then
+      if was[2] >= 0 then
+        call('SET', KEYS[j], was[1], 'PX', format('%d', math.max(was[2], 1)))
+      else
+        call('SET', KEYS[j], was[1])
+      end
+    end
+  end
+  return failed[2]
 end
 if #KEYS == 1 then return out[1] end
 return out

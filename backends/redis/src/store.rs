@@ -82,8 +82,11 @@ const DEAD: &str = "x";
 /// exactly as the same single calls made one after the other would, in
 /// order: a key twice in one batch is claimed by its first occurrence and
 /// answers in progress for the second. A batch with a key that fails (a
-/// value of another type) answers that error as a whole; what the calls
-/// did up to that key stays done (won claims then lapse with their lease).
+/// value that is not a record) answers that error as a whole and changes
+/// nothing: the script puts back what it wrote for the keys before that
+/// one, value and expiry, before it answers. (So [`idemq::Coalescing`],
+/// which then makes the batch's calls again one by one, gets the answers
+/// those calls would have had.)
 /// An engine that calls `claim` and `complete` from many tasks gets these
 /// batches through [`idemq::Coalescing`]. Redis runs one script at a time,
 /// so there one call of each kind in flight

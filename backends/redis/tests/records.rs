@@ -346,6 +346,85 @@ async fn a_settle_that_misses_leaves_the_record_exactly_as_it_was() {
     assert_eq!(record.state, RecordState::Done);
 }
 
+/// A batch with a key that holds no record fails as a whole and changes
+/// nothing, so the calls `Coalescing` then makes one by one get the
+/// answers they would have had alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_fails_changes_nothing() {
+    let Some(store) = store().await else { return };
+    let mut conn = raw().await;
+    let key = |k: &str| store.record_key("s", k).expect("key");
+    let () = redis::cmd("SET")
+        .arg(key("squatter"))
+        .arg("not a record")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    // A lapsed lease (a takeover in the batch), and one that is held.
+    let _lapsed = must_claim(&store, "s", "lapsed", ttl(SECOND / 5, 60 * SECOND)).await;
+    let held = must_claim(&store, "s", "held", ttl(60 * SECOND, 60 * SECOND)).await;
+    tokio::time::sleep(SECOND / 2).await;
+    let before_lapsed = snapshot(&mut conn, &key("lapsed")).await;
+    let before_held = snapshot(&mut conn, &key("held")).await;
+
+    // claim_many: a fresh key (twice), the takeover, then the squatter.
+    let keys: Vec<String> = ["fresh", "lapsed", "fresh", "squatter", "late"]
+        .map(String::from)
+        .to_vec();
+    let err = store
+        .claim_many("s", &keys, ttl(30 * SECOND, 30 * SECOND))
+        .await
+        .expect_err("the squatter fails the batch");
+    assert!(!err.is_transient(), "{err:?}");
+    for absent in ["fresh", "late"] {
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(key(absent))
+            .query_async(&mut conn)
+            .await
+            .expect("EXISTS");
+        assert_eq!(exists, 0, "{absent} was put back to absent");
+    }
+    assert_eq!(snapshot(&mut conn, &key("lapsed")).await, before_lapsed);
+
+    // complete_many: the held claim, then the squatter.
+    let squatter = Lease {
+        scope: "s".into(),
+        key: "squatter".into(),
+        token: LeaseToken(9),
+        attempt: 1,
+    };
+    let err = store
+        .complete_many(&[held.clone(), squatter.clone()], 30 * SECOND)
+        .await
+        .expect_err("the squatter fails the batch");
+    assert!(!err.is_transient(), "{err:?}");
+    assert_eq!(snapshot(&mut conn, &key("held")).await, before_held);
+
+    // Behind Coalescing, each call gets its own answer: the held lease
+    // completes, the lapsed one is taken over (attempt 2), the squatter
+    // fails alone.
+    let coalesced = idemq::Coalescing::new(store.clone()).with_max_in_flight(1);
+    let blocker = must_claim(&store, "s", "blocker", ttl(60 * SECOND, 60 * SECOND)).await;
+    let (first, held_done, squat_done) = tokio::join!(
+        coalesced.complete(&blocker, 30 * SECOND),
+        coalesced.complete(&held, 30 * SECOND),
+        coalesced.complete(&squatter, 30 * SECOND),
+    );
+    assert_eq!(first.expect("blocker"), Fenced::Applied);
+    assert_eq!(held_done.expect("held"), Fenced::Applied);
+    assert!(squat_done.is_err(), "{squat_done:?}");
+    let taken = coalesced
+        .claim("s", "lapsed", ttl(30 * SECOND, 30 * SECOND))
+        .await
+        .expect("claim");
+    assert!(
+        matches!(taken, Claim::Claimed(ref l) if l.attempt == 2),
+        "{taken:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fenced_operations_never_create_records() {
     let Some(store) = store().await else { return };
