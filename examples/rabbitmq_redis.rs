@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idemq::{Broker, Coalescing, Engine, HandlerError, Message, OutgoingMessage, headers};
+use idemq::{Broker, Engine, HandlerError, Message, OutgoingMessage, headers};
 use idemq_rabbitmq::{RabbitBroker, RabbitConfig, RabbitPublisher, delete_topology};
 use idemq_redis::RedisDedupStore;
 use tokio_util::sync::CancellationToken;
@@ -33,9 +33,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_retry_tiers([Duration::from_millis(200), Duration::from_secs(1)])
         .with_prefetch(64); // twice the engine's concurrency
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    // Concurrent claims and completions go out as batch scripts; Redis runs
-    // one script at a time, so one call of each kind in flight.
-    let store = Coalescing::new(RedisDedupStore::connect(&redis_url).await?).with_max_in_flight(1);
+    // The store batches concurrent claims and completions by itself (one
+    // script call of each kind in flight): no wrapper needed.
+    let store = RedisDedupStore::connect(&redis_url).await?;
     let broker = RabbitBroker::connect(config.clone()).await?;
     println!(
         "queue {queue} at {}; dedup in {store:?}",

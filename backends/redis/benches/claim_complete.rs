@@ -2,11 +2,12 @@
 //! (default `redis://127.0.0.1:6379`), next to the raw pair a hand-rolled
 //! dedup would send (`SET key token NX PX lease`, then `SET key done PX
 //! keep`), over the same kind of connection (a `ConnectionManager`), in
-//! the same run: sequentially and with 64 concurrent tasks; and, with 64
-//! tasks, the batch path (`claim_many` of 32 fresh keys, then
-//! `complete_many` of them), and single `claim` + `complete` calls through
-//! [`idemq::Coalescing`] (default settings, and one call in flight), which
-//! is how an engine with concurrency 64 reaches the store.
+//! the same run: sequentially and with 64 concurrent tasks. With 64 tasks:
+//! the store as built by default (its own `claim` and `complete` calls
+//! batched, one script call of each kind in flight), the store with
+//! batching off (every call its own script call), that one behind an
+//! [`idemq::Coalescing`] with default settings (4 in flight), and the batch
+//! path (`claim_many` of 32 fresh keys, then `complete_many` of them).
 //!
 //! Each variant also prints what Redis spent per message: the CPU time of
 //! the server process (`INFO cpu`: commands, network I/O, expiring keys),
@@ -43,8 +44,8 @@ const SCOPE: &str = "bench";
 const STORE: &str = "store claim+complete";
 const RAW: &str = "raw SET NX PX + SET PX";
 const BATCHED: &str = "store claim_many+complete_many, batches of 32";
-const COALESCED: &str = "store claim+complete via Coalescing";
-const COALESCED_ONE: &str = "store claim+complete via Coalescing, in-flight 1";
+const UNBATCHED: &str = "store claim+complete, batching off";
+const COALESCED: &str = "store (batching off) claim+complete via Coalescing, 4 in flight";
 const CONCURRENCY: u64 = 64;
 /// Messages per `claim_many` / `complete_many` in the batch variant.
 const BATCH: u64 = 32;
@@ -64,11 +65,12 @@ fn url() -> String {
 }
 
 struct Setup {
+    /// Default settings: batches its own concurrent calls.
     store: RedisDedupStore,
-    /// `Coalescing::new(store)`, default settings.
+    /// The same store with batching off.
+    unbatched: RedisDedupStore,
+    /// `Coalescing::new(unbatched)`, default settings.
     coalesced: Coalescing<RedisDedupStore>,
-    /// The same with one call of each kind in flight.
-    coalesced_one: Coalescing<RedisDedupStore>,
     raw: ConnectionManager,
     raw_prefix: String,
     next: AtomicU64,
@@ -157,9 +159,15 @@ async fn connect() -> Result<Setup, String> {
     let raw = ConnectionManager::new_with_config(client, config)
         .await
         .map_err(|e| e.to_string())?;
+    let unbatched = RedisDedupStore::connect_with(
+        &url(),
+        RedisConfig::new().with_prefix(&prefix).with_batching(None),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     Ok(Setup {
-        coalesced: Coalescing::new(store.clone()),
-        coalesced_one: Coalescing::new(store.clone()).with_max_in_flight(1),
+        coalesced: Coalescing::new(unbatched.clone()),
+        unbatched,
         store,
         raw,
         raw_prefix: format!("{prefix}raw:"),
@@ -271,10 +279,10 @@ fn print_coalescing(what: &str, before: CoalescingStats, after: CoalescingStats)
 #[derive(Clone, Copy)]
 enum Mode {
     Store,
+    Unbatched,
     Raw,
     Batched,
     Coalesced,
-    CoalescedOne,
 }
 
 /// Runs `iters` messages split over [`CONCURRENCY`] tasks; answers the time.
@@ -287,7 +295,7 @@ async fn concurrently(setup: &Arc<Setup>, iters: u64, mode: Mode) -> Duration {
             tokio::spawn(async move {
                 let take = match mode {
                     Mode::Batched => BATCH,
-                    Mode::Store | Mode::Raw | Mode::Coalesced | Mode::CoalescedOne => 1,
+                    Mode::Store | Mode::Unbatched | Mode::Raw | Mode::Coalesced => 1,
                 };
                 while let Ok(had) = left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                     n.checked_sub(take.min(n)).filter(|_| n > 0)
@@ -296,8 +304,8 @@ async fn concurrently(setup: &Arc<Setup>, iters: u64, mode: Mode) -> Duration {
                         Mode::Store => setup.store_pair().await,
                         Mode::Raw => setup.raw_pair().await,
                         Mode::Batched => setup.store_batch(take.min(had)).await,
+                        Mode::Unbatched => setup.pair(&setup.unbatched).await,
                         Mode::Coalesced => setup.pair(&setup.coalesced).await,
-                        Mode::CoalescedOne => setup.pair(&setup.coalesced_one).await,
                     }
                 }
             })
@@ -365,31 +373,42 @@ fn bench(c: &mut Criterion) {
 
     let mut par = c.benchmark_group("concurrent-64");
     par.throughput(Throughput::Elements(1));
+    let before = setup.store.batching_stats().unwrap_or_default();
     measure("concurrent-64", STORE, "evalsha", &mut || {
         par.bench_function(STORE, |b| {
             b.to_async(&rt)
                 .iter_custom(|iters| concurrently(&setup, iters, Mode::Store))
         });
     });
+    print_coalescing(
+        &format!("concurrent-64/{STORE}"),
+        before,
+        setup.store.batching_stats().unwrap_or_default(),
+    );
+    measure("concurrent-64", UNBATCHED, "evalsha", &mut || {
+        par.bench_function(UNBATCHED, |b| {
+            b.to_async(&rt)
+                .iter_custom(|iters| concurrently(&setup, iters, Mode::Unbatched))
+        });
+    });
+    let before = setup.coalesced.stats();
+    measure("concurrent-64", COALESCED, "evalsha", &mut || {
+        par.bench_function(COALESCED, |b| {
+            b.to_async(&rt)
+                .iter_custom(|iters| concurrently(&setup, iters, Mode::Coalesced))
+        });
+    });
+    print_coalescing(
+        &format!("concurrent-64/{COALESCED}"),
+        before,
+        setup.coalesced.stats(),
+    );
     measure("concurrent-64", BATCHED, "evalsha", &mut || {
         par.bench_function(BATCHED, |b| {
             b.to_async(&rt)
                 .iter_custom(|iters| concurrently(&setup, iters, Mode::Batched))
         });
     });
-    for (name, mode, coalescing) in [
-        (COALESCED, Mode::Coalesced, &setup.coalesced),
-        (COALESCED_ONE, Mode::CoalescedOne, &setup.coalesced_one),
-    ] {
-        let before = coalescing.stats();
-        measure("concurrent-64", name, "evalsha", &mut || {
-            par.bench_function(name, |b| {
-                b.to_async(&rt)
-                    .iter_custom(|iters| concurrently(&setup, iters, mode))
-            });
-        });
-        print_coalescing(&format!("concurrent-64/{name}"), before, coalescing.stats());
-    }
     measure("concurrent-64", RAW, "set", &mut || {
         par.bench_function(RAW, |b| {
             b.to_async(&rt)
@@ -436,14 +455,9 @@ async fn paired(setup: &Arc<Setup>) {
     for _ in 0..PAIRED_ROUNDS {
         seq[0].push(per_msg(sequential(seq_n, false).await, seq_n));
         seq[1].push(per_msg(sequential(seq_n, true).await, seq_n));
-        for (i, mode) in [
-            Mode::Coalesced,
-            Mode::CoalescedOne,
-            Mode::Batched,
-            Mode::Raw,
-        ]
-        .into_iter()
-        .enumerate()
+        for (i, mode) in [Mode::Store, Mode::Coalesced, Mode::Batched, Mode::Raw]
+            .into_iter()
+            .enumerate()
         {
             par[i].push(per_msg(concurrently(setup, par_n, mode).await, par_n));
         }
@@ -463,7 +477,7 @@ async fn paired(setup: &Arc<Setup>) {
         median(seq[1].clone()),
         ratios(&seq[0], &seq[1]),
     );
-    for (i, name) in [COALESCED, COALESCED_ONE, BATCHED].into_iter().enumerate() {
+    for (i, name) in [STORE, COALESCED, BATCHED].into_iter().enumerate() {
         eprintln!(
             "  concurrent-64 {name}: {:.2}, {RAW}: {:.2}, ratio {:.3}",
             median(par[i].clone()),

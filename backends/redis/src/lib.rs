@@ -9,7 +9,8 @@
 //! new key prefix.
 //! `claim_many` and `complete_many` take up to [`MAX_KEYS_PER_CALL`] keys
 //! per script call and need a standalone Redis (see [`RedisDedupStore`]
-//! on Redis Cluster).
+//! on Redis Cluster). Concurrent `claim` and `complete` calls are merged
+//! into such batches by the store itself ([`RedisConfig::with_batching`]).
 //!
 //! ```no_run
 //! use std::time::Duration;

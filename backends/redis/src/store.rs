@@ -7,10 +7,12 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use idemq::coalesce::CoalescingStats;
 use idemq::error::redact_url;
 use idemq::key;
 use idemq::{
-    Claim, ClaimTtl, DedupStore, Error, Fenced, Lease, LeaseToken, Record, RecordState, Release,
+    Claim, ClaimTtl, Coalescing, DedupStore, Error, Fenced, Lease, LeaseToken, Record, RecordState,
+    Release,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Cmd, RedisError, RedisResult, ServerErrorKind, Value};
@@ -87,12 +89,13 @@ const DEAD: &str = "x";
 /// one, value and expiry, before it answers. (So [`idemq::Coalescing`],
 /// which then makes the batch's calls again one by one, gets the answers
 /// those calls would have had.)
-/// An engine that calls `claim` and `complete` from many tasks gets these
-/// batches through [`idemq::Coalescing`]. Redis runs one script at a time,
-/// so there one call of each kind in flight
-/// (`Coalescing::new(store).with_max_in_flight(1)`) makes the largest
-/// batches and costs Redis the least (the bench `claim_complete` compares
-/// it with the default).
+/// The store's own `claim` and `complete` use these batches when many
+/// tasks call at once ([`RedisConfig::with_batching`], on by default): an
+/// [`idemq::Coalescing`] inside the store lets one script call of each
+/// kind out at a time (Redis runs one script at a time, so that makes the
+/// largest batches) and sends the calls that queued meanwhile together. A
+/// lone caller goes straight out. [`RedisDedupStore::batching_stats`] says
+/// how the calls went out.
 /// One script call touches keys of any hash slot, so **batches need a
 /// standalone Redis** (or a primary with replicas); on a Redis Cluster only
 /// batches whose keys all share a slot work, the others fail with
@@ -111,6 +114,9 @@ const DEAD: &str = "x";
 #[derive(Clone)]
 pub struct RedisDedupStore {
     inner: Arc<Inner>,
+    /// The batcher of `claim` and `complete` ([`RedisConfig::with_batching`]),
+    /// over a handle on the same connection without one.
+    batcher: Option<Coalescing<RedisDedupStore>>,
 }
 
 struct Inner {
@@ -133,6 +139,7 @@ impl fmt::Debug for RedisDedupStore {
                 "connection_timeout",
                 &self.inner.config.connection_timeout(),
             )
+            .field("batching", &self.inner.config.batching())
             .finish()
     }
 }
@@ -224,7 +231,8 @@ impl RedisDedupStore {
         config: RedisConfig,
         target: String,
     ) -> Self {
-        RedisDedupStore {
+        let batching = config.batching();
+        let direct = RedisDedupStore {
             inner: Arc::new(Inner {
                 conn: RwLock::new(manager),
                 reopen,
@@ -232,7 +240,19 @@ impl RedisDedupStore {
                 config,
                 target,
             }),
+            batcher: None,
+        };
+        RedisDedupStore {
+            inner: direct.inner.clone(),
+            batcher: batching.map(|n| Coalescing::new(direct).with_max_in_flight(n)),
         }
+    }
+
+    /// How the store's own `claim` and `complete` calls went out so far
+    /// (alone or in batches), when it batches them
+    /// ([`RedisConfig::with_batching`]).
+    pub fn batching_stats(&self) -> Option<CoalescingStats> {
+        self.batcher.as_ref().map(Coalescing::stats)
     }
 
     /// The configuration the store runs with.
@@ -528,6 +548,9 @@ impl RedisDedupStore {
 #[async_trait]
 impl DedupStore for RedisDedupStore {
     async fn claim(&self, scope: &str, key: &str, ttl: ClaimTtl) -> Result<Claim, Error> {
+        if let Some(batcher) = &self.batcher {
+            return batcher.claim(scope, key, ttl).await;
+        }
         key::check(scope, key)?;
         let (keys, tokens) = ([key], [LeaseToken::random()]);
         let cmd = self.claim_cmd(scope, &keys, &tokens, ttl);
@@ -543,6 +566,9 @@ impl DedupStore for RedisDedupStore {
     }
 
     async fn complete(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
+        if let Some(batcher) = &self.batcher {
+            return batcher.complete(lease, keep_for).await;
+        }
         self.settle("complete", DONE, lease, keep_for).await
     }
 
