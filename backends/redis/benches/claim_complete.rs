@@ -373,48 +373,30 @@ fn bench(c: &mut Criterion) {
 
     let mut par = c.benchmark_group("concurrent-64");
     par.throughput(Throughput::Elements(1));
-    let before = setup.store.batching_stats().unwrap_or_default();
-    measure("concurrent-64", STORE, "evalsha", &mut || {
-        par.bench_function(STORE, |b| {
-            b.to_async(&rt)
-                .iter_custom(|iters| concurrently(&setup, iters, Mode::Store))
+    // How the calls of a batching variant went out, for the print.
+    let stats = |mode: Mode| match mode {
+        Mode::Store => setup.store.batching_stats(),
+        Mode::Coalesced => Some(setup.coalesced.stats()),
+        Mode::Unbatched | Mode::Batched | Mode::Raw => None,
+    };
+    for (name, mode, command) in [
+        (STORE, Mode::Store, "evalsha"),
+        (UNBATCHED, Mode::Unbatched, "evalsha"),
+        (COALESCED, Mode::Coalesced, "evalsha"),
+        (BATCHED, Mode::Batched, "evalsha"),
+        (RAW, Mode::Raw, "set"),
+    ] {
+        let before = stats(mode);
+        measure("concurrent-64", name, command, &mut || {
+            par.bench_function(name, |b| {
+                b.to_async(&rt)
+                    .iter_custom(|iters| concurrently(&setup, iters, mode))
+            });
         });
-    });
-    print_coalescing(
-        &format!("concurrent-64/{STORE}"),
-        before,
-        setup.store.batching_stats().unwrap_or_default(),
-    );
-    measure("concurrent-64", UNBATCHED, "evalsha", &mut || {
-        par.bench_function(UNBATCHED, |b| {
-            b.to_async(&rt)
-                .iter_custom(|iters| concurrently(&setup, iters, Mode::Unbatched))
-        });
-    });
-    let before = setup.coalesced.stats();
-    measure("concurrent-64", COALESCED, "evalsha", &mut || {
-        par.bench_function(COALESCED, |b| {
-            b.to_async(&rt)
-                .iter_custom(|iters| concurrently(&setup, iters, Mode::Coalesced))
-        });
-    });
-    print_coalescing(
-        &format!("concurrent-64/{COALESCED}"),
-        before,
-        setup.coalesced.stats(),
-    );
-    measure("concurrent-64", BATCHED, "evalsha", &mut || {
-        par.bench_function(BATCHED, |b| {
-            b.to_async(&rt)
-                .iter_custom(|iters| concurrently(&setup, iters, Mode::Batched))
-        });
-    });
-    measure("concurrent-64", RAW, "set", &mut || {
-        par.bench_function(RAW, |b| {
-            b.to_async(&rt)
-                .iter_custom(|iters| concurrently(&setup, iters, Mode::Raw))
-        });
-    });
+        if let (Some(before), Some(after)) = (before, stats(mode)) {
+            print_coalescing(&format!("concurrent-64/{name}"), before, after);
+        }
+    }
     par.finish();
 
     if std::env::var_os("IDEMQ_BENCH_NO_PAIRED").is_none() {
