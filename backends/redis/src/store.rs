@@ -74,8 +74,7 @@ const DEAD: &str = "x";
 /// Every operation is one atomic round trip: a Lua script (`EVALSHA`; sent
 /// again as `EVAL` with its source when Redis lost its script cache) timed
 /// by the server's own key expiry, or a plain `DEL` for
-/// [`DedupStore::forget`].
-/// `renew` and `fail` compare the owner token first, `complete` and `bury`
+/// [`DedupStore::forget`]. `renew` and `fail` compare the owner token first, `complete` and `bury`
 /// the token and the attempt; none of them creates a record.
 ///
 /// [`DedupStore::claim_many`] and [`DedupStore::complete_many`] run one
@@ -89,6 +88,7 @@ const DEAD: &str = "x";
 /// one, value and expiry, before it answers. (So [`idemq::Coalescing`],
 /// which then makes the batch's calls again one by one, gets the answers
 /// those calls would have had.)
+///
 /// The store's own `claim` and `complete` use these batches when many
 /// tasks call at once ([`RedisConfig::with_batching`], on by default): an
 /// [`idemq::Coalescing`] inside the store lets one script call of each
@@ -96,6 +96,7 @@ const DEAD: &str = "x";
 /// largest batches) and sends the calls that queued meanwhile together. A
 /// lone caller goes straight out. [`RedisDedupStore::batching_stats`] says
 /// how the calls went out.
+///
 /// One script call touches keys of any hash slot, so **batches need a
 /// standalone Redis** (or a primary with replicas); on a Redis Cluster only
 /// batches whose keys all share a slot work, the others fail with
