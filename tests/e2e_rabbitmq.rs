@@ -99,13 +99,22 @@ async fn consume<S: DedupStore, H: Handler>(
     let running = tokio::spawn(engine.run(shutdown.clone()));
     let poisoned = (0..ORDERS).filter(|id| poison(*id)).count();
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut settled_before = false;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let dead = queue_depths(config).await.expect("depths").dead as usize;
+        let depths = queue_depths(config).await.expect("depths");
+        let dead = depths.dead as usize;
+        // A duplicate that met its original in progress waits in a retry
+        // queue, and counts as a duplicate only once it comes back: stop
+        // when nothing has waited for two polls in a row (a message handed
+        // to the engine just before the first is handled by the second).
+        let waiting = depths.work + depths.retry.iter().map(|(_, n)| *n).sum::<u32>();
         let done = effects().await;
-        if done + dead >= ORDERS as usize && dead >= poisoned {
+        let settled = done + dead >= ORDERS as usize && dead >= poisoned && waiting == 0;
+        if settled && settled_before {
             break;
         }
+        settled_before = settled;
         assert!(
             Instant::now() < deadline,
             "not done: {done} effects, {dead} dead"
