@@ -193,7 +193,7 @@ mod tests {
     }
 
     #[test]
-    fn zero_timeouts_are_rejected() {
+    fn zero_timeouts_and_zero_batching_are_rejected() {
         for config in [
             RedisConfig::new().with_response_timeout(Duration::ZERO),
             RedisConfig::new().with_connection_timeout(Duration::ZERO),
