@@ -26,7 +26,9 @@ local fresh = ':1:' .. ARGV[3]
 -- REDIS_VERSION_NUM came with 7.0, as did SET with both NX and GET.
 local nx_get = redis.REDIS_VERSION_NUM ~= nil
 -- out[i]: the answer for KEYS[i]; undo[i]: how to take back what was
--- written for it (true: the key was absent; {old, ttl}: a takeover).
+-- written for it (true: the key was absent; {old, ttl, expiry}: a
+-- takeover, with the old value, its PTTL and, from Redis 7.0 on, its
+-- PEXPIRETIME, so it goes back to the very millisecond).
 local out, undo = {}, {}
 -- {i, error} when KEYS[i] holds no record: the call fails, and changes
 -- nothing (see the end).
@@ -72,13 +74,15 @@ for i = 1, #KEYS do
         local life = math.max(ttl, keep)
         local record = 'c:' .. ARGV[i + 3] .. ':' .. format('%d', value) .. ':'
           .. format('%d', life - lease)
+        -- The old expiry, exactly, in case this call has to be undone.
+        local expires = nx_get and ttl >= 0 and call('PEXPIRETIME', key)
         if ttl < keep then
           call('SET', key, record, 'PX', keep_ms)
         else
           call('SET', key, record, 'KEEPTTL')
         end
         out[i] = value * 4
-        undo[i] = {old, ttl}
+        undo[i] = {old, ttl, expires}
       end
     end
   end
@@ -92,10 +96,14 @@ if failed then
     if was == true then
       call('DEL', KEYS[j])
     elseif was then
-      if was[2] >= 0 then
-        call('SET', KEYS[j], was[1], 'PX', format('%d', math.max(was[2], 1)))
+      local old, ttl, expires = was[1], was[2], was[3]
+      if ttl < 0 then
+        call('SET', KEYS[j], old)
+      elseif expires then
+        call('SET', KEYS[j], old, 'PXAT', format('%d', expires))
       else
-        call('SET', KEYS[j], was[1])
+        -- Redis 6.2: no PEXPIRETIME; from the PTTL, within a millisecond.
+        call('SET', KEYS[j], old, 'PX', format('%d', math.max(ttl, 1)))
       end
     end
   end

@@ -85,7 +85,8 @@ const DEAD: &str = "x";
 /// answers in progress for the second. A batch with a key that fails (a
 /// value that is not a record) answers that error as a whole and changes
 /// nothing: the script puts back what it wrote for the keys before that
-/// one, value and expiry, before it answers. (So [`idemq::Coalescing`],
+/// one, value and expiry (on Redis 6.2 the expiry of a record it took over
+/// to within a millisecond), before it answers. (So [`idemq::Coalescing`],
 /// which then makes the batch's calls again one by one, gets the answers
 /// those calls would have had.)
 ///
