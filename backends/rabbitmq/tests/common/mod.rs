@@ -84,13 +84,17 @@ pub fn url_via(addr: SocketAddr) -> String {
     format!("amqp://{}:{}@{addr}/{vhost}", user.username, user.password)
 }
 
-/// Logs to the test output when `RUST_LOG` is set.
+/// Logs to the test output, which the test harness shows for failing
+/// tests only: what `RUST_LOG` asks for, or else idemq-rabbitmq's own `info`
+/// and above (the supervisor says there why it rebuilt a connection, which
+/// is what a failed recovery test needs to be understood).
 pub fn init_tracing() {
-    if std::env::var("RUST_LOG").is_ok() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .with_thread_ids(true)
-            .try_init();
-    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("idemq_rabbitmq=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_ansi(false)
+        .with_thread_ids(true)
+        .try_init();
 }
