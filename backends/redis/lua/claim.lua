@@ -2,6 +2,11 @@
 -- lapsed; n keys in one call, answered as n claims one after the other.
 -- Records: 'state:token:attempts:slack' strings, see record.lua.
 --
+-- The store sends a claim of a fresh key as a plain SET NX PX GET, with no
+-- script (see RedisDedupStore::claim); this script is for the keys where
+-- that SET found a record it cannot answer for alone (claimed or released),
+-- or something that is not a record.
+--
 -- KEYS[1..n]  the records
 -- ARGV[1]     life, ms: max(lease, retain, 1), how long a record claimed
 --             now lives at least
@@ -16,19 +21,17 @@
 -- single-key call). A key that holds no record fails the call with an
 -- error, and the call leaves every key as it found it.
 --
--- A fresh key costs one command: SET NX GET (Redis 7.0 on; before, GET
--- then SET) writes the record and answers what was there instead, if
--- anything. Numbers go to redis.call as the strings the caller sent: Redis
--- formats a Lua number argument with snprintf on every call, which costs
--- about as much as the command it is for.
+-- A key that is absent (again) costs one command: SET NX GET writes the
+-- record and answers what was there instead, if anything. Numbers go to
+-- redis.call as the strings the caller sent: Redis formats a Lua number
+-- argument with snprintf on every call, which costs about as much as the
+-- command it is for.
 local keep_ms = ARGV[1]
 local fresh = ':1:' .. ARGV[3]
--- REDIS_VERSION_NUM came with 7.0, as did SET with both NX and GET.
-local nx_get = redis.REDIS_VERSION_NUM ~= nil
 -- out[i]: the answer for KEYS[i]; undo[i]: how to take back what was
--- written for it (true: the key was absent; {old, ttl, expiry}: a
--- takeover, with the old value, its PTTL and, from Redis 7.0 on, its
--- PEXPIRETIME, so it goes back to the very millisecond).
+-- written for it (true: the key was absent; {old, expiry}: a takeover,
+-- with the old value and its PEXPIRETIME, false when it had no expiry, so
+-- it goes back to the very millisecond).
 local out, undo = {}, {}
 -- {i, error} when KEYS[i] holds no record: the call fails, and changes
 -- nothing (see the end).
@@ -36,15 +39,7 @@ local failed
 
 for i = 1, #KEYS do
   local key = KEYS[i]
-  local old
-  if nx_get then
-    old = pcall('SET', key, 'c:' .. ARGV[i + 3] .. fresh, 'NX', 'PX', keep_ms, 'GET')
-  else
-    old = pcall('GET', key)
-    if not old then
-      call('SET', key, 'c:' .. ARGV[i + 3] .. fresh, 'PX', keep_ms)
-    end
-  end
+  local old = pcall('SET', key, 'c:' .. ARGV[i + 3] .. fresh, 'NX', 'PX', keep_ms, 'GET')
   if not old then
     out[i] = 4
     undo[i] = true
@@ -75,14 +70,14 @@ for i = 1, #KEYS do
         local record = 'c:' .. ARGV[i + 3] .. ':' .. format('%d', value) .. ':'
           .. format('%d', life - lease)
         -- The old expiry, exactly, in case this call has to be undone.
-        local expires = nx_get and ttl >= 0 and call('PEXPIRETIME', key)
+        local expires = ttl >= 0 and call('PEXPIRETIME', key)
         if ttl < keep then
           call('SET', key, record, 'PX', keep_ms)
         else
           call('SET', key, record, 'KEEPTTL')
         end
         out[i] = value * 4
-        undo[i] = {old, ttl, expires}
+        undo[i] = {old, expires}
       end
     end
   end
@@ -96,14 +91,11 @@ if failed then
     if was == true then
       call('DEL', KEYS[j])
     elseif was then
-      local old, ttl, expires = was[1], was[2], was[3]
-      if ttl < 0 then
-        call('SET', KEYS[j], old)
-      elseif expires then
+      local old, expires = was[1], was[2]
+      if expires then
         call('SET', KEYS[j], old, 'PXAT', format('%d', expires))
       else
-        -- Redis 6.2: no PEXPIRETIME; from the PTTL, within a millisecond.
-        call('SET', KEYS[j], old, 'PX', format('%d', math.max(ttl, 1)))
+        call('SET', KEYS[j], old)
       end
     end
   end

@@ -23,7 +23,7 @@
 -- earlier layout, or a string of another form) is refused with a
 -- WRONGTYPE error naming the key.
 local call, pcall = redis.call, redis.pcall
-local sub, match, format = string.sub, string.match, string.format
+local find, match, format = string.find, string.match, string.format
 local RECORD = '^([crdx]):(%x+):(%d+):(%d+)$'
 
 -- The fields of `old` when it is a record: state, token, attempts (a
@@ -39,7 +39,7 @@ end
 -- redis.pcall answered, if it failed. Errors other than WRONGTYPE (out of
 -- memory, ...) are passed on as they are.
 local function refuse(key, err)
-  if err and not string.find(err.err or '', 'WRONGTYPE', 1, true) then
+  if err and not find(err.err or '', 'WRONGTYPE', 1, true) then
     return err
   end
   local kind = call('TYPE', key).ok

@@ -3,71 +3,67 @@
 -- one after the other. Records: 'state:token:attempts:slack' strings, see
 -- record.lua.
 --
--- KEYS[1..n]  the records
--- ARGV[1]     the new state: 'd' done (complete) or 'x' dead (bury)
--- ARGV[2]     keep_for, ms: how long claims answer done / dead; below 1
---             deletes the record
--- ARGV[2 + i] the caller's lease for KEYS[i]: '<token>:<attempts>'
+-- KEYS[1..n]    the records
+-- ARGV[1]       keep_for, ms: how long claims answer done / dead; below 1
+--               deletes the record
+-- ARGV[2i]      the caller's claim of KEYS[i], as its record starts:
+--               'c:<token>:<attempts>:'
+-- ARGV[2i + 1]  the record to write for KEYS[i]: '<state>:<token>:<attempts>:0',
+--               state 'd' done (complete) or 'x' dead (bury)
 --
 -- Replies per key 1 applied or 0 lease lost: a flat array, or for one key
 -- the integer alone (a table reply costs Redis more than the rest of a
 -- single-key call). Never creates a record; keeps its token and attempts.
--- A key that holds no record fails the call with an error, and the call
--- leaves every key as it found it.
 --
--- SET XX KEEPTTL GET writes the new record and answers the old one, which
--- must be the caller's claim ('c:<token>:<attempts>:'). When it was
--- anything else it goes back as it was (its TTL was kept), all within the
--- script, so nothing else ever sees the write. Once every key is answered,
--- the applied ones get their new life (or are deleted).
-local state, keep = ARGV[1], ARGV[2]
+-- Every key is read and compared (GET) before anything is written (SET
+-- PX, or DEL), so a record that is not the caller's claim is never
+-- touched, and a key that holds no record fails the call with nothing
+-- changed. The caller builds both strings, which saves the script two
+-- concatenations per key.
+local keep = ARGV[1]
 local drop = tonumber(keep) < 1
--- out[i]: the answer for KEYS[i]; olds[i]: the claim it replaced.
-local out, olds = {}, {}
--- {i, error} when KEYS[i] holds no record: the call fails, and changes
--- nothing (see the end).
-local failed
 
-for i = 1, #KEYS do
-  local key, lease = KEYS[i], ARGV[i + 2]
-  local mine = 'c:' .. lease .. ':'
-  local old = pcall('SET', key, state .. ':' .. lease .. ':0', 'XX', 'KEEPTTL', 'GET')
-  if type(old) == 'string' and sub(old, 1, #mine) == mine then
-    out[i] = 1
-    olds[i] = old
-  elseif not old then
-    out[i] = 0
-  elseif type(old) ~= 'string' then
-    -- An error: the SET did not happen.
-    failed = {i, refuse(key, old)}
-    break
+local function write(key, record)
+  if drop then
+    call('DEL', key)
   else
-    -- Not the caller's claim: put it back.
-    call('SET', key, old, 'KEEPTTL')
-    if not fields(old) then
-      failed = {i, refuse(key)}
-      break
-    end
-    out[i] = 0
+    call('SET', key, record, 'PX', keep)
   end
 end
 
-if failed then
-  -- The claims replaced for the keys before go back, last first (a key
-  -- may come twice).
-  for j = failed[1] - 1, 1, -1 do
-    if olds[j] then call('SET', KEYS[j], olds[j], 'KEEPTTL') end
+-- The answer for `key`, whose claim starts with `mine`, before any write;
+-- or an error when it holds no record.
+local function check(key, mine)
+  local old = pcall('GET', key)
+  if type(old) == 'string' then
+    if find(old, mine, 1, true) == 1 then return 1 end
+    if not fields(old) then return nil, refuse(key) end
+    return 0
   end
-  return failed[2]
+  if not old then return 0 end
+  return nil, refuse(key, old)
+end
+
+if #KEYS == 1 then
+  local answer, err = check(KEYS[1], ARGV[2])
+  if not answer then return err end
+  if answer == 1 then write(KEYS[1], ARGV[3]) end
+  return answer
+end
+
+-- out[i]: the answer for KEYS[i]; settled[key]: an earlier key of this
+-- call settles it (then a later one answers lease lost, as it would one
+-- call after the other).
+local out, settled = {}, {}
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local answer, err = check(key, ARGV[2 * i])
+  if not answer then return err end
+  if settled[key] then answer = 0 end
+  if answer == 1 then settled[key] = true end
+  out[i] = answer
 end
 for i = 1, #KEYS do
-  if olds[i] then
-    if drop then
-      call('DEL', KEYS[i])
-    else
-      call('PEXPIRE', KEYS[i], keep)
-    end
-  end
+  if out[i] == 1 then write(KEYS[i], ARGV[2 * i + 1]) end
 end
-if #KEYS == 1 then return out[1] end
 return out

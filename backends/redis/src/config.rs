@@ -49,7 +49,7 @@ impl RedisConfig {
     /// By default a connection that timed out 3 times in a row is replaced.
     pub const DEFAULT_RECONNECT_AFTER_TIMEOUTS: u32 = 3;
     /// By default concurrent `claim` and `complete` calls are batched, one
-    /// script call of each kind in flight.
+    /// batch of each kind in flight.
     pub const DEFAULT_BATCHING: Option<usize> = Some(1);
 
     /// The defaults: prefix `idemq:`, 2 s response and connection timeouts,
@@ -92,14 +92,15 @@ impl RedisConfig {
     /// Sets how the store's own `claim` and `complete` calls go out when
     /// many tasks make them at once. `Some(n)` (the default, `n` = 1):
     /// through an [`idemq::Coalescing`] inside the store, so at most `n`
-    /// claim script calls and `n` complete script calls are out at a time
-    /// and the calls that arrive meanwhile go out together as one
-    /// `claim_many` / `complete_many` script call. A lone caller never
-    /// waits. Redis runs one script at a time, so one call in flight makes
-    /// the largest batches; more lets a second caller go out at once
-    /// instead of after the first, for a little more Redis time per
-    /// message. `None`: every call is its own script call. The batch forms
-    /// (`claim_many`, `complete_many`) always go straight out.
+    /// claim batches and `n` complete batches are out at a time and the
+    /// calls that arrive meanwhile go out together as one `claim_many` (a
+    /// pipeline of `SET NX PX GET`s) / `complete_many` (one script call).
+    /// A lone caller never waits. One batch in flight makes the largest
+    /// batches (Redis runs one script at a time anyway); more lets a
+    /// second caller go out at once instead of after the first, for more
+    /// Redis and client time per message. `None`: every call is its own
+    /// command or script call. The batch forms (`claim_many`,
+    /// `complete_many`) always go straight out.
     pub fn with_batching(mut self, max_in_flight: Option<usize>) -> Self {
         self.batching = max_in_flight;
         self

@@ -1,14 +1,15 @@
 //! # idemq-redis: the Redis dedup store of idemq
 //!
-//! [`RedisDedupStore`] implements [`idemq::DedupStore`] over Redis (6.2
+//! [`RedisDedupStore`] implements [`idemq::DedupStore`] over Redis (7.0
 //! or later): one short string per message key, claimed under a fenced
-//! lease, every operation one atomic round trip (a Lua script; leases are
-//! timed by the server's clock, through the record's own TTL). Records expire by themselves; a lapsed lease keeps its
-//! attempt count. Records of earlier versions (hashes, or strings of an
+//! lease, every operation atomic (a claim of an absent key is a plain
+//! `SET NX PX GET`; the rest are Lua scripts; leases are timed by the
+//! server's clock, through the record's own TTL). Records expire by
+//! themselves; a lapsed lease keeps its attempt count. Records of earlier versions (hashes, or strings of an
 //! earlier layout) are refused with an error: upgrade onto an empty or a
 //! new key prefix.
-//! `claim_many` and `complete_many` take up to [`MAX_KEYS_PER_CALL`] keys
-//! per script call and need a standalone Redis (see [`RedisDedupStore`]
+//! `claim_many` and `complete_many` send many keys per round trip (up to
+//! [`MAX_KEYS_PER_CALL`] per script call) and need a standalone Redis (see [`RedisDedupStore`]
 //! on Redis Cluster). Concurrent `claim` and `complete` calls are merged
 //! into such batches by the store itself ([`RedisConfig::with_batching`]).
 //!

@@ -1,5 +1,7 @@
 //! The Lua scripts, each hashed once per process: claim (one or many
-//! keys), settle (complete and bury, one or many keys), renew, fail, get;
+//! keys, for what a plain `SET NX PX GET` cannot answer alone), unclaim
+//! (takes back the fresh claims of a batch that failed), settle (complete
+//! and bury, one or many keys), renew, fail, get;
 //! each begins with `lua/record.lua`, which describes the record layout.
 
 use std::sync::LazyLock;
@@ -65,6 +67,8 @@ macro_rules! script {
 
 /// claim and claim_many: see `lua/claim.lua`.
 pub(crate) static CLAIM: LazyLock<Lua> = script!("claim.lua");
+/// claim_many's way back: see `lua/unclaim.lua`.
+pub(crate) static UNCLAIM: LazyLock<Lua> = script!("unclaim.lua");
 /// complete, complete_many and bury: see `lua/settle.lua`.
 pub(crate) static SETTLE: LazyLock<Lua> = script!("settle.lua");
 /// renew: see `lua/renew.lua`.
@@ -75,6 +79,6 @@ pub(crate) static FAIL: LazyLock<Lua> = script!("fail.lua");
 pub(crate) static GET: LazyLock<Lua> = script!("get.lua");
 
 /// Every script, for loading them all at once.
-pub(crate) fn all() -> [&'static Lua; 5] {
-    [&CLAIM, &SETTLE, &RENEW, &FAIL, &GET]
+pub(crate) fn all() -> [&'static Lua; 6] {
+    [&CLAIM, &UNCLAIM, &SETTLE, &RENEW, &FAIL, &GET]
 }

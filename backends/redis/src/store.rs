@@ -54,13 +54,19 @@ const DEAD: &str = "x";
 /// lease and [`ClaimTtl::retain`], so a lapsed lease keeps its attempt
 /// count; `complete` and `bury` set it to their `keep_for` (a `keep_for`
 /// under 1 ms deletes the record). Since the lease is measured against the
-/// TTL, no script reads the clock: a claim of a fresh key is one `SET NX
-/// PX GET` (Redis 7.0 and later; on Redis 6.2 a `GET`, then a `SET`), and
-/// a `complete` or `bury` that applies is a `SET XX KEEPTTL GET` and a
-/// `PEXPIRE`. The record that `SET` replaced must be the caller's claim
-/// (its token and attempt); when it is not, the script puts it back,
-/// expiry untouched, before it answers lease lost. The store needs Redis
-/// 6.2 or later (`SET ... GET`).
+/// TTL, nothing reads the clock, and a claim of an absent key needs no
+/// script: `claim` sends `SET <key> c:<token>:1:<slack> NX PX <life> GET`,
+/// one atomic command that claims the key when it is absent and otherwise
+/// answers what it holds, untouched. A done or dead record answers the
+/// claim from that reply. A claimed or released record (whose lease may
+/// have lapsed), or anything that is not a record, goes to the claim
+/// script in a second round trip, which decides atomically (takeover,
+/// attempt count, in progress, or the error). `complete` and `bury` read
+/// the record first and write only when it is the caller's claim (its
+/// token and attempt): a `GET`, then a `SET PX` (or a `DEL`), in one
+/// script, so a record that is not theirs is never touched. The store
+/// needs Redis 7.0 or later (`SET` with both `NX` and `GET`, and
+/// `PEXPIRETIME`); `connect` refuses older servers.
 ///
 /// A value that is not such a string under a record key makes every
 /// operation on it but `forget` fail with a permanent error (`WRONGTYPE`,
@@ -71,37 +77,44 @@ const DEAD: &str = "x";
 /// an empty key prefix**, or a new one ([`RedisConfig::with_prefix`]); the
 /// error says so.
 ///
-/// Every operation is one atomic round trip: a Lua script (`EVALSHA`; sent
-/// again as `EVAL` with its source when Redis lost its script cache) timed
-/// by the server's own key expiry, or a plain `DEL` for
-/// [`DedupStore::forget`]. `renew` and `fail` compare the owner token first, `complete` and `bury`
+/// Every operation is atomic: one command (the claim's `SET NX PX GET`,
+/// or `DEL` for [`DedupStore::forget`]) or one Lua script (`EVALSHA`; sent
+/// again as `EVAL` with its source when Redis lost its script cache). Each
+/// is one round trip, but for a claim that meets a claimed or released
+/// record (a redelivery, a retry, a takeover): the `SET`, then the script.
+/// `renew` and `fail` compare the owner token first, `complete` and `bury`
 /// the token and the attempt; none of them creates a record.
 ///
-/// [`DedupStore::claim_many`] and [`DedupStore::complete_many`] run one
-/// script call over up to [`MAX_KEYS_PER_CALL`] keys (larger batches:
-/// several such calls in one pipeline), and answer
-/// exactly as the same single calls made one after the other would, in
-/// order: a key twice in one batch is claimed by its first occurrence and
-/// answers in progress for the second. A batch with a key that fails (a
-/// value that is not a record) answers that error as a whole and changes
-/// nothing: the script puts back what it wrote for the keys before that
-/// one, value and expiry (on Redis 6.2 the expiry of a record it took over
-/// to within a millisecond), before it answers. (So [`idemq::Coalescing`],
-/// which then makes the batch's calls again one by one, gets the answers
-/// those calls would have had.)
+/// [`DedupStore::claim_many`] sends the `SET NX PX GET` of every key in
+/// one pipeline, then, for the keys that answer left open, one script call
+/// per [`MAX_KEYS_PER_CALL`] keys (in a second pipeline, only when there
+/// are such keys). [`DedupStore::complete_many`] runs one script call per
+/// [`MAX_KEYS_PER_CALL`] keys, in one pipeline. Both answer exactly as the
+/// same single calls made one after the other would, in order: a key twice
+/// in one batch is claimed by its first occurrence and answers in progress
+/// for the second. A batch of up to [`MAX_KEYS_PER_CALL`] keys with a key
+/// that fails (a value that is not a record) answers that error as a whole
+/// and changes nothing: `complete_many` reads every key before it writes
+/// one; the claim script puts back what it wrote for the keys before the
+/// bad one, value and exact expiry; and the claims the pipeline made for
+/// absent keys are deleted again (each only while it still holds the claim
+/// written) before the error is answered. Until then they were visible, as
+/// claims in progress. (So [`idemq::Coalescing`], which then makes the
+/// batch's calls again one by one, gets the answers those calls would have
+/// had.)
 ///
 /// The store's own `claim` and `complete` use these batches when many
 /// tasks call at once ([`RedisConfig::with_batching`], on by default): an
-/// [`idemq::Coalescing`] inside the store lets one script call of each
-/// kind out at a time (Redis runs one script at a time, so that makes the
-/// largest batches) and sends the calls that queued meanwhile together. A
-/// lone caller goes straight out. [`RedisDedupStore::batching_stats`] says
-/// how the calls went out.
+/// [`idemq::Coalescing`] inside the store lets one batch of each kind out
+/// at a time (which makes the largest batches; Redis runs one script at a
+/// time anyway) and sends the calls that queued meanwhile together. A lone
+/// caller goes straight out. [`RedisDedupStore::batching_stats`] says how
+/// the calls went out.
 ///
-/// One script call touches keys of any hash slot, so **batches need a
-/// standalone Redis** (or a primary with replicas); on a Redis Cluster only
-/// batches whose keys all share a slot work, the others fail with
-/// `CROSSSLOT`.
+/// One script call or pipeline touches keys of any hash slot, so
+/// **batches need a standalone Redis** (or a primary with replicas); on a
+/// Redis Cluster only batches whose keys all share a slot work, the others
+/// fail with `CROSSSLOT`.
 ///
 /// The connection is a redis [`ConnectionManager`]: it reconnects by itself
 /// after a connection error. Every operation is bounded by the configured
@@ -492,26 +505,92 @@ impl RedisDedupStore {
         for key in keys {
             cmd.arg(self.key_unchecked(scope, key.as_ref()));
         }
-        let lease = ms(ttl.lease);
-        let life = lease.max(ms(ttl.retain)).max(1);
-        cmd.arg(life).arg(lease).arg(life - lease);
+        let (life, lease, slack) = claim_ms(ttl);
+        cmd.arg(life).arg(lease).arg(slack);
         for token in tokens {
             cmd.arg(token.to_string());
         }
         cmd
     }
 
+    /// Claims `keys` (checked) with `claim.lua`, `tokens[i]` for `keys[i]`:
+    /// one script call per [`MAX_KEYS_PER_CALL`] keys, in one pipeline.
+    async fn claim_scripted(
+        &self,
+        op: &'static str,
+        scope: &str,
+        keys: &[&str],
+        tokens: &[LeaseToken],
+        ttl: ClaimTtl,
+    ) -> Result<Vec<Claim>, Error> {
+        let chunks = || {
+            keys.chunks(MAX_KEYS_PER_CALL)
+                .zip(tokens.chunks(MAX_KEYS_PER_CALL))
+        };
+        let cmds = chunks()
+            .map(|(keys, tokens)| self.claim_cmd(scope, keys, tokens, ttl))
+            .collect();
+        let replies = self.eval_batch(op, &scripts::CLAIM, cmds).await?;
+        let mut claims = Vec::with_capacity(keys.len());
+        for (reply, (keys, tokens)) in replies.into_iter().zip(chunks()) {
+            let reply = ok_or_server_error(reply).map_err(|e| error::map(op, self.after(), e))?;
+            claims.extend(parse_claims(op, reply, scope, keys, tokens)?);
+        }
+        Ok(claims)
+    }
+
+    /// Deletes the records a `claim_many` created, each only while it
+    /// still holds the value written (`lua/unclaim.lua`); for a batch that
+    /// failed after its fresh claims went through. Best effort: a failure
+    /// is logged, and the claims then lapse with their lease.
+    async fn unclaim(&self, fresh: &[(String, String)]) {
+        let cmds = fresh
+            .chunks(MAX_KEYS_PER_CALL)
+            .map(|chunk| {
+                let mut cmd = scripts::UNCLAIM.evalsha(chunk.len());
+                for (record, _) in chunk {
+                    cmd.arg(record);
+                }
+                for (_, value) in chunk {
+                    cmd.arg(value);
+                }
+                cmd
+            })
+            .collect();
+        let replies = self.eval_batch("claim_many", &scripts::UNCLAIM, cmds).await;
+        let failed = match replies {
+            Ok(replies) => replies
+                .into_iter()
+                .find_map(|reply| ok_or_server_error(reply).err())
+                .map(|e| error::map("claim_many", self.after(), e)),
+            Err(e) => Some(e),
+        };
+        if let Some(e) = failed {
+            tracing::warn!(
+                target: "idemq_redis",
+                redis = %self.inner.target,
+                error = %e,
+                claims = fresh.len(),
+                "could not take back the fresh claims of a failed claim_many; \
+                 they lapse with their lease"
+            );
+        }
+    }
+
     /// One call of `settle.lua` over `leases` (checked): writes `state`.
-    /// Each lease goes as `<token>:<attempt>`, what the caller's claim
-    /// record starts with after its state.
+    /// Each lease goes as the start of its claim record,
+    /// `c:<token>:<attempt>:`, and the record to write in its place,
+    /// `<state>:<token>:<attempt>:0`.
     fn settle_cmd(&self, state: &str, leases: &[Lease], keep_for: Duration) -> Cmd {
         let mut cmd = scripts::SETTLE.evalsha(leases.len());
         for lease in leases {
             cmd.arg(self.key_unchecked(&lease.scope, &lease.key));
         }
-        cmd.arg(state).arg(ms(keep_for));
+        cmd.arg(ms(keep_for));
         for lease in leases {
-            cmd.arg(format!("{}:{}", lease.token, lease.attempt));
+            let (token, attempt) = (lease.token, lease.attempt);
+            cmd.arg(format!("c:{token}:{attempt}:"))
+                .arg(format!("{state}:{token}:{attempt}:0"));
         }
         cmd
     }
@@ -554,10 +633,22 @@ impl DedupStore for RedisDedupStore {
             return batcher.claim(scope, key, ttl).await;
         }
         key::check(scope, key)?;
-        let (keys, tokens) = ([key], [LeaseToken::random()]);
-        let cmd = self.claim_cmd(scope, &keys, &tokens, ttl);
-        let reply = self.eval("claim", &scripts::CLAIM, cmd).await?;
-        parse_claims("claim", reply, scope, &keys, &tokens)?
+        let token = LeaseToken::random();
+        let (life, _, slack) = claim_ms(ttl);
+        let cmd = fresh_claim_cmd(
+            &self.key_unchecked(scope, key),
+            &fresh_record(token, slack),
+            life,
+        );
+        let mut conn = self.conn();
+        let reply = self
+            .deadline("claim", async move { conn.send_packed_command(&cmd).await })
+            .await?;
+        if let Some(claim) = read_fresh_claim(&reply, scope, key, token) {
+            return Ok(claim);
+        }
+        self.claim_scripted("claim", scope, &[key], &[token], ttl)
+            .await?
             .pop()
             .ok_or_else(|| error::unexpected("claim", "no answer".into()))
     }
@@ -626,21 +717,66 @@ impl DedupStore for RedisDedupStore {
             return Ok(Vec::new());
         }
         let tokens: Vec<LeaseToken> = keys.iter().map(|_| LeaseToken::random()).collect();
-        let chunks = || {
-            keys.chunks(MAX_KEYS_PER_CALL)
-                .zip(tokens.chunks(MAX_KEYS_PER_CALL))
-        };
-        let cmds = chunks()
-            .map(|(keys, tokens)| self.claim_cmd(scope, keys, tokens, ttl))
+        let (life, _, slack) = claim_ms(ttl);
+        let writes: Vec<(String, String)> = keys
+            .iter()
+            .zip(&tokens)
+            .map(|(key, &token)| (self.key_unchecked(scope, key), fresh_record(token, slack)))
             .collect();
-        let replies = self.eval_batch("claim_many", &scripts::CLAIM, cmds).await?;
-        let mut claims = Vec::with_capacity(keys.len());
-        for (reply, (keys, tokens)) in replies.into_iter().zip(chunks()) {
-            let reply =
-                ok_or_server_error(reply).map_err(|e| error::map("claim_many", self.after(), e))?;
-            claims.extend(parse_claims("claim_many", reply, scope, keys, tokens)?);
+        let mut pipe = redis::pipe();
+        for (record, value) in &writes {
+            pipe.add_command(fresh_claim_cmd(record, value, life));
         }
-        Ok(claims)
+        let mut conn = self.conn();
+        let n = keys.len();
+        let replies = self
+            .deadline("claim_many", async move {
+                conn.send_packed_commands(&pipe, 0, n).await
+            })
+            .await?;
+        expect_len("claim_many", &replies, n)?;
+        let mut claims = Vec::with_capacity(n);
+        let mut rest = Vec::new();
+        for (i, (reply, (key, &token))) in replies.iter().zip(keys.iter().zip(&tokens)).enumerate()
+        {
+            let claim = read_fresh_claim(reply, scope, key, token);
+            if claim.is_none() {
+                rest.push(i);
+            }
+            claims.push(claim);
+        }
+        if !rest.is_empty() {
+            let rest_keys: Vec<&str> = rest.iter().map(|&i| keys[i].as_str()).collect();
+            let rest_tokens: Vec<LeaseToken> = rest.iter().map(|&i| tokens[i]).collect();
+            match self
+                .claim_scripted("claim_many", scope, &rest_keys, &rest_tokens, ttl)
+                .await
+            {
+                Ok(answers) => {
+                    for (&i, answer) in rest.iter().zip(answers) {
+                        claims[i] = Some(answer);
+                    }
+                }
+                Err(e) => {
+                    // Redis answered: the script changed nothing, so the
+                    // batch changes nothing once its fresh claims go.
+                    if matches!(e, Error::Backend { .. }) {
+                        let fresh: Vec<(String, String)> = replies
+                            .iter()
+                            .zip(writes)
+                            .filter(|(reply, _)| matches!(reply, Value::Nil))
+                            .map(|(_, write)| write)
+                            .collect();
+                        self.unclaim(&fresh).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        claims
+            .into_iter()
+            .collect::<Option<Vec<Claim>>>()
+            .ok_or_else(|| error::unexpected("claim_many", "a key without an answer".into()))
     }
 
     async fn complete_many(
@@ -692,8 +828,9 @@ fn ensure_crypto_provider() {
     }
 }
 
-/// The oldest Redis the scripts run on: `SET ... GET` came with 6.2.
-const MIN_REDIS: (u32, u32) = (6, 2);
+/// The oldest Redis the store runs on: `SET` took `NX` and `GET` together
+/// from 7.0 on (and `PEXPIRETIME` came with it).
+const MIN_REDIS: (u32, u32) = (7, 0);
 
 /// Refuses a server whose `INFO server` names a version older than
 /// [`MIN_REDIS`]; lets anything it cannot read pass.
@@ -711,7 +848,7 @@ fn check_version(info: &str) -> Result<(), Error> {
     };
     if (major, minor) < MIN_REDIS {
         return Err(Error::Config(format!(
-            "Redis {version} is too old: idemq-redis needs Redis {}.{} or later (SET ... GET)",
+            "Redis {version} is too old: idemq-redis needs Redis {}.{} or later (SET ... NX GET)",
             MIN_REDIS.0, MIN_REDIS.1
         )));
     }
@@ -723,6 +860,79 @@ fn check_version(info: &str) -> Result<(), Error> {
 fn ms(d: Duration) -> u64 {
     let ms = d.as_nanos().div_ceil(1_000_000);
     u64::try_from(ms).unwrap_or(MAX_MS).min(MAX_MS)
+}
+
+/// Life, lease and slack of a claim, ms, as `claim.lua` takes them: the
+/// record lives `max(lease, retain, 1)` and outlives its lease by the
+/// slack.
+fn claim_ms(ttl: ClaimTtl) -> (u64, u64, u64) {
+    let lease = ms(ttl.lease);
+    let life = lease.max(ms(ttl.retain)).max(1);
+    (life, lease, life - lease)
+}
+
+/// The record a claim of an absent key writes: `c:<token>:1:<slack>`.
+fn fresh_record(token: LeaseToken, slack: u64) -> String {
+    format!("c:{token}:1:{slack}")
+}
+
+/// `SET <record> <value> NX PX <life> GET`: writes the claim only when the
+/// key is absent, and answers what the key held otherwise (Redis 7.0 and
+/// later take `NX` and `GET` together).
+fn fresh_claim_cmd(record: &str, value: &str, life: u64) -> Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(record)
+        .arg(value)
+        .arg("NX")
+        .arg("PX")
+        .arg(life)
+        .arg("GET");
+    cmd
+}
+
+/// Reads what the `SET NX PX GET` of [`fresh_claim_cmd`] answered when
+/// that decides the claim: nil (the key was absent: claimed, attempt 1), or
+/// a done or dead record. `None` for anything else, which `claim.lua`
+/// decides: a claimed or released record (its lease may have lapsed), or
+/// something that is not a record (which it refuses with a clear error).
+fn read_fresh_claim(reply: &Value, scope: &str, key: &str, token: LeaseToken) -> Option<Claim> {
+    match reply {
+        Value::Nil => Some(Claim::Claimed(Lease {
+            scope: scope.to_owned(),
+            key: key.to_owned(),
+            token,
+            attempt: 1,
+        })),
+        Value::BulkString(old) => match record_state(old)? {
+            DONE => Some(Claim::Done),
+            DEAD => Some(Claim::Dead),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The state of `old` when it is a well-formed record (what `fields` in
+/// `lua/record.lua` accepts): `<state>:<hex token>:<attempts, at most 10
+/// digits>:<slack digits>`.
+fn record_state(old: &[u8]) -> Option<&str> {
+    let old = std::str::from_utf8(old).ok()?;
+    let mut fields = old.split(':');
+    let (state, token, attempts, slack) = (
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+    );
+    let digits = |f: &str| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit());
+    let well_formed = fields.next().is_none()
+        && matches!(state, "c" | "r" | "d" | "x")
+        && !token.is_empty()
+        && token.bytes().all(|b| b.is_ascii_hexdigit())
+        && digits(attempts)
+        && attempts.len() <= 10
+        && digits(slack);
+    well_formed.then_some(state)
 }
 
 fn is_noscript(reply: &Value) -> bool {
@@ -895,15 +1105,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn servers_older_than_6_2_are_refused() {
+    fn servers_older_than_7_0_are_refused() {
         let info = |v: &str| format!("# Server\r\nredis_version:{v}\r\nredis_mode:standalone\r\n");
-        for old in ["6.0.20", "6.1.0", "5.0.14"] {
+        for old in ["6.2.14", "6.0.20", "5.0.14"] {
             let err = check_version(&info(old)).expect_err(old);
             assert!(matches!(err, Error::Config(_)), "{err:?}");
             assert!(err.to_string().contains(old), "{err}");
-            assert!(err.to_string().contains("6.2"), "{err}");
+            assert!(err.to_string().contains("7.0"), "{err}");
         }
-        for fine in ["6.2.0", "7.0.15", "7.4.2", "10.0.0"] {
+        for fine in ["7.0.0", "7.0.15", "7.4.2", "10.0.0"] {
             assert!(check_version(&info(fine)).is_ok(), "{fine}");
         }
         // What it cannot read is let be.
@@ -932,6 +1142,43 @@ mod tests {
             "redis+unix:///tmp/r.sock?db=1&pass=***"
         );
         assert!(is_tls("rediss://h") && is_tls("REDISS://h") && !is_tls("redis://h"));
+    }
+
+    #[test]
+    fn a_fresh_claim_decides_only_what_it_can() {
+        let token = LeaseToken(7);
+        let read = |v: Value| read_fresh_claim(&v, "s", "k", token);
+        assert_eq!(
+            read(Value::Nil),
+            Some(Claim::Claimed(Lease {
+                scope: "s".into(),
+                key: "k".into(),
+                token,
+                attempt: 1
+            }))
+        );
+        let old = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        assert_eq!(read(old("d:00ff:3:0")), Some(Claim::Done));
+        assert_eq!(read(old("x:00ff:9:0")), Some(Claim::Dead));
+        // Left to claim.lua: live or lapsed claims, released records, and
+        // anything that is not a record (it refuses them with the hint).
+        for other in [
+            old("c:00ff:1:30000"),
+            old("r:00ff:2:30000"),
+            old("d:00ff:1700000000000:3"),
+            old("d:00ff:3"),
+            old("d:00ff:3:0:1"),
+            old("d:xyz:3:0"),
+            old("d::3:0"),
+            old("d:00ff:-3:0"),
+            old("done"),
+            Value::BulkString(vec![0xff, b':']),
+            Value::Okay,
+            Value::Int(1),
+            Value::Array(vec![]),
+        ] {
+            assert_eq!(read(other.clone()), None, "{other:?}");
+        }
     }
 
     #[test]

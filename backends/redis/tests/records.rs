@@ -489,6 +489,18 @@ async fn scripts_are_reloaded_after_a_flush() {
         store.renew(&lease, 60 * SECOND).await.expect("renew"),
         Fenced::Applied
     );
+    // A claim of a released record is decided by the claim script (a
+    // fresh key needs none).
+    assert_eq!(
+        store
+            .fail(&lease, Release::CountAttempt)
+            .await
+            .expect("fail"),
+        Fenced::Applied
+    );
+    flush(conn.clone()).await;
+    let again = must_claim(&store, "s", "one", long).await;
+    assert_eq!(again.attempt, 2, "the claim script ran once");
     flush(conn.clone()).await;
     let keys: Vec<String> = (0..5).map(|i| format!("batch-{i}")).collect();
     let claims = store
