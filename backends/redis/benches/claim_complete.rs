@@ -9,13 +9,16 @@
 //! [`idemq::Coalescing`] with default settings (4 in flight), and the batch
 //! path (`claim_many` of 32 fresh keys, then `complete_many` of them).
 //!
-//! Each variant also prints what Redis spent per message: the CPU time of
-//! the server process (`INFO cpu`: commands, network I/O, expiring keys),
-//! and the `usec` of the commands alone (`INFO commandstats`: `EVALSHA`,
-//! which includes the commands its script ran, or `SET` for the raw pair);
-//! and for the coalesced variants how the calls went out. Before each
-//! variant the bench waits for the keys of the one before to expire
-//! (they live 2 s), so none pays for another's expiry.
+//! Each variant also prints what a message cost: the CPU time of the
+//! Redis server process (`INFO cpu`: commands, network I/O, expiring keys)
+//! and of this process (the client: both tokio workers and criterion;
+//! sequential runs show it close to the wall time, so there it says
+//! little), and the `usec` of the
+//! commands alone (`INFO commandstats`: `SET`, which counts the claims and
+//! the `SET`s that scripts ran, and `EVALSHA`, which includes the commands
+//! its script ran); and for the coalesced variants how the calls went out.
+//! Before each variant the bench waits for the keys of the one before to
+//! expire (they live 2 s), so none pays for another's expiry.
 //!
 //! ```text
 //! CARGO_TARGET_DIR=/work/target-redis cargo bench -p idemq-redis --bench claim_complete
@@ -25,7 +28,8 @@
 //!
 //! After the criterion groups, a paired run alternates the same variants
 //! in short rounds and prints the median per-round ratio of each store
-//! variant to the raw pair (see [`paired`]; `IDEMQ_BENCH_NO_PAIRED=1`
+//! variant to the raw pair, and an A/A control that shows how far noise
+//! alone moves such a ratio (see [`paired`]; `IDEMQ_BENCH_NO_PAIRED=1`
 //! skips it).
 
 use std::collections::HashMap;
@@ -57,6 +61,10 @@ const TTL: ClaimTtl = ClaimTtl {
     retain: Duration::from_secs(2),
 };
 const KEEP: Duration = Duration::from_secs(2);
+/// How long done records live in [`paired`] (ms): short, so a variant's
+/// keys are gone soon after it, and the next one starts on an empty
+/// database without a long wait.
+const PAIRED_KEEP_MS: u64 = 300;
 /// The longest wait for the keys of the last variant to expire.
 const DRAIN: Duration = Duration::from_secs(30);
 
@@ -74,9 +82,15 @@ struct Setup {
     raw: ConnectionManager,
     raw_prefix: String,
     next: AtomicU64,
+    /// How long done records live, ms: [`KEEP`], or [`PAIRED_KEEP_MS`].
+    keep_ms: AtomicU64,
 }
 
 impl Setup {
+    fn keep(&self) -> Duration {
+        Duration::from_millis(self.keep_ms.load(Ordering::Relaxed))
+    }
+
     fn key(&self) -> String {
         format!("m{}", self.next.fetch_add(1, Ordering::Relaxed))
     }
@@ -92,7 +106,7 @@ impl Setup {
             Ok(Claim::Claimed(lease)) => lease,
             other => panic!("claim of a fresh key: {other:?}"),
         };
-        match store.complete(&lease, KEEP).await {
+        match store.complete(&lease, self.keep()).await {
             Ok(Fenced::Applied) => {}
             other => panic!("complete: {other:?}"),
         }
@@ -116,7 +130,7 @@ impl Setup {
             .collect();
         let fenced = self
             .store
-            .complete_many(&leases, KEEP)
+            .complete_many(&leases, self.keep())
             .await
             .expect("complete_many");
         assert!(fenced.iter().all(|f| *f == Fenced::Applied), "{fenced:?}");
@@ -139,7 +153,7 @@ impl Setup {
             .arg(&key)
             .arg("done")
             .arg("PX")
-            .arg(KEEP.as_millis() as u64)
+            .arg(self.keep_ms.load(Ordering::Relaxed))
             .query_async(&mut conn)
             .await
             .expect("SET PX");
@@ -172,11 +186,13 @@ async fn connect() -> Result<Setup, String> {
         raw,
         raw_prefix: format!("{prefix}raw:"),
         next: AtomicU64::new(0),
+        keep_ms: AtomicU64::new(KEEP.as_millis() as u64),
     })
 }
 
-/// `INFO commandstats` as `command -> (calls, usec)`, and `INFO cpu` as
-/// `"cpu" -> (0, usec)` (user + system time of the server).
+/// `INFO commandstats` as `command -> (calls, usec)`, `INFO cpu` as
+/// `"cpu" -> (0, usec)` (user + system time of the server), and this
+/// process' CPU time as `"client" -> (0, usec)`.
 async fn command_stats(conn: &mut ConnectionManager) -> HashMap<String, (u64, u64)> {
     let info: String = match redis::cmd("INFO")
         .arg("commandstats")
@@ -208,13 +224,13 @@ async fn command_stats(conn: &mut ConnectionManager) -> HashMap<String, (u64, u6
             };
             Some((name.to_owned(), (field("calls=")?, field("usec=")?)))
         })
-        .chain([cpu])
+        .chain([cpu, ("client".to_owned(), (0, client_cpu_usec()))])
         .collect()
 }
 
 /// Waits (at most [`DRAIN`]) until the database holds no more keys than
 /// `floor` + 100: the keys of the variant before have expired.
-async fn drained(conn: &mut ConnectionManager, floor: u64) {
+async fn drained(conn: &mut ConnectionManager, floor: u64, poll: Duration) {
     let started = Instant::now();
     while started.elapsed() < DRAIN {
         let keys: u64 = match redis::cmd("DBSIZE").query_async(conn).await {
@@ -224,38 +240,69 @@ async fn drained(conn: &mut ConnectionManager, floor: u64) {
         if keys <= floor + 100 {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(poll).await;
     }
     eprintln!(
         "claim_complete: keys still expiring after {DRAIN:?}; the next variant pays for some"
     );
 }
 
-/// Prints the server time a message cost during a benchmark: the `usec`
-/// Redis counted for `command` (an `EVALSHA` includes the commands its
-/// script ran) between two snapshots, over the messages handled between
-/// them (one fresh key each).
+/// Prints what a message cost during a benchmark, between two snapshots,
+/// over the messages handled between them (one fresh key each): the CPU
+/// time of the Redis server and of this process (the client), and the
+/// `usec` Redis counted for each of `commands` (joined by `+`). An
+/// `EVALSHA` includes the commands its script ran, and those count under
+/// their own names too.
 fn print_server_cost(
     what: &str,
-    command: &str,
+    commands: &str,
     messages: u64,
     before: &HashMap<String, (u64, u64)>,
     after: &HashMap<String, (u64, u64)>,
 ) {
-    let (c0, u0) = before.get(command).copied().unwrap_or_default();
-    let (c1, u1) = after.get(command).copied().unwrap_or_default();
-    let (_, cpu0) = before.get("cpu").copied().unwrap_or_default();
-    let (_, cpu1) = after.get("cpu").copied().unwrap_or_default();
-    let calls = c1.saturating_sub(c0);
-    if messages > 0 {
-        let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / messages as f64;
-        eprintln!(
-            "{what}: Redis CPU {:.2} µs per message, {:.2} µs in commands \
-             ({messages} messages, {calls} {command} calls)",
-            per(cpu0, cpu1),
-            per(u0, u1),
-        );
+    if messages == 0 {
+        return;
     }
+    let delta = |name: &str| {
+        let (c0, u0) = before.get(name).copied().unwrap_or_default();
+        let (c1, u1) = after.get(name).copied().unwrap_or_default();
+        (c1.saturating_sub(c0), u1.saturating_sub(u0))
+    };
+    let per = |usec: u64| usec as f64 / messages as f64;
+    let counted: Vec<String> = commands
+        .split('+')
+        .map(|name| {
+            let (calls, usec) = delta(name);
+            format!("{name} {:.2} µs ({calls} calls)", per(usec))
+        })
+        .collect();
+    eprintln!(
+        "{what}: per message ({messages}): Redis CPU {:.2} µs, client CPU {:.2} µs; \
+         in commands: {}",
+        per(delta("cpu").1),
+        per(delta("client").1),
+        counted.join(", "),
+    );
+}
+
+/// The CPU time (user + system) of this process so far, µs, from
+/// `/proc/self/stat` (clock ticks, assumed 100 per second); 0 where there
+/// is none.
+fn client_cpu_usec() -> u64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0;
+    };
+    // The fields after the command name, which is in parentheses.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    ticks * 10_000
 }
 
 /// Prints how the calls of a coalesced variant went out between two
@@ -346,7 +393,7 @@ fn bench(c: &mut Criterion) {
         .block_on(redis::cmd("DBSIZE").query_async(&mut stats_conn))
         .unwrap_or(0);
     let mut measure = |group: &str, name: &str, command: &str, run: &mut dyn FnMut()| {
-        rt.block_on(drained(&mut stats_conn, floor));
+        rt.block_on(drained(&mut stats_conn, floor, Duration::from_millis(200)));
         let before = rt.block_on(command_stats(&mut stats_conn));
         let first = counter.next.load(Ordering::Relaxed);
         run();
@@ -363,7 +410,7 @@ fn bench(c: &mut Criterion) {
 
     let mut seq = c.benchmark_group("sequential");
     seq.throughput(Throughput::Elements(1));
-    measure("sequential", STORE, "evalsha", &mut || {
+    measure("sequential", STORE, "set+evalsha", &mut || {
         seq.bench_function(STORE, |b| b.to_async(&rt).iter(|| setup.store_pair()));
     });
     measure("sequential", RAW, "set", &mut || {
@@ -380,10 +427,10 @@ fn bench(c: &mut Criterion) {
         Mode::Unbatched | Mode::Batched | Mode::Raw => None,
     };
     for (name, mode, command) in [
-        (STORE, Mode::Store, "evalsha"),
-        (UNBATCHED, Mode::Unbatched, "evalsha"),
-        (COALESCED, Mode::Coalesced, "evalsha"),
-        (BATCHED, Mode::Batched, "evalsha"),
+        (STORE, Mode::Store, "set+evalsha"),
+        (UNBATCHED, Mode::Unbatched, "set+evalsha"),
+        (COALESCED, Mode::Coalesced, "set+evalsha"),
+        (BATCHED, Mode::Batched, "set+evalsha"),
         (RAW, Mode::Raw, "set"),
     ] {
         let before = stats(mode);
@@ -400,73 +447,121 @@ fn bench(c: &mut Criterion) {
     par.finish();
 
     if std::env::var_os("IDEMQ_BENCH_NO_PAIRED").is_none() {
-        rt.block_on(paired(&setup));
+        rt.block_on(paired(&setup, floor));
     }
 }
 
 /// Messages per round of [`paired`]: sequential, concurrent.
 const PAIRED_MESSAGES: (u64, u64) = (1_000, 20_000);
 /// Rounds of [`paired`].
-const PAIRED_ROUNDS: usize = 15;
+const PAIRED_ROUNDS: usize = 25;
 
 /// The same comparisons again, in short rounds that alternate the store
 /// and the raw pair: the machine's speed drifts over the seconds a
 /// criterion group takes (a shared VM more than most), and a ratio taken
-/// within one round is not fooled by that. Prints the median time per
-/// message of each variant and the median of the per-round ratios to the
-/// raw pair. `IDEMQ_BENCH_NO_PAIRED=1` skips it.
-async fn paired(setup: &Arc<Setup>) {
+/// within one round is not fooled by that. Done records live
+/// [`PAIRED_KEEP_MS`], and every variant waits until the keys of the one
+/// before it have expired, so none pays for another's expiry; odd rounds
+/// run the variants in the reverse order, so none always runs first or
+/// after the same one. The store as built runs twice per round, both
+/// sequentially and concurrently: the ratio of its two runs (an A/A
+/// control) shows how far this machine's noise
+/// moves a ratio. Prints the median time per message of each variant, and
+/// the median and the middle half of the per-round ratios to the raw pair.
+/// `IDEMQ_BENCH_NO_PAIRED=1` skips it.
+async fn paired(setup: &Arc<Setup>, floor: u64) {
+    /// What one slot of a round runs.
+    #[derive(Clone, Copy)]
+    enum Run {
+        Sequential { raw: bool },
+        Concurrent(Mode),
+    }
+    let runs = [
+        Run::Sequential { raw: false },
+        Run::Sequential { raw: true },
+        Run::Concurrent(Mode::Store),
+        Run::Concurrent(Mode::Coalesced),
+        Run::Concurrent(Mode::Batched),
+        Run::Concurrent(Mode::Raw),
+        Run::Sequential { raw: false },
+        Run::Concurrent(Mode::Store),
+    ];
     let (seq_n, par_n) = PAIRED_MESSAGES;
-    let sequential = |n: u64, raw: bool| {
-        let setup = setup.clone();
-        async move {
-            let started = Instant::now();
-            for _ in 0..n {
-                if raw {
-                    setup.raw_pair().await;
-                } else {
-                    setup.store_pair().await;
+    setup.keep_ms.store(PAIRED_KEEP_MS, Ordering::Relaxed);
+    let mut conn = setup.raw.clone();
+    let mut took: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
+    let per_msg = |d: Duration, n: u64| d.as_secs_f64() * 1e6 / n as f64;
+    for round in 0..PAIRED_ROUNDS {
+        let mut order: Vec<usize> = (0..runs.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            drained(&mut conn, floor, Duration::from_millis(20)).await;
+            // A tenth untimed first: the wait leaves caches and CPUs cold,
+            // which would bill the first messages of every slot.
+            let mut us = 0.0;
+            for (n, timed) in [(seq_n / 10, false), (seq_n, true)] {
+                let took = match runs[i] {
+                    Run::Sequential { raw } => {
+                        let started = Instant::now();
+                        for _ in 0..n {
+                            if raw {
+                                setup.raw_pair().await;
+                            } else {
+                                setup.store_pair().await;
+                            }
+                        }
+                        per_msg(started.elapsed(), n)
+                    }
+                    Run::Concurrent(mode) => {
+                        let n = n * par_n / seq_n;
+                        per_msg(concurrently(setup, n, mode).await, n)
+                    }
+                };
+                if timed {
+                    us = took;
                 }
             }
-            started.elapsed()
-        }
-    };
-    let mut seq: [Vec<f64>; 2] = Default::default();
-    let mut par: [Vec<f64>; 4] = Default::default();
-    let per_msg = |d: Duration, n: u64| d.as_secs_f64() * 1e6 / n as f64;
-    for _ in 0..PAIRED_ROUNDS {
-        seq[0].push(per_msg(sequential(seq_n, false).await, seq_n));
-        seq[1].push(per_msg(sequential(seq_n, true).await, seq_n));
-        for (i, mode) in [Mode::Store, Mode::Coalesced, Mode::Batched, Mode::Raw]
-            .into_iter()
-            .enumerate()
-        {
-            par[i].push(per_msg(concurrently(setup, par_n, mode).await, par_n));
+            took[i].push(us);
         }
     }
+    setup
+        .keep_ms
+        .store(KEEP.as_millis() as u64, Ordering::Relaxed);
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
-    let ratios = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(a, b)| a / b).collect());
+    // The per-round ratios of `a` to `b`: median, and the middle half.
+    let ratio = |a: usize, b: usize| {
+        let mut r: Vec<f64> = took[a].iter().zip(&took[b]).map(|(a, b)| a / b).collect();
+        r.sort_by(f64::total_cmp);
+        let at = |q: usize| r.get(r.len() * q / 4).copied().unwrap_or(f64::NAN);
+        format!("{:.3} (middle half {:.3}..{:.3})", at(2), at(1), at(3))
+    };
+    let row = |what: &str, name: &str, a: usize, b: usize| {
+        eprintln!(
+            "  {what} {name}: {:.2}, {RAW}: {:.2}, ratio {}",
+            median(took[a].clone()),
+            median(took[b].clone()),
+            ratio(a, b),
+        );
+    };
     eprintln!(
-        "paired ({PAIRED_ROUNDS} alternating rounds; µs per message, median; \
+        "paired ({PAIRED_ROUNDS} rounds; µs per message, median; \
          store / raw pair, median of the rounds' ratios):"
     );
+    row("sequential   ", STORE, 0, 1);
+    row("concurrent-64", STORE, 2, 5);
+    row("concurrent-64", COALESCED, 3, 5);
+    row("concurrent-64", BATCHED, 4, 5);
     eprintln!(
-        "  sequential    {STORE}: {:.2}, {RAW}: {:.2}, ratio {:.3}",
-        median(seq[0].clone()),
-        median(seq[1].clone()),
-        ratios(&seq[0], &seq[1]),
+        "  control (A/A): {STORE}, its second run of each round / its first: \
+         sequential {}, concurrent-64 {}",
+        ratio(6, 0),
+        ratio(7, 2),
     );
-    for (i, name) in [STORE, COALESCED, BATCHED].into_iter().enumerate() {
-        eprintln!(
-            "  concurrent-64 {name}: {:.2}, {RAW}: {:.2}, ratio {:.3}",
-            median(par[i].clone()),
-            median(par[3].clone()),
-            ratios(&par[i], &par[3]),
-        );
-    }
 }
 
 criterion_group! {
