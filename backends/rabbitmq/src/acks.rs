@@ -21,11 +21,13 @@
 //!
 //! A held ack is lost if the connection drops before it is written; the
 //! broker then delivers the message again, and the dedup record answers it
-//! as a duplicate. lapin's recovery restarts delivery tags at 1 on a fresh
+//! as a duplicate. Closing the broker drains first: it writes what is held
+//! and waits for a writer at work (the timer's, say) to finish. lapin's recovery restarts delivery tags at 1 on a fresh
 //! channel incarnation: a tag at or below the last one seen starts afresh
 //! (the old incarnation's ackers are poisoned and its deliveries come back).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,35 +35,60 @@ use lapin::Acker;
 use lapin::options::BasicAckOptions;
 use tracing::debug;
 
+/// What writes the ack frame of one delivery: lapin's [`Acker`] (a fake
+/// in the tests).
+pub(crate) trait AckFrame: Send + Sync + 'static {
+    /// Writes `basic.ack` for this delivery (with `multiple`, for every
+    /// unacked delivery of the channel up to it).
+    fn write_ack(&self, multiple: bool) -> impl Future<Output = lapin::Result<()>> + Send;
+}
+
+impl AckFrame for Acker {
+    async fn write_ack(&self, multiple: bool) -> lapin::Result<()> {
+        self.ack(BasicAckOptions { multiple }).await.map(drop)
+    }
+}
+
 /// The acks of one consumer channel.
-pub(crate) struct AckBatcher {
-    state: Mutex<State>,
+pub(crate) struct AckBatcher<A = Acker> {
+    state: Mutex<State<A>>,
     /// How long an ack above the floor may be held.
     delay: Duration,
     /// How many acks above the floor may be held.
     limit: usize,
 }
 
-#[derive(Default)]
-struct State {
+struct State<A> {
     last_tag: u64,
     open: BTreeSet<u64>,
-    held: BTreeMap<u64, Acker>,
+    held: BTreeMap<u64, A>,
     /// A task is writing ack frames.
     flushing: bool,
     /// A timer will force the held acks out.
     timer: bool,
 }
 
-/// What the writer sends next.
-enum Job {
-    /// `basic.ack(multiple)` with this acker (the highest held below the floor).
-    Multiple(Acker),
-    /// Single acks.
-    Singles(Vec<Acker>),
+impl<A> Default for State<A> {
+    fn default() -> Self {
+        State {
+            last_tag: 0,
+            open: BTreeSet::new(),
+            held: BTreeMap::new(),
+            flushing: false,
+            timer: false,
+        }
+    }
 }
 
-impl AckBatcher {
+/// What the writer sends next.
+enum Job<A> {
+    /// `basic.ack(multiple)` with this acker (the highest held below the floor).
+    Multiple(A),
+    /// Single acks.
+    Singles(Vec<A>),
+}
+
+impl<A: AckFrame> AckBatcher<A> {
     pub(crate) fn new(delay: Duration, limit: usize) -> Arc<Self> {
         Arc::new(AckBatcher {
             state: Mutex::new(State::default()),
@@ -70,7 +97,7 @@ impl AckBatcher {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<A>> {
         // Every change is a single step on plain collections; a panic cannot
         // leave them half-changed.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -106,7 +133,7 @@ impl AckBatcher {
     /// `Ok(false)` for a tag that is not open (settled already, or of an
     /// older channel incarnation), and the error of a frame this call
     /// wrote, if one failed.
-    pub(crate) async fn ack(self: &Arc<Self>, tag: u64, acker: Acker) -> lapin::Result<bool> {
+    pub(crate) async fn ack(self: &Arc<Self>, tag: u64, acker: A) -> lapin::Result<bool> {
         {
             let mut st = self.lock();
             if !st.open.remove(&tag) {
@@ -117,12 +144,16 @@ impl AckBatcher {
         self.flush(false).await.map(|()| true)
     }
 
-    /// Writes every held ack (before the channel closes), waiting for a
-    /// writer at work to finish first; gives up at `deadline`.
+    /// Writes every held ack (before the channel closes), and waits for a
+    /// writer at work to finish: it may have taken held acks already and
+    /// not written them yet. Gives up at `deadline`.
     pub(crate) async fn drain(self: &Arc<Self>, deadline: tokio::time::Instant) {
         while tokio::time::Instant::now() < deadline {
-            if self.lock().held.is_empty() {
-                return;
+            {
+                let st = self.lock();
+                if st.held.is_empty() && !st.flushing {
+                    return;
+                }
             }
             if let Err(e) = self.flush(true).await {
                 debug!(error = %e, "held acks could not be written; the broker redelivers them");
@@ -164,7 +195,7 @@ impl AckBatcher {
         }
     }
 
-    fn next_job(&self, st: &mut State, force: bool) -> Option<Job> {
+    fn next_job(&self, st: &mut State<A>, force: bool) -> Option<Job<A>> {
         let floor = st.open.first().copied().unwrap_or(u64::MAX);
         if let Some(upto) = st.held.range(..floor).next_back().map(|(t, _)| *t) {
             let above = st.held.split_off(&(upto + 1));
@@ -208,20 +239,167 @@ impl AckBatcher {
     }
 }
 
-async fn send(job: Job) -> lapin::Result<()> {
+async fn send<A: AckFrame>(job: Job<A>) -> lapin::Result<()> {
     match job {
-        Job::Multiple(acker) => acker
-            .ack(BasicAckOptions { multiple: true })
-            .await
-            .map(drop),
+        Job::Multiple(acker) => acker.write_ack(true).await,
         Job::Singles(ackers) => {
             let mut result = Ok(());
             for acker in ackers {
-                if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+                if let Err(e) = acker.write_ack(false).await {
                     result = Err(e);
                 }
             }
             result
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::{Notify, Semaphore};
+
+    /// The "wire": the ack frames written, as (tag, multiple), in order.
+    /// A frame is written only with a permit of `gate`.
+    struct Wire {
+        written: Mutex<Vec<(u64, bool)>>,
+        gate: Semaphore,
+        writing: Notify,
+    }
+
+    impl Wire {
+        fn new(open: bool) -> Arc<Wire> {
+            let permits = if open { Semaphore::MAX_PERMITS } else { 0 };
+            Arc::new(Wire {
+                written: Mutex::new(Vec::new()),
+                gate: Semaphore::new(permits),
+                writing: Notify::new(),
+            })
+        }
+
+        fn written(&self) -> Vec<(u64, bool)> {
+            self.written.lock().map(|w| w.clone()).unwrap_or_default()
+        }
+    }
+
+    /// The acker of delivery `tag`.
+    struct Frame(u64, Arc<Wire>);
+
+    impl AckFrame for Frame {
+        async fn write_ack(&self, multiple: bool) -> lapin::Result<()> {
+            self.1.writing.notify_one();
+            if let Ok(permit) = self.1.gate.acquire().await {
+                permit.forget();
+            }
+            if let Ok(mut w) = self.1.written.lock() {
+                w.push((self.0, multiple));
+            }
+            Ok(())
+        }
+    }
+
+    const NEVER: Duration = Duration::from_secs(3600);
+
+    fn deadline() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(30)
+    }
+
+    #[tokio::test]
+    async fn acks_below_the_lowest_open_tag_go_out_as_one_multiple_ack() {
+        let wire = Wire::new(true);
+        let acks = AckBatcher::new(NEVER, 100);
+        for tag in 1..=3 {
+            acks.opened(tag);
+        }
+        assert!(acks.ack(2, Frame(2, wire.clone())).await.unwrap());
+        assert_eq!(wire.written(), [], "2 waits while 1 is open");
+        assert!(acks.ack(1, Frame(1, wire.clone())).await.unwrap());
+        assert_eq!(wire.written(), [(2, true)], "one frame acks 1 and 2");
+        assert!(acks.ack(3, Frame(3, wire.clone())).await.unwrap());
+        assert_eq!(wire.written(), [(2, true), (3, true)]);
+    }
+
+    #[tokio::test]
+    async fn only_open_tags_are_acked_and_only_once() {
+        let wire = Wire::new(true);
+        let acks = AckBatcher::new(NEVER, 100);
+        assert!(!acks.ack(7, Frame(7, wire.clone())).await.unwrap());
+        acks.opened(7);
+        assert!(acks.ack(7, Frame(7, wire.clone())).await.unwrap());
+        assert!(!acks.ack(7, Frame(7, wire.clone())).await.unwrap());
+        assert_eq!(wire.written(), [(7, true)]);
+        // A new channel incarnation starts its tags at 1 again: the old
+        // incarnation's open tags are gone with it.
+        acks.opened(9);
+        acks.opened(1);
+        assert!(!acks.ack(9, Frame(9, wire.clone())).await.unwrap());
+        assert!(acks.is_open(1));
+    }
+
+    #[tokio::test]
+    async fn a_nacked_tag_is_never_covered_by_a_multiple_ack() {
+        let wire = Wire::new(true);
+        let acks = AckBatcher::new(NEVER, 100);
+        for tag in 1..=3 {
+            acks.opened(tag);
+        }
+        assert!(acks.ack(3, Frame(3, wire.clone())).await.unwrap());
+        assert!(acks.ack(2, Frame(2, wire.clone())).await.unwrap());
+        assert_eq!(wire.written(), []);
+        // 1 is nacked (by the caller, with its own frame): only then may
+        // the multiple ack pass it.
+        acks.closed(1).await;
+        assert_eq!(wire.written(), [(3, true)]);
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_and_the_drain_write_acks_above_the_floor_one_by_one() {
+        let wire = Wire::new(true);
+        let acks = AckBatcher::new(NEVER, 3);
+        for tag in 1..=6 {
+            acks.opened(tag);
+        }
+        for tag in [2, 3] {
+            assert!(acks.ack(tag, Frame(tag, wire.clone())).await.unwrap());
+        }
+        assert_eq!(wire.written(), [], "held below the limit");
+        assert!(acks.ack(4, Frame(4, wire.clone())).await.unwrap());
+        assert_eq!(wire.written(), [(2, false), (3, false), (4, false)]);
+        assert!(acks.ack(6, Frame(6, wire.clone())).await.unwrap());
+        acks.drain(deadline()).await;
+        assert_eq!(
+            wire.written(),
+            [(2, false), (3, false), (4, false), (6, false)]
+        );
+        assert!(acks.is_open(1) && acks.is_open(5));
+    }
+
+    /// The timer took the held acks and is writing them when the broker
+    /// closes: the drain must wait for it, or the connection closes under
+    /// the frames and their messages go back to the queue, though their
+    /// acks were confirmed to the engine.
+    #[tokio::test]
+    async fn the_drain_waits_for_a_writer_at_work() {
+        let wire = Wire::new(false);
+        let acks = AckBatcher::new(Duration::from_millis(1), 100);
+        acks.opened(1);
+        acks.opened(2);
+        assert!(acks.ack(2, Frame(2, wire.clone())).await.unwrap());
+        // The timer fires and its writer blocks on the wire.
+        wire.writing.notified().await;
+        let drain = tokio::spawn({
+            let acks = acks.clone();
+            async move { acks.drain(deadline()).await }
+        });
+        let mut drain = std::pin::pin!(drain);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut drain)
+                .await
+                .is_err(),
+            "the drain returned while an ack was being written"
+        );
+        wire.gate.add_permits(1);
+        drain.await.unwrap();
+        assert_eq!(wire.written(), [(2, false)]);
     }
 }
