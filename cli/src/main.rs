@@ -222,6 +222,11 @@ async fn bench(conn: &Conn, a: BenchArgs) -> Result<bool, BoxError> {
     if let Some(path) = &a.plot {
         report.plot(path)?;
     }
+    // Also on stderr, next to the final error line, where logs and test
+    // harnesses look.
+    for line in report.failures() {
+        eprintln!("idemq: {line}");
+    }
     Ok(report.ok())
 }
 

@@ -85,6 +85,14 @@ impl BenchReport {
         self.results.iter().all(|r| r.ok)
     }
 
+    /// What the failed checks found, one line each: `FAILED <phase>: <problem>`.
+    pub fn failures(&self) -> impl Iterator<Item = String> + '_ {
+        self.results
+            .iter()
+            .filter(|r| !r.ok)
+            .flat_map(|r| r.problems.iter().map(|p| format!("FAILED {}: {p}", r.name)))
+    }
+
     /// The report as a plain-text table.
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -142,10 +150,8 @@ impl BenchReport {
                 "process peak so far (VmHWM could not be reset)"
             }
         );
-        for r in self.results.iter().filter(|r| !r.ok) {
-            for p in &r.problems {
-                let _ = writeln!(out, "FAILED {}: {p}", r.name);
-            }
+        for line in self.failures() {
+            let _ = writeln!(out, "{line}");
         }
         out
     }
