@@ -485,6 +485,7 @@ async fn paired(setup: &Arc<Setup>, floor: u64) {
         Run::Concurrent(Mode::Raw),
         Run::Sequential { raw: false },
         Run::Concurrent(Mode::Store),
+        Run::Concurrent(Mode::Unbatched),
     ];
     let (seq_n, par_n) = PAIRED_MESSAGES;
     setup.keep_ms.store(PAIRED_KEEP_MS, Ordering::Relaxed);
@@ -556,6 +557,7 @@ async fn paired(setup: &Arc<Setup>, floor: u64) {
     row("concurrent-64", STORE, 2, 5);
     row("concurrent-64", COALESCED, 3, 5);
     row("concurrent-64", BATCHED, 4, 5);
+    row("concurrent-64", UNBATCHED, 8, 5);
     eprintln!(
         "  control (A/A): {STORE}, its second run of each round / its first: \
          sequential {}, concurrent-64 {}",

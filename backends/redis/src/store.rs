@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -67,6 +67,20 @@ const DEAD: &str = "x";
 /// script, so a record that is not theirs is never touched. The store
 /// needs Redis 7.0 or later (`SET` with both `NX` and `GET`, and
 /// `PEXPIRETIME`); `connect` refuses older servers.
+///
+/// On a server that takes `SET ... IFEQ` (Valkey 8.1 and later, Redis 8.4
+/// and later; [`RedisDedupStore::uses_set_ifeq`], read by `connect` and
+/// [`RedisDedupStore::load_scripts`]), `complete` and `bury` first send
+/// one plain command instead: `SET <key> <new record> IFEQ <the claim as
+/// this store wrote it> PX <keep_for> GET`. It writes only when the key
+/// holds exactly the caller's claim, so it is fenced as the script is; it
+/// never creates a key. The reply decides: the claim (applied), nothing or
+/// another record (lease lost). The script then decides what it cannot:
+/// the caller's claim with another slack (a renewed lease, or a claim with
+/// other TTLs than the store's last one), and what is not a record. The
+/// store's batching then leaves completions alone (one plain command each
+/// costs the server less than a script call of a batch); `complete_many`
+/// stays one script call per batch, for its all-or-nothing.
 ///
 /// A value that is not such a string under a record key makes every
 /// operation on it but `forget` fail with a permanent error (`WRONGTYPE`,
@@ -142,7 +156,20 @@ struct Inner {
     config: RedisConfig,
     /// The URL with its password masked, for `Debug` and logs.
     target: String,
+    /// The server takes `SET ... IFEQ` (Valkey 8.1+, Redis 8.4+), read by
+    /// [`RedisDedupStore::load_scripts`]: `complete` and `bury` are then
+    /// a plain `SET` when the record is the claim as this store wrote it.
+    compare_and_set: AtomicBool,
+    /// The slack of the last claim this store sent ([`NO_SLACK`] before
+    /// the first): what a claim record holds after the lease, so what
+    /// `complete` compares against with `IFEQ`. A guess that misses (a
+    /// claim with another TTL, a renewed lease) costs the script call the
+    /// store makes without `IFEQ`.
+    last_slack: AtomicU64,
 }
+
+/// [`Inner::last_slack`] before any claim.
+const NO_SLACK: u64 = u64::MAX;
 
 impl fmt::Debug for RedisDedupStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -254,6 +281,8 @@ impl RedisDedupStore {
                 timeouts_in_a_row: AtomicU32::new(0),
                 config,
                 target,
+                compare_and_set: AtomicBool::new(false),
+                last_slack: AtomicU64::new(NO_SLACK),
             }),
             batcher: None,
         };
@@ -268,6 +297,15 @@ impl RedisDedupStore {
     /// ([`RedisConfig::with_batching`]).
     pub fn batching_stats(&self) -> Option<CoalescingStats> {
         self.batcher.as_ref().map(Coalescing::stats)
+    }
+
+    /// True when the server takes `SET ... IFEQ` (Valkey 8.1 and later,
+    /// Redis 8.4 and later; read when the store connects): `complete` and
+    /// `bury` are then one plain `SET` each (still fenced by the owner
+    /// token and attempt), the script only deciding what that `SET` could
+    /// not, and the store's batching leaves completions alone.
+    pub fn uses_set_ifeq(&self) -> bool {
+        self.inner.compare_and_set.load(Ordering::Relaxed)
     }
 
     /// The configuration the store runs with.
@@ -325,6 +363,9 @@ impl RedisDedupStore {
             _ => String::new(),
         };
         check_version(&info)?;
+        self.inner
+            .compare_and_set
+            .store(has_set_ifeq(&info), Ordering::Relaxed);
         for reply in replies {
             ok_or_server_error(reply).map_err(|e| error::map("load_scripts", self.after(), e))?;
         }
@@ -604,9 +645,48 @@ impl RedisDedupStore {
         keep_for: Duration,
     ) -> Result<Fenced, Error> {
         key::check(&lease.scope, &lease.key)?;
+        if let Some(fenced) = self.settle_if_equal(op, state, lease, keep_for).await? {
+            return Ok(fenced);
+        }
         let cmd = self.settle_cmd(state, std::slice::from_ref(lease), keep_for);
         let reply = self.eval(op, &scripts::SETTLE, cmd).await?;
         parse_fenced(op, reply)
+    }
+
+    /// `complete` or `bury` of one lease (checked) as one plain command,
+    /// on a server that takes `SET ... IFEQ`: `SET <key> <new record> IFEQ
+    /// <the claim as written> PX <keep_for> GET`. Answers `None` when that
+    /// cannot decide (no `IFEQ`, a record to delete, an unknown slack, or
+    /// a reply that is the caller's claim with another slack, or not a
+    /// record), and the script then does.
+    async fn settle_if_equal(
+        &self,
+        op: &'static str,
+        state: &str,
+        lease: &Lease,
+        keep_for: Duration,
+    ) -> Result<Option<Fenced>, Error> {
+        let slack = self.inner.last_slack.load(Ordering::Relaxed);
+        let keep = ms(keep_for);
+        if !self.inner.compare_and_set.load(Ordering::Relaxed) || slack == NO_SLACK || keep < 1 {
+            return Ok(None);
+        }
+        let (token, attempt) = (lease.token, lease.attempt);
+        let mine = format!("c:{token}:{attempt}:");
+        let expected = format!("{mine}{slack}");
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key_unchecked(&lease.scope, &lease.key))
+            .arg(format!("{state}:{token}:{attempt}:0"))
+            .arg("IFEQ")
+            .arg(&expected)
+            .arg("PX")
+            .arg(keep)
+            .arg("GET");
+        let mut conn = self.conn();
+        let reply = self
+            .deadline(op, async move { conn.send_packed_command(&cmd).await })
+            .await?;
+        Ok(read_settled_if_equal(&reply, &mine, &expected))
     }
 
     async fn fenced(
@@ -635,6 +715,7 @@ impl DedupStore for RedisDedupStore {
         key::check(scope, key)?;
         let token = LeaseToken::random();
         let (life, _, slack) = claim_ms(ttl);
+        self.inner.last_slack.store(slack, Ordering::Relaxed);
         let cmd = fresh_claim_cmd(
             &self.key_unchecked(scope, key),
             &fresh_record(token, slack),
@@ -659,7 +740,11 @@ impl DedupStore for RedisDedupStore {
     }
 
     async fn complete(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
-        if let Some(batcher) = &self.batcher {
+        // With `IFEQ` a completion is one plain command, as cheap alone as
+        // in a batch (which needs the script, for its all-or-nothing).
+        if let Some(batcher) = &self.batcher
+            && !self.inner.compare_and_set.load(Ordering::Relaxed)
+        {
             return batcher.complete(lease, keep_for).await;
         }
         self.settle("complete", DONE, lease, keep_for).await
@@ -718,6 +803,7 @@ impl DedupStore for RedisDedupStore {
         }
         let tokens: Vec<LeaseToken> = keys.iter().map(|_| LeaseToken::random()).collect();
         let (life, _, slack) = claim_ms(ttl);
+        self.inner.last_slack.store(slack, Ordering::Relaxed);
         let writes: Vec<(String, String)> = keys
             .iter()
             .zip(&tokens)
@@ -935,6 +1021,44 @@ fn record_state(old: &[u8]) -> Option<&str> {
     well_formed.then_some(state)
 }
 
+/// What the `SET ... IFEQ <expected> GET` of
+/// [`RedisDedupStore::settle_if_equal`] decides from its reply: applied
+/// when the key held `expected`; lease lost when it held nothing or a
+/// record that is not the caller's claim (`mine` is how that starts).
+/// `None` (the script decides) for the caller's claim with another slack,
+/// and for anything that is not a record, or not a string.
+fn read_settled_if_equal(reply: &Value, mine: &str, expected: &str) -> Option<Fenced> {
+    match reply {
+        Value::Nil => Some(Fenced::LeaseLost),
+        Value::BulkString(old) if old == expected.as_bytes() => Some(Fenced::Applied),
+        Value::BulkString(old) if old.starts_with(mine.as_bytes()) => None,
+        Value::BulkString(old) => record_state(old).map(|_| Fenced::LeaseLost),
+        _ => None,
+    }
+}
+
+/// Whether the server of this `INFO server` takes `SET ... IFEQ`: Valkey
+/// 8.1 and later, Redis 8.4 and later. Valkey names itself in
+/// `server_name` and `valkey_version` (its `redis_version` stays 7.2.4).
+fn has_set_ifeq(info: &str) -> bool {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(str::trim)
+    };
+    let at_least = |version: &str, want: (u32, u32)| {
+        let mut parts = version.split('.').map(|p| p.parse::<u32>());
+        matches!((parts.next(), parts.next()), (Some(Ok(major)), Some(Ok(minor))) if (major, minor) >= want)
+    };
+    match field("valkey_version:") {
+        Some(valkey) => at_least(valkey, (8, 1)),
+        None => {
+            field("server_name:").is_none_or(|name| name == "redis")
+                && field("redis_version:").is_some_and(|v| at_least(v, (8, 4)))
+        }
+    }
+}
+
 fn is_noscript(reply: &Value) -> bool {
     matches!(reply, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript))
 }
@@ -1119,6 +1243,67 @@ mod tests {
         // What it cannot read is let be.
         for unknown in ["", "# Server\r\n", &info("unstable"), &info("7")] {
             assert!(check_version(unknown).is_ok(), "{unknown:?}");
+        }
+    }
+
+    #[test]
+    fn set_ifeq_is_read_off_the_server_name_and_version() {
+        let redis = |v: &str| format!("# Server\r\nredis_version:{v}\r\nredis_mode:standalone\r\n");
+        let valkey = |v: &str| {
+            format!(
+                "# Server\r\nredis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:{v}\r\n"
+            )
+        };
+        for yes in [
+            redis("8.4.0"),
+            redis("9.0.1"),
+            valkey("8.1.0"),
+            valkey("9.1.2"),
+        ] {
+            assert!(has_set_ifeq(&yes), "{yes:?}");
+        }
+        let no = [
+            redis("7.0.15"),
+            redis("8.2.3"),
+            redis("unstable"),
+            valkey("8.0.4"),
+            valkey("7.2.11"),
+            String::new(),
+            // Another server that says it is Redis 8.4: its SET may not know IFEQ.
+            "# Server\r\nredis_version:8.4.0\r\nserver_name:dragonfly\r\n".to_owned(),
+        ];
+        for no in no {
+            assert!(!has_set_ifeq(&no), "{no:?}");
+        }
+    }
+
+    #[test]
+    fn a_set_ifeq_decides_only_what_it_can() {
+        let (mine, expected) = ("c:0000000000000007:2:", "c:0000000000000007:2:540000");
+        let read = |v: Value| read_settled_if_equal(&v, mine, expected);
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        assert_eq!(read(bulk(expected)), Some(Fenced::Applied));
+        assert_eq!(read(Value::Nil), Some(Fenced::LeaseLost));
+        for other in [
+            "c:0000000000000008:3:540000",
+            "c:0000000000000007:1:540000",
+            "r:0000000000000007:2:540000",
+            "d:0000000000000007:2:0",
+            "x:0000000000000009:5:0",
+        ] {
+            assert_eq!(read(bulk(other)), Some(Fenced::LeaseLost), "{other}");
+        }
+        // The caller's claim with another slack (a renewed lease), or not
+        // a record: the script decides (and refuses what is no record).
+        for undecided in [
+            bulk("c:0000000000000007:2:1000"),
+            bulk("c:0000000000000007:2:"),
+            bulk("not a record"),
+            bulk("d:7:2:0:extra"),
+            Value::Int(1),
+            Value::Okay,
+        ] {
+            assert_eq!(read(undecided.clone()), None, "{undecided:?}");
         }
     }
 

@@ -82,3 +82,30 @@ pub async fn pttl(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i6
 }
 
 pub const SECOND: Duration = Duration::from_secs(1);
+
+/// The Valkey at `VALKEY_URL` (default `redis://127.0.0.1:6390`): a server
+/// that takes `SET ... IFEQ`, for the store's plain-command completions.
+pub fn valkey_url() -> String {
+    std::env::var("VALKEY_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".to_owned())
+}
+
+/// A store on a fresh prefix on the Valkey at [`valkey_url`]; skips (or
+/// fails, with `IDEMQ_REQUIRE_SERVICES=1`) when it is down.
+pub async fn valkey_store_with(config: RedisConfig) -> Option<RedisDedupStore> {
+    let config = config
+        .with_prefix(fresh_prefix())
+        .with_connection_timeout(Duration::from_secs(2));
+    match RedisDedupStore::connect_with(&valkey_url(), config).await {
+        Ok(store) => Some(store),
+        Err(e) => idemq::testing::service_unavailable("valkey", e),
+    }
+}
+
+/// A plain connection to the Valkey at [`valkey_url`].
+pub async fn valkey_raw() -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(valkey_url()).expect("VALKEY_URL parses");
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw connection to valkey")
+}
