@@ -100,7 +100,10 @@ impl RedisConfig {
     /// second caller go out at once instead of after the first, for more
     /// Redis and client time per message. `None`: every call is its own
     /// command or script call. The batch forms (`claim_many`,
-    /// `complete_many`) always go straight out.
+    /// `complete_many`) always go straight out. On a server that takes
+    /// `SET ... IFEQ` (see `RedisDedupStore::uses_set_ifeq`) the store
+    /// does not batch either way: `claim` and `complete` of a fresh
+    /// message are one plain command each there.
     pub fn with_batching(mut self, max_in_flight: Option<usize>) -> Self {
         self.batching = max_in_flight;
         self

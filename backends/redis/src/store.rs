@@ -78,9 +78,10 @@ const DEAD: &str = "x";
 /// another record (lease lost). The script then decides what it cannot:
 /// the caller's claim with another slack (a renewed lease, or a claim with
 /// other TTLs than the store's last one), and what is not a record. The
-/// store's batching then leaves completions alone (one plain command each
-/// costs the server less than a script call of a batch); `complete_many`
-/// stays one script call per batch, for its all-or-nothing.
+/// store's own batching ([`RedisConfig::with_batching`]) is then off: no
+/// fresh message needs a script, and one plain command per call measured
+/// cheaper than the batcher's hand-offs. `complete_many` stays one script
+/// call per batch, for its all-or-nothing.
 ///
 /// A value that is not such a string under a record key makes every
 /// operation on it but `forget` fail with a permanent error (`WRONGTYPE`,
@@ -300,10 +301,13 @@ impl RedisDedupStore {
     }
 
     /// True when the server takes `SET ... IFEQ` (Valkey 8.1 and later,
-    /// Redis 8.4 and later; read when the store connects): `complete` and
-    /// `bury` are then one plain `SET` each (still fenced by the owner
-    /// token and attempt), the script only deciding what that `SET` could
-    /// not, and the store's batching leaves completions alone.
+    /// Redis 8.4 and later): `complete` and `bury` are then one plain `SET`
+    /// each (still fenced by the owner token and attempt), the script only
+    /// deciding what that `SET` could not, and the store's own batching is
+    /// off. Read off `INFO server` by `connect`,
+    /// `connect_with` and [`RedisDedupStore::load_scripts`]; a store from
+    /// `connect_lazy` or `from_manager` uses the scripts until
+    /// `load_scripts` is called.
     pub fn uses_set_ifeq(&self) -> bool {
         self.inner.compare_and_set.load(Ordering::Relaxed)
     }
@@ -338,9 +342,12 @@ impl RedisDedupStore {
         .map(drop)
     }
 
-    /// Loads every script into Redis' script cache in one round trip.
-    /// Optional: an operation whose script is missing sends its source
-    /// instead (which caches it too).
+    /// Loads every script into Redis' script cache in one round trip, and
+    /// reads the server's version: refuses one older than Redis 7.0, and
+    /// notes whether it takes `SET ... IFEQ`
+    /// ([`RedisDedupStore::uses_set_ifeq`]). Optional for the scripts: an
+    /// operation whose script is missing sends its source instead (which
+    /// caches it too).
     pub async fn load_scripts(&self) -> Result<(), Error> {
         let mut pipe = redis::pipe();
         pipe.add_command(redis::cmd("INFO").arg("server").to_owned());
@@ -709,7 +716,11 @@ impl RedisDedupStore {
 #[async_trait]
 impl DedupStore for RedisDedupStore {
     async fn claim(&self, scope: &str, key: &str, ttl: ClaimTtl) -> Result<Claim, Error> {
-        if let Some(batcher) = &self.batcher {
+        // With `IFEQ` no fresh message needs a script: the batcher's
+        // hand-offs would cost more than they save.
+        if let Some(batcher) = &self.batcher
+            && !self.inner.compare_and_set.load(Ordering::Relaxed)
+        {
             return batcher.claim(scope, key, ttl).await;
         }
         key::check(scope, key)?;
@@ -740,8 +751,8 @@ impl DedupStore for RedisDedupStore {
     }
 
     async fn complete(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
-        // With `IFEQ` a completion is one plain command, as cheap alone as
-        // in a batch (which needs the script, for its all-or-nothing).
+        // With `IFEQ` a completion is one plain command, cheaper alone
+        // than in a batch (which needs the script, for its all-or-nothing).
         if let Some(batcher) = &self.batcher
             && !self.inner.compare_and_set.load(Ordering::Relaxed)
         {
