@@ -553,16 +553,7 @@ async fn foreign_data_under_a_record_key_is_a_permanent_error() {
         .query_async(&mut conn)
         .await
         .expect("SET");
-    let permanent = |err: &Error| {
-        matches!(
-            err,
-            Error::Backend {
-                backend: "redis",
-                transient: false,
-                ..
-            }
-        )
-    };
+    let permanent = common::is_permanent;
     let err = store
         .claim("s", "squatted", ttl(SECOND, SECOND))
         .await
@@ -699,17 +690,7 @@ async fn records_of_the_hash_layout_are_refused_with_a_clear_error() {
     ];
     for err in errs {
         let err = err.expect_err("a hash is not a record");
-        assert!(
-            matches!(
-                err,
-                Error::Backend {
-                    backend: "redis",
-                    transient: false,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(common::is_permanent(&err), "{err:?}");
         let text = err.to_string();
         for part in ["WRONGTYPE", key.as_str(), "hash layout", "prefix"] {
             assert!(text.contains(part), "{part:?} missing from: {text}");

@@ -109,3 +109,16 @@ pub async fn valkey_raw() -> redis::aio::MultiplexedConnection {
         .await
         .expect("raw connection to valkey")
 }
+
+/// Whether `err` is the store's permanent error (a Redis `Backend` error
+/// that retrying does not cure), as for a key that holds no record.
+pub fn is_permanent(err: &idemq::Error) -> bool {
+    matches!(
+        err,
+        idemq::Error::Backend {
+            backend: "redis",
+            transient: false,
+            ..
+        }
+    )
+}
