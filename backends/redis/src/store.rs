@@ -379,6 +379,17 @@ impl RedisDedupStore {
         Ok(())
     }
 
+    /// The batcher `claim` and `complete` go through, if any: none on a
+    /// server with `IFEQ`, where a fresh message needs no script (a claim
+    /// and a completion are a plain command each, cheaper alone than the
+    /// batcher's hand-offs; a batch of completions needs the script, for
+    /// its all-or-nothing).
+    fn batcher(&self) -> Option<&Coalescing<RedisDedupStore>> {
+        self.batcher
+            .as_ref()
+            .filter(|_| !self.inner.compare_and_set.load(Ordering::Relaxed))
+    }
+
     fn key_unchecked(&self, scope: &str, key: &str) -> String {
         let prefix = self.inner.config.prefix();
         let mut out = String::with_capacity(prefix.len() + scope.len() + key.len() + 3);
@@ -716,11 +727,7 @@ impl RedisDedupStore {
 #[async_trait]
 impl DedupStore for RedisDedupStore {
     async fn claim(&self, scope: &str, key: &str, ttl: ClaimTtl) -> Result<Claim, Error> {
-        // With `IFEQ` no fresh message needs a script: the batcher's
-        // hand-offs would cost more than they save.
-        if let Some(batcher) = &self.batcher
-            && !self.inner.compare_and_set.load(Ordering::Relaxed)
-        {
+        if let Some(batcher) = self.batcher() {
             return batcher.claim(scope, key, ttl).await;
         }
         key::check(scope, key)?;
@@ -751,11 +758,7 @@ impl DedupStore for RedisDedupStore {
     }
 
     async fn complete(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
-        // With `IFEQ` a completion is one plain command, cheaper alone
-        // than in a batch (which needs the script, for its all-or-nothing).
-        if let Some(batcher) = &self.batcher
-            && !self.inner.compare_and_set.load(Ordering::Relaxed)
-        {
+        if let Some(batcher) = self.batcher() {
             return batcher.complete(lease, keep_for).await;
         }
         self.settle("complete", DONE, lease, keep_for).await
@@ -932,18 +935,10 @@ const MIN_REDIS: (u32, u32) = (7, 0);
 /// Refuses a server whose `INFO server` names a version older than
 /// [`MIN_REDIS`]; lets anything it cannot read pass.
 fn check_version(info: &str) -> Result<(), Error> {
-    let Some(version) = info
-        .lines()
-        .find_map(|line| line.strip_prefix("redis_version:"))
-        .map(str::trim)
-    else {
+    let Some(version) = info_field(info, "redis_version:") else {
         return Ok(());
     };
-    let mut parts = version.split('.').map(|p| p.parse::<u32>());
-    let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
-        return Ok(());
-    };
-    if (major, minor) < MIN_REDIS {
+    if major_minor(version).is_some_and(|v| v < MIN_REDIS) {
         return Err(Error::Config(format!(
             "Redis {version} is too old: idemq-redis needs Redis {}.{} or later (SET ... NX GET)",
             MIN_REDIS.0, MIN_REDIS.1
@@ -1052,22 +1047,29 @@ fn read_settled_if_equal(reply: &Value, mine: &str, expected: &str) -> Option<Fe
 /// 8.1 and later, Redis 8.4 and later. Valkey names itself in
 /// `server_name` and `valkey_version` (its `redis_version` stays 7.2.4).
 fn has_set_ifeq(info: &str) -> bool {
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|line| line.strip_prefix(name))
-            .map(str::trim)
+    let at_least = |name: &str, want: (u32, u32)| {
+        info_field(info, name)
+            .and_then(major_minor)
+            .is_some_and(|v| v >= want)
     };
-    let at_least = |version: &str, want: (u32, u32)| {
-        let mut parts = version.split('.').map(|p| p.parse::<u32>());
-        matches!((parts.next(), parts.next()), (Some(Ok(major)), Some(Ok(minor))) if (major, minor) >= want)
-    };
-    match field("valkey_version:") {
-        Some(valkey) => at_least(valkey, (8, 1)),
-        None => {
-            field("server_name:").is_none_or(|name| name == "redis")
-                && field("redis_version:").is_some_and(|v| at_least(v, (8, 4)))
-        }
+    if info_field(info, "valkey_version:").is_some() {
+        return at_least("valkey_version:", (8, 1));
     }
+    info_field(info, "server_name:").is_none_or(|name| name == "redis")
+        && at_least("redis_version:", (8, 4))
+}
+
+/// The value of the `name` line (`redis_version:`, say) of an `INFO` reply.
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(name))
+        .map(str::trim)
+}
+
+/// The major and minor number of a version such as `7.0.15`.
+fn major_minor(version: &str) -> Option<(u32, u32)> {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
 }
 
 fn is_noscript(reply: &Value) -> bool {
