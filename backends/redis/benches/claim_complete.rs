@@ -50,6 +50,7 @@ const RAW: &str = "raw SET NX PX + SET PX";
 const BATCHED: &str = "store claim_many+complete_many, batches of 32";
 const UNBATCHED: &str = "store claim+complete, batching off";
 const COALESCED: &str = "store (batching off) claim+complete via Coalescing, 4 in flight";
+const FLOOR: &str = "floor: the store's two commands, no store code (IFEQ servers)";
 const CONCURRENCY: u64 = 64;
 /// Messages per `claim_many` / `complete_many` in the batch variant.
 const BATCH: u64 = 32;
@@ -134,6 +135,39 @@ impl Setup {
             .await
             .expect("complete_many");
         assert!(fenced.iter().all(|f| *f == Fenced::Applied), "{fenced:?}");
+    }
+
+    /// The two commands the store sends for a fresh message on a server
+    /// that takes `SET ... IFEQ` (`SET NX PX GET`, then `SET IFEQ PX GET`),
+    /// sent as the raw pair is, with no store code around them: the floor
+    /// of the store on such a server. What the store costs above it is its
+    /// own client work.
+    async fn floor_pair(&self) {
+        let key = format!("{}{{{SCOPE}:{}}}", self.raw_prefix, self.key());
+        let mut conn = self.raw.clone();
+        let claimed: Value = redis::cmd("SET")
+            .arg(&key)
+            .arg("c:0123456789abcdef:1:0")
+            .arg("NX")
+            .arg("PX")
+            .arg(TTL.lease.as_millis() as u64)
+            .arg("GET")
+            .query_async(&mut conn)
+            .await
+            .expect("SET NX PX GET");
+        assert!(matches!(claimed, Value::Nil), "fresh key: {claimed:?}");
+        let done: Value = redis::cmd("SET")
+            .arg(&key)
+            .arg("d:0123456789abcdef:1:0")
+            .arg("IFEQ")
+            .arg("c:0123456789abcdef:1:0")
+            .arg("PX")
+            .arg(self.keep_ms.load(Ordering::Relaxed))
+            .arg("GET")
+            .query_async(&mut conn)
+            .await
+            .expect("SET IFEQ");
+        assert!(matches!(done, Value::BulkString(_)), "{done:?}");
     }
 
     async fn raw_pair(&self) {
@@ -330,6 +364,8 @@ enum Mode {
     Raw,
     Batched,
     Coalesced,
+    /// [`Setup::floor_pair`]; only on a server that takes `IFEQ`.
+    Floor,
 }
 
 /// Runs `iters` messages split over [`CONCURRENCY`] tasks; answers the time.
@@ -342,7 +378,7 @@ async fn concurrently(setup: &Arc<Setup>, iters: u64, mode: Mode) -> Duration {
             tokio::spawn(async move {
                 let take = match mode {
                     Mode::Batched => BATCH,
-                    Mode::Store | Mode::Unbatched | Mode::Raw | Mode::Coalesced => 1,
+                    Mode::Store | Mode::Unbatched | Mode::Raw | Mode::Coalesced | Mode::Floor => 1,
                 };
                 while let Ok(had) = left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                     n.checked_sub(take.min(n)).filter(|_| n > 0)
@@ -350,6 +386,7 @@ async fn concurrently(setup: &Arc<Setup>, iters: u64, mode: Mode) -> Duration {
                     match mode {
                         Mode::Store => setup.store_pair().await,
                         Mode::Raw => setup.raw_pair().await,
+                        Mode::Floor => setup.floor_pair().await,
                         Mode::Batched => setup.store_batch(take.min(had)).await,
                         Mode::Unbatched => setup.pair(&setup.unbatched).await,
                         Mode::Coalesced => setup.pair(&setup.coalesced).await,
@@ -424,15 +461,22 @@ fn bench(c: &mut Criterion) {
     let stats = |mode: Mode| match mode {
         Mode::Store => setup.store.batching_stats(),
         Mode::Coalesced => Some(setup.coalesced.stats()),
-        Mode::Unbatched | Mode::Batched | Mode::Raw => None,
+        Mode::Unbatched | Mode::Batched | Mode::Raw | Mode::Floor => None,
     };
+    let floor_variant = setup
+        .store
+        .uses_set_ifeq()
+        .then_some((FLOOR, Mode::Floor, "set"));
     for (name, mode, command) in [
         (STORE, Mode::Store, "set+evalsha"),
         (UNBATCHED, Mode::Unbatched, "set+evalsha"),
         (COALESCED, Mode::Coalesced, "set+evalsha"),
         (BATCHED, Mode::Batched, "set+evalsha"),
         (RAW, Mode::Raw, "set"),
-    ] {
+    ]
+    .into_iter()
+    .chain(floor_variant)
+    {
         let before = stats(mode);
         measure("concurrent-64", name, command, &mut || {
             par.bench_function(name, |b| {
@@ -486,7 +530,10 @@ async fn paired(setup: &Arc<Setup>, floor: u64) {
         Run::Sequential { raw: false },
         Run::Concurrent(Mode::Store),
         Run::Concurrent(Mode::Unbatched),
+        Run::Concurrent(Mode::Floor),
     ];
+    // The floor only where the server takes IFEQ.
+    let runs = &runs[..runs.len() - usize::from(!setup.store.uses_set_ifeq())];
     let (seq_n, par_n) = PAIRED_MESSAGES;
     setup.keep_ms.store(PAIRED_KEEP_MS, Ordering::Relaxed);
     let mut conn = setup.raw.clone();
@@ -558,6 +605,9 @@ async fn paired(setup: &Arc<Setup>, floor: u64) {
     row("concurrent-64", COALESCED, 3, 5);
     row("concurrent-64", BATCHED, 4, 5);
     row("concurrent-64", UNBATCHED, 8, 5);
+    if runs.len() > 9 {
+        row("concurrent-64", FLOOR, 9, 5);
+    }
     eprintln!(
         "  control (A/A): {STORE}, its second run of each round / its first: \
          sequential {}, concurrent-64 {}",

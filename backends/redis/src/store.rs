@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use idemq::coalesce::CoalescingStats;
 use idemq::error::redact_url;
 use idemq::key;
@@ -17,6 +18,7 @@ use idemq::{
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Cmd, RedisError, RedisResult, ServerErrorKind, Value};
 
+use crate::command;
 use crate::config::RedisConfig;
 use crate::error;
 use crate::scripts::{self, Lua};
@@ -333,13 +335,10 @@ impl RedisDedupStore {
     /// Sends `PING`; succeeds when Redis answers within the response
     /// timeout.
     pub async fn ping(&self) -> Result<(), Error> {
-        let mut conn = self.conn();
-        let cmd = redis::cmd("PING");
-        self.deadline("ping", async move {
-            ok_or_server_error(conn.send_packed_command(&cmd).await?)
-        })
-        .await
-        .map(drop)
+        let reply = self.send("ping", redis::cmd("PING")).await?;
+        ok_or_server_error(reply)
+            .map(drop)
+            .map_err(|e| error::map("ping", self.after(), e))
     }
 
     /// Loads every script into Redis' script cache in one round trip, and
@@ -390,6 +389,15 @@ impl RedisDedupStore {
             .filter(|_| !self.inner.compare_and_set.load(Ordering::Relaxed))
     }
 
+    /// Notes the slack of a claim sent now (see [`Inner::last_slack`]);
+    /// written only when it changes, so concurrent claims do not contend
+    /// for the cache line.
+    fn note_slack(&self, slack: u64) {
+        if self.inner.last_slack.load(Ordering::Relaxed) != slack {
+            self.inner.last_slack.store(slack, Ordering::Relaxed);
+        }
+    }
+
     fn key_unchecked(&self, scope: &str, key: &str) -> String {
         let prefix = self.inner.config.prefix();
         let mut out = String::with_capacity(prefix.len() + scope.len() + key.len() + 3);
@@ -416,15 +424,34 @@ impl RedisDedupStore {
         self.inner.config.response_timeout()
     }
 
+    /// Sends one command under the store's deadline (see [`Self::deadline`]).
+    fn send(&self, op: &'static str, cmd: Cmd) -> impl Future<Output = Result<Value, Error>> + '_ {
+        let mut conn = self.conn();
+        self.deadline(op, async move { conn.send_packed_command(&cmd).await })
+    }
+
     /// Runs one exchange with Redis under the store's deadline and maps
-    /// its errors; counts timeouts in a row.
-    async fn deadline<T>(
+    /// its errors; counts timeouts in a row. A combinator rather than an
+    /// `async fn`, which would hold the exchange twice (as its argument and
+    /// inside the timeout): a store call's future is boxed, allocated and
+    /// copied on every call, so its size costs.
+    fn deadline<'a, T: 'a>(
+        &'a self,
+        op: &'static str,
+        exchange: impl Future<Output = RedisResult<T>> + 'a,
+    ) -> impl Future<Output = Result<T, Error>> + 'a {
+        let after = self.after();
+        tokio::time::timeout(after, exchange).map(move |outcome| self.outcome(op, after, outcome))
+    }
+
+    /// What an exchange under [`Self::deadline`] answers.
+    fn outcome<T>(
         &self,
         op: &'static str,
-        exchange: impl Future<Output = RedisResult<T>>,
+        after: Duration,
+        outcome: Result<RedisResult<T>, tokio::time::error::Elapsed>,
     ) -> Result<T, Error> {
-        let after = self.after();
-        let err = match tokio::time::timeout(after, exchange).await {
+        let err = match outcome {
             Ok(Ok(value)) => {
                 if self.inner.timeouts_in_a_row.load(Ordering::Relaxed) != 0 {
                     self.inner.timeouts_in_a_row.store(0, Ordering::Relaxed);
@@ -647,9 +674,7 @@ impl RedisDedupStore {
         }
         cmd.arg(ms(keep_for));
         for lease in leases {
-            let (token, attempt) = (lease.token, lease.attempt);
-            cmd.arg(format!("c:{token}:{attempt}:"))
-                .arg(format!("{state}:{token}:{attempt}:0"));
+            command::settle_args(&mut cmd, state, lease);
         }
         cmd
     }
@@ -689,22 +714,10 @@ impl RedisDedupStore {
         if !self.inner.compare_and_set.load(Ordering::Relaxed) || slack == NO_SLACK || keep < 1 {
             return Ok(None);
         }
-        let (token, attempt) = (lease.token, lease.attempt);
-        let mine = format!("c:{token}:{attempt}:");
-        let expected = format!("{mine}{slack}");
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.key_unchecked(&lease.scope, &lease.key))
-            .arg(format!("{state}:{token}:{attempt}:0"))
-            .arg("IFEQ")
-            .arg(&expected)
-            .arg("PX")
-            .arg(keep)
-            .arg("GET");
-        let mut conn = self.conn();
-        let reply = self
-            .deadline(op, async move { conn.send_packed_command(&cmd).await })
-            .await?;
-        Ok(read_settled_if_equal(&reply, &mine, &expected))
+        let prefix = self.inner.config.prefix();
+        let (cmd, expected) = command::settle_if_equal(prefix, lease, state, slack, keep);
+        let reply = self.send(op, cmd).await?;
+        Ok(read_settled_if_equal(&reply, &expected))
     }
 
     async fn fenced(
@@ -733,20 +746,16 @@ impl DedupStore for RedisDedupStore {
         key::check(scope, key)?;
         let token = LeaseToken::random();
         let (life, _, slack) = claim_ms(ttl);
-        self.inner.last_slack.store(slack, Ordering::Relaxed);
-        let cmd = fresh_claim_cmd(
-            &self.key_unchecked(scope, key),
-            &fresh_record(token, slack),
-            life,
-        );
-        let mut conn = self.conn();
-        let reply = self
-            .deadline("claim", async move { conn.send_packed_command(&cmd).await })
-            .await?;
+        self.note_slack(slack);
+        let prefix = self.inner.config.prefix();
+        let cmd = command::fresh_claim(prefix, scope, key, token, slack, life);
+        let reply = self.send("claim", cmd).await?;
         if let Some(claim) = read_fresh_claim(&reply, scope, key, token) {
             return Ok(claim);
         }
-        self.claim_scripted("claim", scope, &[key], &[token], ttl)
+        // A redelivery, a retry or a takeover: boxed, so the future of the
+        // usual path (boxed and copied on every call) stays small.
+        Box::pin(self.claim_scripted("claim", scope, &[key], &[token], ttl))
             .await?
             .pop()
             .ok_or_else(|| error::unexpected("claim", "no answer".into()))
@@ -788,13 +797,8 @@ impl DedupStore for RedisDedupStore {
         key::check(scope, key)?;
         let mut cmd = redis::cmd("DEL");
         cmd.arg(self.key_unchecked(scope, key));
-        let mut conn = self.conn();
-        let reply = self
-            .deadline("forget", async move {
-                ok_or_server_error(conn.send_packed_command(&cmd).await?)
-            })
-            .await?;
-        match reply {
+        let reply = self.send("forget", cmd).await?;
+        match ok_or_server_error(reply).map_err(|e| error::map("forget", self.after(), e))? {
             Value::Int(n) => Ok(n > 0),
             other => Err(error::unexpected(
                 "forget",
@@ -817,7 +821,7 @@ impl DedupStore for RedisDedupStore {
         }
         let tokens: Vec<LeaseToken> = keys.iter().map(|_| LeaseToken::random()).collect();
         let (life, _, slack) = claim_ms(ttl);
-        self.inner.last_slack.store(slack, Ordering::Relaxed);
+        self.note_slack(slack);
         let writes: Vec<(String, String)> = keys
             .iter()
             .zip(&tokens)
@@ -1029,15 +1033,20 @@ fn record_state(old: &[u8]) -> Option<&str> {
 
 /// What the `SET ... IFEQ <expected> GET` of
 /// [`RedisDedupStore::settle_if_equal`] decides from its reply: applied
-/// when the key held `expected`; lease lost when it held nothing or a
-/// record that is not the caller's claim (`mine` is how that starts).
-/// `None` (the script decides) for the caller's claim with another slack,
-/// and for anything that is not a record, or not a string.
-fn read_settled_if_equal(reply: &Value, mine: &str, expected: &str) -> Option<Fenced> {
+/// when the key held `expected` (`c:<token>:<attempt>:<slack>`); lease
+/// lost when it held nothing or a record that is not the caller's claim
+/// (any claim of this lease starts as `expected` does, up to its last
+/// `:`). `None` (the script decides) for the caller's claim with another
+/// slack, and for anything that is not a record, or not a string.
+fn read_settled_if_equal(reply: &Value, expected: &[u8]) -> Option<Fenced> {
+    let mine = expected
+        .iter()
+        .rposition(|&b| b == b':')
+        .map_or(expected, |colon| &expected[..=colon]);
     match reply {
         Value::Nil => Some(Fenced::LeaseLost),
-        Value::BulkString(old) if old == expected.as_bytes() => Some(Fenced::Applied),
-        Value::BulkString(old) if old.starts_with(mine.as_bytes()) => None,
+        Value::BulkString(old) if old == expected => Some(Fenced::Applied),
+        Value::BulkString(old) if old.starts_with(mine) => None,
         Value::BulkString(old) => record_state(old).map(|_| Fenced::LeaseLost),
         _ => None,
     }
@@ -1292,8 +1301,8 @@ mod tests {
 
     #[test]
     fn a_set_ifeq_decides_only_what_it_can() {
-        let (mine, expected) = ("c:0000000000000007:2:", "c:0000000000000007:2:540000");
-        let read = |v: Value| read_settled_if_equal(&v, mine, expected);
+        let expected = "c:0000000000000007:2:540000";
+        let read = |v: Value| read_settled_if_equal(&v, expected.as_bytes());
         let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
         assert_eq!(read(bulk(expected)), Some(Fenced::Applied));
         assert_eq!(read(Value::Nil), Some(Fenced::LeaseLost));
