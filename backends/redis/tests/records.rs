@@ -672,6 +672,10 @@ async fn records_of_the_hash_layout_are_refused_with_a_clear_error() {
         attempt: 1,
     };
     let t = ttl(SECOND, SECOND);
+    // A live claim in the same batch as the hash (many keys are read
+    // with one MGET, which answers nil for a hash: the script must still
+    // tell it from an absent key).
+    let live = must_claim(&store, "s", "live", ttl(60 * SECOND, 60 * SECOND)).await;
     let errs = [
         store.claim("s", "old", t).await.map(drop),
         store
@@ -683,6 +687,10 @@ async fn records_of_the_hash_layout_are_refused_with_a_clear_error() {
         store.complete(&lease, SECOND).await.map(drop),
         store
             .complete_many(std::slice::from_ref(&lease), SECOND)
+            .await
+            .map(drop),
+        store
+            .complete_many(&[live.clone(), lease.clone()], SECOND)
             .await
             .map(drop),
         store.fail(&lease, Release::RefundAttempt).await.map(drop),
@@ -705,6 +713,11 @@ async fn records_of_the_hash_layout_are_refused_with_a_clear_error() {
         .expect("HGET");
     assert_eq!(state.as_deref(), Some("claimed"));
     assert!(store.forget("s", "old").await.expect("forget"));
+    // The failed batch left the live claim alone.
+    assert_eq!(
+        store.complete(&live, SECOND).await.expect("complete"),
+        Fenced::Applied
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
