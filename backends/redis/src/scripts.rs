@@ -2,7 +2,8 @@
 //! keys, for what a plain `SET NX PX GET` cannot answer alone), unclaim
 //! (takes back the fresh claims of a batch that failed), settle (complete
 //! and bury, one or many keys), renew, fail, get;
-//! each begins with `lua/record.lua`, which describes the record layout.
+//! each begins with `lua/record.lua`, which describes the record layout
+//! (settle with `lua/settle_one.lua` in front of that).
 
 use std::sync::LazyLock;
 
@@ -53,11 +54,22 @@ impl Lua {
 }
 
 /// A script of `lua/`, with `lua/record.lua` (the record layout and the
-/// helpers every script uses) in front of it.
+/// helpers every script uses) in front of it, and in front of that, for a
+/// script with a `head`, the fast path that head takes before the helpers
+/// are defined.
 macro_rules! script {
     ($file:literal) => {
         LazyLock::new(|| {
             Lua::new(concat!(
+                include_str!("../lua/record.lua"),
+                include_str!(concat!("../lua/", $file))
+            ))
+        })
+    };
+    ($file:literal, head = $head:literal) => {
+        LazyLock::new(|| {
+            Lua::new(concat!(
+                include_str!(concat!("../lua/", $head)),
                 include_str!("../lua/record.lua"),
                 include_str!(concat!("../lua/", $file))
             ))
@@ -69,8 +81,9 @@ macro_rules! script {
 pub(crate) static CLAIM: LazyLock<Lua> = script!("claim.lua");
 /// claim_many's way back: see `lua/unclaim.lua`.
 pub(crate) static UNCLAIM: LazyLock<Lua> = script!("unclaim.lua");
-/// complete, complete_many and bury: see `lua/settle.lua`.
-pub(crate) static SETTLE: LazyLock<Lua> = script!("settle.lua");
+/// complete, complete_many and bury: see `lua/settle_one.lua` (one key,
+/// the usual case) and `lua/settle.lua`.
+pub(crate) static SETTLE: LazyLock<Lua> = script!("settle.lua", head = "settle_one.lua");
 /// renew: see `lua/renew.lua`.
 pub(crate) static RENEW: LazyLock<Lua> = script!("renew.lua");
 /// fail: see `lua/fail.lua`.

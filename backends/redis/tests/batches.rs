@@ -263,6 +263,13 @@ async fn complete_many_spans_scopes_and_deletes_with_zero_keep() {
     for scope in ["one", "two"] {
         assert_eq!(store.get(scope, "x").await.expect("get"), None);
     }
+    // One key (the script's one-key path) deletes too.
+    let c = must_claim(&store, "one", "z", LONG).await;
+    assert_eq!(
+        store.complete(&c, Duration::ZERO).await.expect("complete"),
+        Fenced::Applied
+    );
+    assert_eq!(store.get("one", "z").await.expect("get"), None);
     let a = must_claim(&store, "one", "y", LONG).await;
     let b = must_claim(&store, "two", "y", LONG).await;
     assert_eq!(
