@@ -822,14 +822,10 @@ impl DedupStore for RedisDedupStore {
         let tokens: Vec<LeaseToken> = keys.iter().map(|_| LeaseToken::random()).collect();
         let (life, _, slack) = claim_ms(ttl);
         self.note_slack(slack);
-        let writes: Vec<(String, String)> = keys
-            .iter()
-            .zip(&tokens)
-            .map(|(key, &token)| (self.key_unchecked(scope, key), fresh_record(token, slack)))
-            .collect();
+        let prefix = self.inner.config.prefix();
         let mut pipe = redis::pipe();
-        for (record, value) in &writes {
-            pipe.add_command(fresh_claim_cmd(record, value, life));
+        for (key, &token) in keys.iter().zip(&tokens) {
+            pipe.add_command(command::fresh_claim(prefix, scope, key, token, slack, life));
         }
         let mut conn = self.conn();
         let n = keys.len();
@@ -865,11 +861,15 @@ impl DedupStore for RedisDedupStore {
                     // Redis answered: the script changed nothing, so the
                     // batch changes nothing once its fresh claims go.
                     if matches!(e, Error::Backend { .. }) {
+                        // What the pipeline wrote for the keys it found
+                        // absent: record key and value.
                         let fresh: Vec<(String, String)> = replies
                             .iter()
-                            .zip(writes)
+                            .zip(keys.iter().zip(&tokens))
                             .filter(|(reply, _)| matches!(reply, Value::Nil))
-                            .map(|(_, write)| write)
+                            .map(|(_, (key, &token))| {
+                                (self.key_unchecked(scope, key), fresh_record(token, slack))
+                            })
                             .collect();
                         self.unclaim(&fresh).await;
                     }
@@ -967,26 +967,13 @@ fn claim_ms(ttl: ClaimTtl) -> (u64, u64, u64) {
     (life, lease, life - lease)
 }
 
-/// The record a claim of an absent key writes: `c:<token>:1:<slack>`.
+/// The record a claim of an absent key writes ([`command::fresh_claim`]):
+/// `c:<token>:1:<slack>`.
 fn fresh_record(token: LeaseToken, slack: u64) -> String {
     format!("c:{token}:1:{slack}")
 }
 
-/// `SET <record> <value> NX PX <life> GET`: writes the claim only when the
-/// key is absent, and answers what the key held otherwise (Redis 7.0 and
-/// later take `NX` and `GET` together).
-fn fresh_claim_cmd(record: &str, value: &str, life: u64) -> Cmd {
-    let mut cmd = redis::cmd("SET");
-    cmd.arg(record)
-        .arg(value)
-        .arg("NX")
-        .arg("PX")
-        .arg(life)
-        .arg("GET");
-    cmd
-}
-
-/// Reads what the `SET NX PX GET` of [`fresh_claim_cmd`] answered when
+/// Reads what the `SET NX PX GET` of [`command::fresh_claim`] answered when
 /// that decides the claim: nil (the key was absent: claimed, attempt 1), or
 /// a done or dead record. `None` for anything else, which `claim.lua`
 /// decides: a claimed or released record (its lease may have lapsed), or
@@ -1349,6 +1336,20 @@ mod tests {
             "redis+unix:///tmp/r.sock?db=1&pass=***"
         );
         assert!(is_tls("rediss://h") && is_tls("REDISS://h") && !is_tls("redis://h"));
+    }
+
+    #[test]
+    fn a_failed_claim_many_takes_back_exactly_what_its_claims_wrote() {
+        let token = LeaseToken(0x5f0e_1d2c_3b4a_5968);
+        let cmd = command::fresh_claim("p:", "s", "k", token, 30_000, 60_000);
+        let written = cmd.args_iter().nth(2).map(|arg| match arg {
+            redis::Arg::Simple(bytes) => bytes.to_vec(),
+            _ => Vec::new(),
+        });
+        assert_eq!(
+            written.as_deref(),
+            Some(fresh_record(token, 30_000).as_bytes())
+        );
     }
 
     #[test]
