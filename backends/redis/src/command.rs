@@ -24,13 +24,22 @@ pub(crate) fn fresh_claim(
     let mut cmd = Cmd::with_capacity(7, 64 + prefix.len() + scope.len() + key.len());
     cmd.arg("SET");
     record_key(&mut cmd, prefix, scope, key);
-    {
-        let mut w = cmd.writer_for_next_arg();
-        write_record(&mut w, "c", token, 1);
-        write_all(&mut w, Decimal::new(slack).as_bytes());
-    }
+    write_fresh_record(&mut cmd.writer_for_next_arg(), token, slack);
     cmd.arg("NX").arg("PX").arg(life).arg("GET");
     cmd
+}
+
+/// The record [`fresh_claim`] writes, `c:<token>:1:<slack>`, on its own
+/// (to take a claim back only while the key still holds it).
+pub(crate) fn fresh_record(token: LeaseToken, slack: u64) -> Vec<u8> {
+    let mut record = Vec::with_capacity(48);
+    write_fresh_record(&mut record, token, slack);
+    record
+}
+
+fn write_fresh_record(w: &mut impl Write, token: LeaseToken, slack: u64) {
+    write_record(w, "c", token, 1);
+    write_all(w, Decimal::new(slack).as_bytes());
 }
 
 /// `SET <record key> <state>:<token>:<attempt>:0 IFEQ <expected> PX <keep>
@@ -81,18 +90,18 @@ pub(crate) fn settle_args(cmd: &mut Cmd, state: &str, lease: &Lease) {
     write_all(&mut w, b"0");
 }
 
-/// Appends `<prefix>{<scope>:<key>}` as the next argument.
-pub(crate) fn record_key(cmd: &mut Cmd, prefix: &str, scope: &str, key: &str) {
+/// The parts of the Redis key of `(scope, key)`, in order:
+/// `<prefix>{<scope>:<key>}` (the `{...}` hash tag keeps a record in one
+/// cluster slot).
+pub(crate) fn record_key_parts<'a>(prefix: &'a str, scope: &'a str, key: &'a str) -> [&'a str; 6] {
+    [prefix, "{", scope, ":", key, "}"]
+}
+
+/// Appends the record key of `(scope, key)` as the next argument.
+fn record_key(cmd: &mut Cmd, prefix: &str, scope: &str, key: &str) {
     let mut w = cmd.writer_for_next_arg();
-    for part in [
-        prefix.as_bytes(),
-        b"{",
-        scope.as_bytes(),
-        b":",
-        key.as_bytes(),
-        b"}",
-    ] {
-        write_all(&mut w, part);
+    for part in record_key_parts(prefix, scope, key) {
+        write_all(&mut w, part.as_bytes());
     }
 }
 

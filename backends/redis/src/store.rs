@@ -399,15 +399,7 @@ impl RedisDedupStore {
     }
 
     fn key_unchecked(&self, scope: &str, key: &str) -> String {
-        let prefix = self.inner.config.prefix();
-        let mut out = String::with_capacity(prefix.len() + scope.len() + key.len() + 3);
-        out.push_str(prefix);
-        out.push('{');
-        out.push_str(scope);
-        out.push(':');
-        out.push_str(key);
-        out.push('}');
-        out
+        command::record_key_parts(self.inner.config.prefix(), scope, key).concat()
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -629,7 +621,7 @@ impl RedisDedupStore {
     /// still holds the value written (`lua/unclaim.lua`); for a batch that
     /// failed after its fresh claims went through. Best effort: a failure
     /// is logged, and the claims then lapse with their lease.
-    async fn unclaim(&self, fresh: &[(String, String)]) {
+    async fn unclaim(&self, fresh: &[(String, Vec<u8>)]) {
         let cmds = fresh
             .chunks(MAX_KEYS_PER_CALL)
             .map(|chunk| {
@@ -863,12 +855,15 @@ impl DedupStore for RedisDedupStore {
                     if matches!(e, Error::Backend { .. }) {
                         // What the pipeline wrote for the keys it found
                         // absent: record key and value.
-                        let fresh: Vec<(String, String)> = replies
+                        let fresh: Vec<(String, Vec<u8>)> = replies
                             .iter()
                             .zip(keys.iter().zip(&tokens))
                             .filter(|(reply, _)| matches!(reply, Value::Nil))
                             .map(|(_, (key, &token))| {
-                                (self.key_unchecked(scope, key), fresh_record(token, slack))
+                                (
+                                    self.key_unchecked(scope, key),
+                                    command::fresh_record(token, slack),
+                                )
                             })
                             .collect();
                         self.unclaim(&fresh).await;
@@ -965,12 +960,6 @@ fn claim_ms(ttl: ClaimTtl) -> (u64, u64, u64) {
     let lease = ms(ttl.lease);
     let life = lease.max(ms(ttl.retain)).max(1);
     (life, lease, life - lease)
-}
-
-/// The record a claim of an absent key writes ([`command::fresh_claim`]):
-/// `c:<token>:1:<slack>`.
-fn fresh_record(token: LeaseToken, slack: u64) -> String {
-    format!("c:{token}:1:{slack}")
 }
 
 /// Reads what the `SET NX PX GET` of [`command::fresh_claim`] answered when
@@ -1348,7 +1337,7 @@ mod tests {
         });
         assert_eq!(
             written.as_deref(),
-            Some(fresh_record(token, 30_000).as_bytes())
+            Some(command::fresh_record(token, 30_000).as_slice())
         );
     }
 
