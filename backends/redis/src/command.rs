@@ -38,8 +38,7 @@ pub(crate) fn fresh_record(token: LeaseToken, slack: u64) -> Vec<u8> {
 }
 
 fn write_fresh_record(w: &mut impl Write, token: LeaseToken, slack: u64) {
-    write_record(w, "c", token, 1);
-    write_all(w, Decimal::new(slack).as_bytes());
+    write_full_record(w, "c", token, 1, slack);
 }
 
 /// `SET <record key> <state>:<token>:<attempt>:0 IFEQ <expected> PX <keep>
@@ -54,19 +53,14 @@ pub(crate) fn settle_if_equal(
     keep: u64,
 ) -> (Cmd, Vec<u8>) {
     let mut expected = Vec::with_capacity(48);
-    write_record(&mut expected, "c", lease.token, lease.attempt);
-    expected.extend_from_slice(Decimal::new(slack).as_bytes());
+    write_full_record(&mut expected, "c", lease.token, lease.attempt, slack);
     let mut cmd = Cmd::with_capacity(
         8,
         96 + prefix.len() + lease.scope.len() + lease.key.len() + expected.len(),
     );
     cmd.arg("SET");
     record_key(&mut cmd, prefix, &lease.scope, &lease.key);
-    {
-        let mut w = cmd.writer_for_next_arg();
-        write_record(&mut w, state, lease.token, lease.attempt);
-        write_all(&mut w, b"0");
-    }
+    write_settled_record(&mut cmd.writer_for_next_arg(), state, lease);
     cmd.arg("IFEQ")
         .arg(&expected[..])
         .arg("PX")
@@ -85,9 +79,13 @@ pub(crate) fn settle_args(cmd: &mut Cmd, state: &str, lease: &Lease) {
         lease.token,
         lease.attempt,
     );
-    let mut w = cmd.writer_for_next_arg();
-    write_record(&mut w, state, lease.token, lease.attempt);
-    write_all(&mut w, b"0");
+    write_settled_record(&mut cmd.writer_for_next_arg(), state, lease);
+}
+
+/// Writes the record `complete` (`d`) or `bury` (`x`) leaves:
+/// `<state>:<token>:<attempt>:0` (it holds no lease, so no slack).
+fn write_settled_record(w: &mut impl Write, state: &str, lease: &Lease) {
+    write_full_record(w, state, lease.token, lease.attempt, 0);
 }
 
 /// The parts of the Redis key of `(scope, key)`, in order:
@@ -114,6 +112,12 @@ fn write_record(w: &mut impl Write, state: &str, token: LeaseToken, attempt: u32
     write_all(w, b":");
     write_all(w, Decimal::new(u64::from(attempt)).as_bytes());
     write_all(w, b":");
+}
+
+/// Writes a whole record, `<state>:<token>:<attempt>:<slack>`.
+fn write_full_record(w: &mut impl Write, state: &str, token: LeaseToken, attempt: u32, slack: u64) {
+    write_record(w, state, token, attempt);
+    write_all(w, Decimal::new(slack).as_bytes());
 }
 
 /// Writing to a `Vec` (or a command's argument buffer) cannot fail.

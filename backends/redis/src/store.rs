@@ -336,9 +336,7 @@ impl RedisDedupStore {
     /// timeout.
     pub async fn ping(&self) -> Result<(), Error> {
         let reply = self.send("ping", redis::cmd("PING")).await?;
-        ok_or_server_error(reply)
-            .map(drop)
-            .map_err(|e| error::map("ping", self.after(), e))
+        self.server_reply("ping", reply).map(drop)
     }
 
     /// Loads every script into Redis' script cache in one round trip, and
@@ -373,7 +371,7 @@ impl RedisDedupStore {
             .compare_and_set
             .store(has_set_ifeq(&info), Ordering::Relaxed);
         for reply in replies {
-            ok_or_server_error(reply).map_err(|e| error::map("load_scripts", self.after(), e))?;
+            self.server_reply("load_scripts", reply)?;
         }
         Ok(())
     }
@@ -414,6 +412,12 @@ impl RedisDedupStore {
 
     fn after(&self) -> Duration {
         self.inner.config.response_timeout()
+    }
+
+    /// A reply as the store's answer: a server error in it (a script's
+    /// error, `WRONGTYPE`, ...) becomes the store's [`Error`] for `op`.
+    fn server_reply(&self, op: &'static str, reply: Value) -> Result<Value, Error> {
+        ok_or_server_error(reply).map_err(|e| error::map(op, self.after(), e))
     }
 
     /// Sends one command under the store's deadline (see [`Self::deadline`]).
@@ -611,7 +615,7 @@ impl RedisDedupStore {
         let replies = self.eval_batch(op, &scripts::CLAIM, cmds).await?;
         let mut claims = Vec::with_capacity(keys.len());
         for (reply, (keys, tokens)) in replies.into_iter().zip(chunks()) {
-            let reply = ok_or_server_error(reply).map_err(|e| error::map(op, self.after(), e))?;
+            let reply = self.server_reply(op, reply)?;
             claims.extend(parse_claims(op, reply, scope, keys, tokens)?);
         }
         Ok(claims)
@@ -639,8 +643,7 @@ impl RedisDedupStore {
         let failed = match replies {
             Ok(replies) => replies
                 .into_iter()
-                .find_map(|reply| ok_or_server_error(reply).err())
-                .map(|e| error::map("claim_many", self.after(), e)),
+                .find_map(|reply| self.server_reply("claim_many", reply).err()),
             Err(e) => Some(e),
         };
         if let Some(e) = failed {
@@ -790,7 +793,7 @@ impl DedupStore for RedisDedupStore {
         let mut cmd = redis::cmd("DEL");
         cmd.arg(self.key_unchecked(scope, key));
         let reply = self.send("forget", cmd).await?;
-        match ok_or_server_error(reply).map_err(|e| error::map("forget", self.after(), e))? {
+        match self.server_reply("forget", reply)? {
             Value::Int(n) => Ok(n > 0),
             other => Err(error::unexpected(
                 "forget",
@@ -898,8 +901,7 @@ impl DedupStore for RedisDedupStore {
             .await?;
         let mut fenced = Vec::with_capacity(leases.len());
         for (reply, chunk) in replies.into_iter().zip(leases.chunks(MAX_KEYS_PER_CALL)) {
-            let reply = ok_or_server_error(reply)
-                .map_err(|e| error::map("complete_many", self.after(), e))?;
+            let reply = self.server_reply("complete_many", reply)?;
             fenced.extend(parse_settled("complete_many", reply, chunk.len())?);
         }
         Ok(fenced)
