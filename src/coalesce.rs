@@ -44,7 +44,7 @@ use tokio::sync::oneshot;
 use crate::Error;
 use crate::error::BoxError;
 use crate::key;
-use crate::store::{Claim, ClaimTtl, DedupStore, Fenced, Lease, Record, Release};
+use crate::store::{Claim, ClaimTtl, DedupStore, Fenced, Lease, Record, Release, Revival};
 
 /// Default for [`Coalescing::with_max_batch`].
 pub const DEFAULT_MAX_BATCH: usize = 128;
@@ -674,6 +674,10 @@ impl<S: DedupStore + 'static> DedupStore for Coalescing<S> {
 
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
         self.inner.store.forget(scope, key).await
+    }
+
+    async fn revive(&self, scope: &str, key: &str) -> Result<Revival, Error> {
+        self.inner.store.revive(scope, key).await
     }
 
     async fn claim_many(

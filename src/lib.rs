@@ -80,7 +80,7 @@ pub use message::{
 pub use policy::{Backoff, OnDead};
 pub use replay::{ReplayReport, replay_dead_letters};
 pub use store::{
-    Claim, ClaimTtl, DedupStore, Fenced, Lease, LeaseToken, Record, RecordState, Release,
+    Claim, ClaimTtl, DedupStore, Fenced, Lease, LeaseToken, Record, RecordState, Release, Revival,
 };
 
 #[cfg(feature = "mock")]

@@ -112,6 +112,27 @@ pub struct Record {
     pub expires_in: Duration,
 }
 
+/// The answer to [`DedupStore::revive`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "a key that was not revived must not be replayed"]
+pub enum Revival {
+    /// The key is claimable again with its attempt count reset: its record
+    /// was dead, released, a lapsed claim, expired or absent (`previous`
+    /// says which; `None` for absent or expired) and is gone now.
+    Revived {
+        /// The state of the record that was removed.
+        previous: Option<RecordState>,
+    },
+    /// The key was completed within its dedup window: untouched. A copy of
+    /// it is a duplicate and must not be handled again.
+    Done,
+    /// A consumer holds a live lease on the key: untouched.
+    InProgress {
+        /// Time left on that lease.
+        retry_after: Duration,
+    },
+}
+
 /// The durations a claim works with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClaimTtl {
@@ -171,6 +192,16 @@ pub trait DedupStore: Send + Sync + 'static {
     /// holding a lease on it will find it lost.
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error>;
 
+    /// Makes a key claimable again for a replay, in one atomic, conditional
+    /// step: a record that is `Dead`, `Released`, a `Claimed` one whose
+    /// lease lapsed, or none at all, is removed (so the next claim is
+    /// attempt 1) and the answer is [`Revival::Revived`]; a `Done` record
+    /// ([`Revival::Done`]) and a live lease ([`Revival::InProgress`]) are
+    /// left exactly as they are. This is what makes a replay safe to
+    /// interrupt and repeat: it never turns a done key into a claimable
+    /// one (use [`DedupStore::forget`] for that).
+    async fn revive(&self, scope: &str, key: &str) -> Result<Revival, Error>;
+
     /// Claims many keys; answers in the order of `keys`. The default loops
     /// over [`DedupStore::claim`]; backends override it with one round trip.
     async fn claim_many(
@@ -223,6 +254,9 @@ impl<T: DedupStore + ?Sized> DedupStore for Arc<T> {
     }
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
         (**self).forget(scope, key).await
+    }
+    async fn revive(&self, scope: &str, key: &str) -> Result<Revival, Error> {
+        (**self).revive(scope, key).await
     }
     async fn claim_many(
         &self,

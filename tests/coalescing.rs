@@ -11,7 +11,7 @@ use idemq::coalesce::Coalescing;
 use idemq::memory::{MemoryBroker, MemoryDedupStore};
 use idemq::{
     Broker, Claim, ClaimTtl, DedupStore, Engine, Error, Fenced, Lease, OutgoingMessage, Record,
-    RecordState, Release,
+    RecordState, Release, Revival,
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -115,6 +115,9 @@ impl DedupStore for Probe {
     }
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
         self.store.forget(scope, key).await
+    }
+    async fn revive(&self, scope: &str, key: &str) -> Result<Revival, Error> {
+        self.store.revive(scope, key).await
     }
     async fn claim_many(
         &self,

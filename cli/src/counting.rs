@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use idemq::{
     Broker, Claim, ClaimTtl, DeadLetter, DedupStore, Delivery, Error, Fenced, Lease,
-    OutgoingMessage, Record, Release,
+    OutgoingMessage, Record, Release, Revival,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +63,10 @@ impl<S: DedupStore> DedupStore for CountingStore<S> {
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
         self.count();
         self.inner.forget(scope, key).await
+    }
+    async fn revive(&self, scope: &str, key: &str) -> Result<Revival, Error> {
+        self.count();
+        self.inner.revive(scope, key).await
     }
     async fn claim_many(
         &self,

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::error::Error;
 use crate::key;
 use crate::store::{
-    Claim, ClaimTtl, DedupStore, Fenced, Lease, LeaseToken, Record, RecordState, Release,
+    Claim, ClaimTtl, DedupStore, Fenced, Lease, LeaseToken, Record, RecordState, Release, Revival,
 };
 
 const SHARDS: usize = 16;
@@ -254,6 +254,33 @@ impl DedupStore for MemoryDedupStore {
             shard.len -= 1;
         }
         Ok(removed.is_some_and(|e| e.expires > now))
+    }
+
+    async fn revive(&self, scope: &str, key: &str) -> Result<Revival, Error> {
+        key::check(scope, key)?;
+        let now = Instant::now();
+        let mut shard = self.shard(scope, key);
+        let previous = match shard.live(scope, key, now) {
+            None => None,
+            Some(e) => match e.state {
+                RecordState::Done => return Ok(Revival::Done),
+                RecordState::Claimed if e.lease_deadline > now => {
+                    return Ok(Revival::InProgress {
+                        retry_after: e.lease_deadline - now,
+                    });
+                }
+                state => Some(state),
+            },
+        };
+        if let Some(keys) = shard.scopes.get_mut(scope)
+            && keys.remove(key).is_some()
+        {
+            if keys.is_empty() {
+                shard.scopes.remove(scope);
+            }
+            shard.len -= 1;
+        }
+        Ok(Revival::Revived { previous })
     }
 }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 use futures::future::join_all;
 
 use crate::error::Error;
-use crate::store::{Claim, ClaimTtl, DedupStore, Fenced, Lease, LeaseToken, RecordState, Release};
+use crate::store::{
+    Claim, ClaimTtl, DedupStore, Fenced, Lease, LeaseToken, RecordState, Release, Revival,
+};
 
 /// The lease used by tests that wait for one to lapse.
 pub const SHORT: Duration = Duration::from_millis(400);
@@ -335,6 +337,155 @@ pub async fn forget_makes_key_claimable<S: DedupStore + ?Sized>(store: &S, scope
         Fenced::LeaseLost
     );
     assert_eq!(store.get(scope, "k").await.expect("get"), None);
+}
+
+/// `revive` removes a dead, released or lapsed record, so the next claim
+/// is attempt 1, answers `Revived` for an absent key, and leaves a done
+/// record and a live lease exactly as they are.
+pub async fn revive_touches_only_what_is_safe<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let revive = async |key: &str| store.revive(scope, key).await.expect("revive");
+    // Absent: nothing to remove, the key is claimable.
+    assert_eq!(revive("absent").await, Revival::Revived { previous: None });
+    assert_eq!(
+        state(store, scope, "absent").await,
+        None,
+        "revive created a record"
+    );
+
+    // Dead: removed, attempts start again.
+    let lease = must_claim(store, scope, "dead", ttl(LONG)).await;
+    assert_eq!(
+        store.bury(&lease, LONG).await.expect("bury"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        revive("dead").await,
+        Revival::Revived {
+            previous: Some(RecordState::Dead)
+        }
+    );
+    assert_eq!(state(store, scope, "dead").await, None);
+    assert_eq!(must_claim(store, scope, "dead", ttl(LONG)).await.attempt, 1);
+
+    // Released after two failed attempts: removed, the count reset.
+    for _ in 0..2 {
+        let lease = must_claim(store, scope, "released", ttl(LONG)).await;
+        let failed = store.fail(&lease, Release::CountAttempt).await;
+        assert_eq!(failed.expect("fail"), Fenced::Applied);
+    }
+    assert_eq!(
+        revive("released").await,
+        Revival::Revived {
+            previous: Some(RecordState::Released)
+        }
+    );
+    assert_eq!(
+        must_claim(store, scope, "released", ttl(LONG))
+            .await
+            .attempt,
+        1
+    );
+
+    // A lapsed claim: removed; its old owner is fenced out.
+    let lapsed = must_claim(store, scope, "lapsed", ttl(SHORT)).await;
+    // A live lease: left alone, with the time it has left.
+    let live = must_claim(store, scope, "live", ttl(LONG)).await;
+    // Done: left alone.
+    let done = must_claim(store, scope, "done", ttl(LONG)).await;
+    assert_eq!(
+        store.complete(&done, LONG).await.expect("complete"),
+        Fenced::Applied
+    );
+    sleep(PAST_SHORT).await;
+    assert_eq!(
+        revive("lapsed").await,
+        Revival::Revived {
+            previous: Some(RecordState::Claimed)
+        }
+    );
+    assert_eq!(
+        store.complete(&lapsed, LONG).await.expect("complete"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(state(store, scope, "lapsed").await, None);
+    match revive("live").await {
+        Revival::InProgress { retry_after } => assert!(
+            retry_after <= LONG && retry_after > LONG - Duration::from_secs(10),
+            "{retry_after:?}"
+        ),
+        other => panic!("revive of a live lease: expected InProgress, got {other:?}"),
+    }
+    assert_eq!(
+        state(store, scope, "live").await,
+        Some((RecordState::Claimed, 1))
+    );
+    assert_eq!(
+        store.renew(&live, LONG).await.expect("renew"),
+        Fenced::Applied
+    );
+    assert_eq!(revive("done").await, Revival::Done);
+    assert_eq!(
+        state(store, scope, "done").await,
+        Some((RecordState::Done, 1))
+    );
+    assert_eq!(
+        store.claim(scope, "done", ttl(LONG)).await.expect("claim"),
+        Claim::Done
+    );
+
+    // A done record that expired is absent.
+    let short = must_claim(store, scope, "expired", ttl(SHORT)).await;
+    assert_eq!(
+        store.complete(&short, SHORT).await.expect("complete"),
+        Fenced::Applied
+    );
+    sleep(PAST_SHORT).await;
+    assert_eq!(revive("expired").await, Revival::Revived { previous: None });
+
+    for (s, k) in [("bad scope", "k"), (scope, "{x}"), (scope, "")] {
+        match store.revive(s, k).await {
+            Err(Error::InvalidInput { .. }) => {}
+            other => panic!("revive({s:?}, {k:?}) must be InvalidInput, got {other:?}"),
+        }
+    }
+}
+
+/// Concurrent claims and revivals of a dead key never make it claimable
+/// twice at once: each round has exactly one winning claim, and a revival
+/// never answers for a live lease as if it had removed it.
+pub async fn revive_races_claims_safely<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    for round in 0..5 {
+        let key = format!("race-{round}");
+        let lease = must_claim(store, scope, &key, ttl(LONG)).await;
+        assert_eq!(
+            store.bury(&lease, LONG).await.expect("bury"),
+            Fenced::Applied
+        );
+        let revivals = join_all((0..8).map(|_| store.revive(scope, &key)));
+        let claims = join_all((0..16).map(|_| store.claim(scope, &key, ttl(LONG))));
+        let (revivals, claims) = futures::join!(revivals, claims);
+        let won: Vec<&Lease> = claims
+            .iter()
+            .filter_map(|c| match c {
+                Ok(Claim::Claimed(l)) => Some(l),
+                _ => None,
+            })
+            .collect();
+        for r in &revivals {
+            assert!(r.is_ok(), "{r:?}");
+        }
+        // Claims before any revival see Dead; after one, exactly one wins
+        // (a later revival finds its live lease and leaves it).
+        assert!(won.len() <= 1, "two winners: {claims:?} / {revivals:?}");
+        if let Some(lease) = won.first() {
+            assert_eq!(lease.attempt, 1);
+            assert_eq!(
+                store.complete(lease, LONG).await.expect("complete"),
+                Fenced::Applied,
+                "a revival removed a live lease: {revivals:?}"
+            );
+        }
+    }
 }
 
 /// `renew` pushes the lease out so nobody can take over.

@@ -15,6 +15,7 @@ use idemq::error::redact_url;
 use idemq::key;
 use idemq::{
     Claim, ClaimTtl, DedupStore, Error, Fenced, Lease, LeaseToken, Record, RecordState, Release,
+    Revival,
 };
 
 use crate::error::{BACKEND, backend, from_sqlx, scrub};
@@ -86,6 +87,7 @@ pub(crate) struct Statements {
     bury: Arc<str>,
     get: Arc<str>,
     forget: Arc<str>,
+    revive: Arc<str>,
     purge: Arc<str>,
     /// The done mark written inside a handler's transaction (clock_timestamp,
     /// as `now()` is the transaction's start there).
@@ -203,6 +205,32 @@ impl Statements {
             forget: format!(
                 "DELETE FROM {t} AS d WHERE d.scope = $1 AND d.key = $2
                  RETURNING d.expires_at > now()"
+            )
+            .into(),
+            // $1 scope, $2 key. Deletes a dead, released, lapsed or expired
+            // row; a done row and a live lease are left alone. Answers no
+            // row when there was none, else (removed, state, lease µs):
+            // the deleted row's state (NULL when it had expired), or the
+            // state of the row left alone. The DELETE re-checks its
+            // condition on the newest version of a row changed
+            // concurrently, so a row that became done or live meanwhile is
+            // never deleted; the second branch then reads the statement's
+            // snapshot, which may still show the older state.
+            revive: format!(
+                "WITH gone AS (
+                    DELETE FROM {t} AS d
+                    WHERE d.scope = $1 AND d.key = $2
+                      AND (d.expires_at <= now()
+                           OR d.state IN ('dead', 'released')
+                           OR (d.state = 'claimed' AND d.lease_until <= now()))
+                    RETURNING CASE WHEN d.expires_at <= now() THEN NULL ELSE d.state END AS previous
+                 )
+                 SELECT true, gone.previous, 0::bigint FROM gone
+                 UNION ALL
+                 SELECT false, d.state, {lease_us}
+                 FROM {t} AS d
+                 WHERE d.scope = $1 AND d.key = $2 AND d.expires_at > now()
+                   AND NOT EXISTS (SELECT 1 FROM gone)"
             )
             .into(),
             // $1: batch size. The oldest expired rows are picked through the
@@ -665,6 +693,36 @@ impl DedupStore for PostgresDedupStore {
             )
             .await?;
         Ok(live.unwrap_or(false))
+    }
+
+    async fn revive(&self, scope: &str, key: &str) -> Result<Revival, Error> {
+        key::check(scope, key)?;
+        let row: Option<(bool, Option<String>, i64)> = self
+            .run(
+                "revive",
+                sqlx::query_as(AssertSqlSafe(self.sql.revive.clone()))
+                    .bind(scope)
+                    .bind(key)
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
+        let Some((removed, state, lease_us)) = row else {
+            return Ok(Revival::Revived { previous: None });
+        };
+        let state = match state {
+            Some(s) => Some(state_from_sql("revive", &s)?),
+            None => None,
+        };
+        Ok(match (removed, state) {
+            (true, previous) => Revival::Revived { previous },
+            (false, Some(RecordState::Done)) => Revival::Done,
+            // A live lease; or a row the snapshot shows dead, released or
+            // lapsed that a concurrent claim made live before the DELETE
+            // could remove it: left alone either way, the safe answer.
+            (false, _) => Revival::InProgress {
+                retry_after: micros_to_duration(lease_us),
+            },
+        })
     }
 
     async fn claim_many(

@@ -15,7 +15,7 @@ use idemq::memory::MemoryBroker;
 use idemq::testing::unique_scope;
 use idemq::{
     Backoff, Broker, Claim, ClaimTtl, DedupStore, Engine, Error, Fenced, HandlerError, Lease,
-    OutgoingMessage, Record, Release, Report,
+    OutgoingMessage, Record, Release, Report, Revival,
 };
 use idemq_postgres::{PostgresDedupStore, sql_error};
 use sqlx::AssertSqlSafe;
@@ -67,6 +67,9 @@ impl DedupStore for LapsingStore {
     }
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
         self.0.forget(scope, key).await
+    }
+    async fn revive(&self, scope: &str, key: &str) -> Result<Revival, Error> {
+        self.0.revive(scope, key).await
     }
 }
 

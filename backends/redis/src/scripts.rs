@@ -1,7 +1,7 @@
 //! The Lua scripts, each hashed once per process: claim (one or many
 //! keys, for what a plain `SET NX PX GET` cannot answer alone), unclaim
 //! (takes back the fresh claims of a batch that failed), settle (complete
-//! and bury, one or many keys), renew, fail, get;
+//! and bury, one or many keys), renew, fail, get, revive;
 //! each begins with `lua/record.lua`, which describes the record layout
 //! (settle with `lua/settle_one.lua` in front of that).
 
@@ -90,8 +90,10 @@ pub(crate) static RENEW: LazyLock<Lua> = script!("renew.lua");
 pub(crate) static FAIL: LazyLock<Lua> = script!("fail.lua");
 /// get: see `lua/get.lua`.
 pub(crate) static GET: LazyLock<Lua> = script!("get.lua");
+/// revive: see `lua/revive.lua`.
+pub(crate) static REVIVE: LazyLock<Lua> = script!("revive.lua");
 
 /// Every script, for loading them all at once.
-pub(crate) fn all() -> [&'static Lua; 6] {
-    [&CLAIM, &UNCLAIM, &SETTLE, &RENEW, &FAIL, &GET]
+pub(crate) fn all() -> [&'static Lua; 7] {
+    [&CLAIM, &UNCLAIM, &SETTLE, &RENEW, &FAIL, &GET, &REVIVE]
 }

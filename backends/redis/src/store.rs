@@ -13,7 +13,7 @@ use idemq::error::redact_url;
 use idemq::key;
 use idemq::{
     Claim, ClaimTtl, Coalescing, DedupStore, Error, Fenced, Lease, LeaseToken, Record, RecordState,
-    Release,
+    Release, Revival,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Cmd, RedisError, RedisResult, ServerErrorKind, Value};
@@ -802,6 +802,14 @@ impl DedupStore for RedisDedupStore {
         }
     }
 
+    async fn revive(&self, scope: &str, key: &str) -> Result<Revival, Error> {
+        key::check(scope, key)?;
+        let mut cmd = scripts::REVIVE.evalsha(1);
+        cmd.arg(self.key_unchecked(scope, key));
+        let reply = self.eval("revive", &scripts::REVIVE, cmd).await?;
+        parse_revival(reply)
+    }
+
     async fn claim_many(
         &self,
         scope: &str,
@@ -1183,6 +1191,51 @@ fn parse_fenced(op: &'static str, reply: Value) -> Result<Fenced, Error> {
 
 /// Reads a reply of `get.lua`: nil, or `[state letter, attempts, lease ms
 /// left, PTTL]`.
+/// The state a record letter stands for (see `lua/record.lua`).
+fn state_letter(op: &'static str, letter: &Value) -> Result<RecordState, Error> {
+    match letter {
+        Value::BulkString(s) => match s.as_slice() {
+            b"c" => Ok(RecordState::Claimed),
+            b"r" => Ok(RecordState::Released),
+            b"d" => Ok(RecordState::Done),
+            b"x" => Ok(RecordState::Dead),
+            _ => Err(error::unexpected(
+                op,
+                format!("unknown record state {:?}", String::from_utf8_lossy(s)),
+            )),
+        },
+        other => Err(error::unexpected(op, format!("record state {other:?}"))),
+    }
+}
+
+/// `lua/revive.lua`'s reply: `{state, removed, lease ms left}`.
+fn parse_revival(reply: Value) -> Result<Revival, Error> {
+    const OP: &str = "revive";
+    let Value::Array(items) = reply else {
+        return Err(error::unexpected(OP, format!("revive answered {reply:?}")));
+    };
+    let [state, removed, left] = items.as_slice() else {
+        return Err(error::unexpected(OP, format!("revive answered {items:?}")));
+    };
+    let previous = match state {
+        Value::BulkString(s) if s.as_slice() == b"-" => None,
+        letter => Some(state_letter(OP, letter)?),
+    };
+    Ok(match (previous, int(OP, removed)?) {
+        (previous, 1) => Revival::Revived { previous },
+        (Some(RecordState::Done), _) => Revival::Done,
+        (Some(RecordState::Claimed), _) => Revival::InProgress {
+            retry_after: ms_duration(int(OP, left)?),
+        },
+        (other, _) => {
+            return Err(error::unexpected(
+                OP,
+                format!("revive left a {other:?} record in place"),
+            ));
+        }
+    })
+}
+
 fn parse_record(op: &'static str, reply: Value) -> Result<Option<Record>, Error> {
     let items = match reply {
         Value::Nil => return Ok(None),
@@ -1192,21 +1245,7 @@ fn parse_record(op: &'static str, reply: Value) -> Result<Option<Record>, Error>
     let [state, attempts, lease_left, pttl] = items.as_slice() else {
         return Err(error::unexpected(op, format!("get answered {items:?}")));
     };
-    let state = match state {
-        Value::BulkString(s) => match s.as_slice() {
-            b"c" => RecordState::Claimed,
-            b"r" => RecordState::Released,
-            b"d" => RecordState::Done,
-            b"x" => RecordState::Dead,
-            _ => {
-                return Err(error::unexpected(
-                    op,
-                    format!("unknown record state {:?}", String::from_utf8_lossy(s)),
-                ));
-            }
-        },
-        other => return Err(error::unexpected(op, format!("record state {other:?}"))),
-    };
+    let state = state_letter(op, state)?;
     let attempts = u32::try_from(int(op, attempts)?)
         .map_err(|_| error::unexpected(op, format!("attempt count out of range: {attempts:?}")))?;
     let lease_left = int(op, lease_left)?;
