@@ -568,6 +568,10 @@ fn duplicate(e: &Error) -> Error {
         Error::Config(c) => Error::Config(c.clone()),
         Error::Unsupported { backend, op } => Error::Unsupported { backend, op },
         Error::Closed { backend } => Error::Closed { backend },
+        Error::NotFound { backend, what } => Error::NotFound {
+            backend,
+            what: what.clone(),
+        },
         Error::Backend {
             backend,
             op,

@@ -84,6 +84,15 @@ pub enum Error {
         /// The operation asked for.
         op: &'static str,
     },
+    /// Something the operation needs does not exist (a queue, say), and
+    /// the operation does not create it. Permanent.
+    #[error("{backend}: {what} does not exist")]
+    NotFound {
+        /// Which backend.
+        backend: &'static str,
+        /// What is missing, named as the user knows it, such as "queue `orders`".
+        what: String,
+    },
     /// The broker or store was closed on purpose. Permanent.
     #[error("{backend}: closed")]
     Closed {
@@ -119,6 +128,7 @@ impl Error {
             | Error::InvalidInput { .. }
             | Error::Config(_)
             | Error::Unsupported { .. }
+            | Error::NotFound { .. }
             | Error::Closed { .. } => false,
         }
     }

@@ -7,8 +7,8 @@
 //! a [`DedupStore`] under a fenced lease; a finished key is marked done and
 //! kept for a dedup window, so later copies are acked without running the
 //! handler; a failed one is released with its attempt counted and retried
-//! with backoff, until it goes to a dead-letter queue, from which
-//! [`replay_dead_letters`] brings it back.
+//! with backoff, until it goes to a dead-letter queue, from which a
+//! [`Replay`] brings it back.
 //!
 //! The engine is generic over two small traits, [`Broker`] and
 //! [`DedupStore`], and a [`Handler`] (any async closure
@@ -75,10 +75,10 @@ pub use error::{BoxError, Error};
 pub use handler::{Completion, Handler, HandlerError, JsonHandler, Message, json};
 pub use key::KeyStrategy;
 pub use message::{
-    DeadLetter, DeadReason, Delivery, HeaderValue, Headers, OutgoingMessage, headers,
+    BrokerDeath, DeadLetter, DeadReason, Delivery, HeaderValue, Headers, OutgoingMessage, headers,
 };
 pub use policy::{Backoff, OnDead};
-pub use replay::{ReplayReport, replay_dead_letters};
+pub use replay::{Replay, ReplayReport};
 pub use store::{
     Claim, ClaimTtl, DedupStore, Fenced, Lease, LeaseToken, Record, RecordState, Release, Revival,
 };

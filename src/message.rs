@@ -93,9 +93,18 @@ pub mod headers {
     /// How often the message was deferred because another consumer held
     /// its key (each deferral waits twice as long as the one before).
     pub const DEFERRALS: &str = "x-idemq-deferrals";
+    /// The dedup scope the dead-lettering consumer claimed the key in.
+    pub const SCOPE: &str = "x-idemq-scope";
+    /// The normalized key the message was claimed under (absent for a
+    /// message dead-lettered for having no key).
+    pub const KEY: &str = "x-idemq-key";
+    /// How often the message was replayed from the dead-letter queue. Kept
+    /// (and counted up) on replay, unlike the headers of [`ALL`].
+    pub const REPLAYED: &str = "x-idemq-replayed";
 
-    /// All of the above: stripped from a dead letter when it is replayed.
-    pub const ALL: [&str; 8] = [
+    /// The headers of one failure: stripped from a dead letter when it is
+    /// replayed, so the copy starts afresh.
+    pub const ALL: [&str; 10] = [
         ATTEMPT,
         REASON,
         DETAIL,
@@ -104,6 +113,8 @@ pub mod headers {
         FIRST_FAILURE_MS,
         DEAD_AT_MS,
         DEFERRALS,
+        SCOPE,
+        KEY,
     ];
 }
 
@@ -137,7 +148,27 @@ pub struct Delivery {
     pub delivery_count: Option<u32>,
     /// The broker's delivery tag.
     pub tag: u64,
+    /// When the broker itself dead-lettered this message before (RabbitMQ:
+    /// the most recent `x-death` entry): why, and from which queue.
+    pub broker_death: Option<BrokerDeath>,
     handle: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+/// The broker's own record of dead-lettering a message (RabbitMQ: an entry
+/// of the `x-death` header): a delivery limit, an expiry, a rejection or
+/// an overflow, as opposed to idemq's dead letters, which carry
+/// [`headers::REASON`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerDeath {
+    /// The broker's reason (RabbitMQ: `delivery_limit`, `expired`,
+    /// `rejected`, `maxlen`).
+    pub reason: String,
+    /// The queue the message was dead-lettered from.
+    pub queue: String,
+    /// How often it was dead-lettered from that queue for that reason.
+    pub count: u64,
+    /// When, in milliseconds since the Unix epoch, if the broker said.
+    pub time_ms: Option<i64>,
 }
 
 impl Delivery {
@@ -150,6 +181,7 @@ impl Delivery {
             redelivered: false,
             delivery_count: None,
             tag,
+            broker_death: None,
             handle: None,
         }
     }
@@ -213,6 +245,7 @@ impl fmt::Debug for Delivery {
             .field("headers", &self.headers)
             .field("redelivered", &self.redelivered)
             .field("delivery_count", &self.delivery_count)
+            .field("broker_death", &self.broker_death)
             .finish_non_exhaustive()
     }
 }
@@ -289,6 +322,7 @@ impl fmt::Display for DeadReason {
 
 /// What [`crate::Broker::dead_letter`] records with the copy.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// The reason code.
     pub reason: DeadReason,
@@ -296,13 +330,33 @@ pub struct DeadLetter {
     pub detail: String,
     /// Attempts made so far.
     pub attempts: u32,
+    /// The dedup scope and normalized key the message was claimed under,
+    /// when it had a key: replay finds its record with them.
+    pub record: Option<(String, String)>,
 }
 
 impl DeadLetter {
+    /// A dead letter for no particular record (see [`DeadLetter::with_record`]).
+    pub fn new(reason: DeadReason, detail: impl Into<String>, attempts: u32) -> Self {
+        DeadLetter {
+            reason,
+            detail: detail.into(),
+            attempts,
+            record: None,
+        }
+    }
+
+    /// Names the dedup record the message was claimed under.
+    pub fn with_record(mut self, scope: impl Into<String>, key: impl Into<String>) -> Self {
+        self.record = Some((scope.into(), key.into()));
+        self
+    }
+
     /// The headers a dead-lettered copy carries: the delivery's own headers
     /// plus reason, detail, attempts, original queue, first-failure time
-    /// (kept from an earlier retry, else now) and dead-at time. Backends use
-    /// this so that every broker writes the same headers.
+    /// (kept from an earlier retry, else now), dead-at time, and the scope
+    /// and key of its record (when it has one). Backends use this so that
+    /// every broker writes the same headers.
     pub fn headers_for(&self, delivery: &Delivery, original_queue: &str) -> Headers {
         let now = unix_millis_now();
         let mut h = delivery.headers.clone();
@@ -313,6 +367,13 @@ impl DeadLetter {
         h.entry(headers::FIRST_FAILURE_MS.into())
             .or_insert(HeaderValue::Int(now));
         h.insert(headers::DEAD_AT_MS.into(), HeaderValue::Int(now));
+        // A copy of an earlier dead letter must not keep that one's record.
+        h.remove(headers::SCOPE);
+        h.remove(headers::KEY);
+        if let Some((scope, key)) = &self.record {
+            h.insert(headers::SCOPE.into(), scope.as_str().into());
+            h.insert(headers::KEY.into(), key.as_str().into());
+        }
         h
     }
 }

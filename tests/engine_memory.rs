@@ -680,15 +680,11 @@ async fn replay_brings_dead_letters_back_for_handling() {
     let report = run_until_idle(&broker, &store, h.clone()).await;
     assert_eq!(report.dead_lettered, 1);
     fixed.store(1, Ordering::SeqCst);
-    let broker = {
-        // A fresh close_when_idle cycle on the same queues.
-        let replayed =
-            idemq::replay_dead_letters(&broker, &store, SCOPE, &KeyStrategy::default(), 100)
-                .await
-                .unwrap();
-        assert_eq!((replayed.replayed, replayed.forgotten), (1, 1));
-        broker
-    };
+    let replayed = idemq::Replay::new(&broker, &store)
+        .run(&CancellationToken::new())
+        .await;
+    assert!(replayed.is_complete(), "{replayed}");
+    assert_eq!((replayed.moved, replayed.already_done), (1, 0));
     let msgs = broker.stats();
     assert_eq!((msgs.dead, msgs.ready), (0, 1));
     // close_when_idle is sticky; the message is ready, so the run handles it.

@@ -31,11 +31,11 @@ pub(crate) async fn process<B: Broker, S: DedupStore, H: Handler>(
     // 1. Key: message id, else the configured header, else (opt-in) the body hash.
     let Some(key) = sh.cfg.key.extract(&d) else {
         let span = tracing::info_span!("idemq.message", scope = %sh.cfg.scope, key = tracing::field::Empty, tag = d.tag);
-        let letter = DeadLetter {
-            reason: DeadReason::MissingKey,
-            detail: "no message_id, no key header, and body hashing is not enabled".into(),
-            attempts: 0,
-        };
+        let letter = DeadLetter::new(
+            DeadReason::MissingKey,
+            "no message_id, no key header, and body hashing is not enabled",
+            0,
+        );
         dead_letter(sh, &d, &letter).instrument(span).await;
         return;
     };
@@ -106,23 +106,25 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
             ack(sh, &d).await;
         }
         Claim::Dead => {
-            let letter = DeadLetter {
-                reason: DeadReason::DuplicateOfDead,
-                detail: "the key is dead (buried); this copy is dead-lettered as well".into(),
-                attempts: d.retry_attempt(),
-            };
+            let letter = DeadLetter::new(
+                DeadReason::DuplicateOfDead,
+                "the key is dead (buried); this copy is dead-lettered as well",
+                d.retry_attempt(),
+            )
+            .with_record(&cfg.scope, &key);
             dead_letter(sh, &d, &letter).await;
         }
         Claim::Claimed(lease) if lease.attempt > cfg.max_attempts => {
             // A crash loop (handler never returned) used up the attempts.
-            let letter = DeadLetter {
-                reason: DeadReason::MaxAttempts,
-                detail: format!(
+            let letter = DeadLetter::new(
+                DeadReason::MaxAttempts,
+                format!(
                     "claimed for attempt {} of at most {}; the handler was not run again",
                     lease.attempt, cfg.max_attempts
                 ),
-                attempts: lease.attempt - 1,
-            };
+                lease.attempt - 1,
+            )
+            .with_record(&lease.scope, &lease.key);
             dead_letter_and_bury(sh, &d, &lease, &letter).await;
         }
         Claim::Claimed(lease) => run_handler(sh, d, lease, abort).await,
@@ -180,11 +182,8 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
         // 4. Retryable: release (the attempt was counted at claim) and retry
         //    with backoff, or bury and dead-letter at the limit.
         Err(HandlerError::Retry(e)) if lease.attempt >= cfg.max_attempts => {
-            let letter = DeadLetter {
-                reason: DeadReason::MaxAttempts,
-                detail: e.to_string(),
-                attempts: lease.attempt,
-            };
+            let letter = DeadLetter::new(DeadReason::MaxAttempts, e.to_string(), lease.attempt)
+                .with_record(&lease.scope, &lease.key);
             tracing::warn!(attempt = lease.attempt, error = %e, "attempts exhausted; dead-lettering");
             dead_letter_and_bury(sh, &d, &lease, &letter).await;
         }
@@ -218,11 +217,8 @@ async fn permanent<B: Broker, S: DedupStore, H: Handler>(
     e: crate::BoxError,
 ) {
     tracing::warn!(%reason, error = %e, "handler failed permanently; dead-lettering");
-    let letter = DeadLetter {
-        reason,
-        detail: e.to_string(),
-        attempts: lease.attempt,
-    };
+    let letter =
+        DeadLetter::new(reason, e.to_string(), lease.attempt).with_record(&lease.scope, &lease.key);
     dead_letter_and_bury(sh, d, lease, &letter).await;
 }
 

@@ -11,7 +11,8 @@ use tokio::time::Instant;
 
 use crate::broker::Broker;
 use crate::error::Error;
-use crate::message::{DeadLetter, Delivery, Headers, OutgoingMessage, retry_headers};
+use crate::message::{BrokerDeath, DeadLetter, Delivery, Headers, OutgoingMessage, retry_headers};
+use crate::replay::{Confirm, DeadLetterQueue};
 
 const BACKEND: &str = "memory";
 
@@ -22,6 +23,7 @@ struct Stored {
     headers: Headers,
     redelivered: bool,
     delivery_count: u32,
+    broker_death: Option<BrokerDeath>,
 }
 
 impl Stored {
@@ -32,6 +34,7 @@ impl Stored {
             headers: m.headers,
             redelivered: false,
             delivery_count: 0,
+            broker_death: None,
         }
     }
 
@@ -42,6 +45,7 @@ impl Stored {
             headers,
             redelivered: false,
             delivery_count: 0,
+            broker_death: d.broker_death.clone(),
         }
     }
 
@@ -51,6 +55,7 @@ impl Stored {
         d.headers.clone_from(&self.headers);
         d.redelivered = self.redelivered;
         d.delivery_count = Some(self.delivery_count);
+        d.broker_death.clone_from(&self.broker_death);
         d
     }
 }
@@ -99,12 +104,25 @@ impl State {
         Ok((origin, stored))
     }
 
-    fn requeue(&mut self, origin: Origin, mut stored: Stored) {
+    fn requeue(&mut self, origin: Origin, mut stored: Stored, limit: Option<(&str, u32)>) {
         stored.redelivered = true;
         stored.delivery_count += 1;
-        match origin {
-            Origin::Work => self.ready.push_front(stored),
-            Origin::Dead => self.dead.push_front(stored),
+        match (origin, limit) {
+            // Returned once too often: the broker dead-letters it itself.
+            (Origin::Work, Some((queue, limit))) if stored.delivery_count > limit => {
+                stored.broker_death = Some(BrokerDeath {
+                    reason: "delivery_limit".into(),
+                    queue: queue.to_owned(),
+                    count: 1,
+                    time_ms: Some(crate::message::unix_millis_now()),
+                });
+                stored.delivery_count = 0;
+                stored.redelivered = false;
+                self.stats.broker_dead_lettered += 1;
+                self.dead.push_back(stored);
+            }
+            (Origin::Work, _) => self.ready.push_front(stored),
+            (Origin::Dead, _) => self.dead.push_front(stored),
         }
     }
 }
@@ -126,6 +144,8 @@ pub struct MemoryBrokerStats {
     pub retried: u64,
     /// Copies sent to the dead-letter queue.
     pub dead_lettered: u64,
+    /// Messages the broker dead-lettered itself (its delivery limit).
+    pub broker_dead_lettered: u64,
     /// Messages waiting in the work queue now.
     pub ready: usize,
     /// Copies waiting out their retry delay now.
@@ -139,6 +159,7 @@ pub struct MemoryBrokerStats {
 struct Inner {
     queue: String,
     prefetch: Option<usize>,
+    delivery_limit: Option<u32>,
     state: Mutex<State>,
     changed: Notify,
 }
@@ -197,10 +218,29 @@ impl MemoryBroker {
             inner: Arc::new(Inner {
                 queue,
                 prefetch,
+                delivery_limit: None,
                 state: Mutex::new(State::default()),
                 changed: Notify::new(),
             }),
         }
+    }
+
+    /// Like a quorum queue's delivery limit: a work-queue message returned
+    /// (nacked with requeue, or unacked when a consumer drops) more than
+    /// `limit` times is moved to the dead-letter queue by the broker, with
+    /// a [`BrokerDeath`] of reason `delivery_limit`. Set it before sharing
+    /// the broker (clones made before do not see it).
+    pub fn with_delivery_limit(mut self, limit: u32) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.delivery_limit = Some(limit);
+        }
+        self
+    }
+
+    fn limit(&self) -> Option<(&str, u32)> {
+        self.inner
+            .delivery_limit
+            .map(|l| (self.inner.queue.as_str(), l))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -248,7 +288,7 @@ impl MemoryBroker {
         let mut all = all;
         all.sort_by_key(|(tag, _)| std::cmp::Reverse(*tag));
         for (_, (origin, stored)) in all {
-            s.requeue(origin, stored);
+            s.requeue(origin, stored, self.limit());
         }
         drop(s);
         self.wake();
@@ -343,7 +383,7 @@ impl Broker for MemoryBroker {
         let (origin, stored) = s.take(delivery.tag)?;
         if requeue {
             s.stats.requeued += 1;
-            s.requeue(origin, stored);
+            s.requeue(origin, stored, self.limit());
         } else {
             s.stats.discarded += 1;
         }
@@ -399,5 +439,43 @@ impl Broker for MemoryBroker {
             return Ok(None);
         };
         Ok(Some(self.unacked_delivery(&mut s, Origin::Dead, stored)))
+    }
+}
+
+/// The dead-letter queue of a [`MemoryBroker`], for [`crate::Replay`]:
+/// copies go to the work queue at once (the confirm is immediate).
+#[async_trait]
+impl DeadLetterQueue for MemoryBroker {
+    async fn depth(&self) -> Result<u64, Error> {
+        Ok(self.state().dead.len() as u64)
+    }
+
+    async fn take(&self) -> Result<Option<Delivery>, Error> {
+        self.next_dead_letter().await
+    }
+
+    async fn republish(&self, letter: &Delivery, headers: Headers) -> Result<Confirm, Error> {
+        let mut s = self.state();
+        if s.closed {
+            return Err(Error::Closed { backend: BACKEND });
+        }
+        s.ready.push_back(Stored::copy_of(letter, headers));
+        s.stats.published += 1;
+        drop(s);
+        self.wake();
+        Ok(Box::pin(std::future::ready(Ok(()))))
+    }
+
+    async fn remove(&self, letter: &Delivery) -> Result<(), Error> {
+        self.ack(letter).await
+    }
+
+    async fn put_back(&self, letters: Vec<Delivery>) -> Result<(), Error> {
+        // A requeued dead letter goes to the head of the queue: the last
+        // one first keeps their order.
+        for letter in letters.iter().rev() {
+            self.nack(letter, true).await?;
+        }
+        Ok(())
     }
 }

@@ -197,11 +197,7 @@ pub async fn dead_letter_keeps_body_id_and_reason<B: Broker + ?Sized>(
         .await
         .expect("publish");
     let d = must_next(broker, caps).await;
-    let letter = DeadLetter {
-        reason: DeadReason::Permanent,
-        detail: "boom".into(),
-        attempts: 3,
-    };
+    let letter = DeadLetter::new(DeadReason::Permanent, "boom", 3).with_record("orders", "p");
     broker.dead_letter(&d, &letter).await.expect("dead_letter");
     expect_quiet(broker, caps).await;
     let dead = must_next_dead(broker, caps).await;
@@ -223,6 +219,8 @@ pub async fn dead_letter_keeps_body_id_and_reason<B: Broker + ?Sized>(
             .is_some()
     );
     assert!(h(headers::DEAD_AT_MS).and_then(|v| v.as_i64()).is_some());
+    assert_eq!(h(headers::SCOPE), Some(HeaderValue::Str("orders".into())));
+    assert_eq!(h(headers::KEY), Some(HeaderValue::Str("p".into())));
     broker.ack(&dead).await.expect("ack dead letter");
     assert!(broker.next_dead_letter().await.expect("dlq").is_none());
 }

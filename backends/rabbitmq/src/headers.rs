@@ -10,6 +10,7 @@
 //! of a delivery is published, headers that are unchanged since delivery
 //! keep their original AMQP value (so `x-death` stays an array).
 
+use idemq::message::BrokerDeath;
 use idemq::{Error, HeaderValue, Headers};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
@@ -22,6 +23,40 @@ pub fn from_field_table(table: &FieldTable) -> Headers {
         .iter()
         .map(|(name, value)| (name.as_str().to_owned(), from_amqp(value)))
         .collect()
+}
+
+/// The most recent time RabbitMQ dead-lettered a message, from its
+/// `x-death` header: an array of tables, one per (queue, reason), the most
+/// recent first. `None` when the header is missing or has no usable entry.
+pub fn broker_death(table: &FieldTable) -> Option<BrokerDeath> {
+    let AMQPValue::FieldArray(deaths) = table.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(entry) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let text = |name: &str| match entry.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    let count = entry
+        .inner()
+        .get("count")
+        .and_then(|v| from_amqp(v).as_i64())
+        .and_then(|c| u64::try_from(c).ok())
+        .unwrap_or(1);
+    let time_ms = match entry.inner().get("time") {
+        // AMQP timestamps are seconds.
+        Some(AMQPValue::Timestamp(t)) => i64::try_from(*t).ok().map(|s| s.saturating_mul(1000)),
+        _ => None,
+    };
+    Some(BrokerDeath {
+        reason: text("reason")?,
+        queue: text("queue").unwrap_or_default(),
+        count,
+        time_ms,
+    })
 }
 
 /// Converts one AMQP value into a header value (never fails).
@@ -208,6 +243,40 @@ mod tests {
         assert_eq!(back.inner()["x-death"], t.inner()["x-death"]);
         assert_eq!(back.inner()["dec"], t.inner()["dec"]);
         assert_eq!(back.inner()["u8"], AMQPValue::LongLongInt(1));
+    }
+
+    #[test]
+    fn broker_death_is_the_first_x_death_entry() {
+        let entry = |queue: &str, reason: &str, count: i64| {
+            let mut t = FieldTable::default();
+            t.insert("queue".into(), AMQPValue::LongString(queue.into()));
+            t.insert("reason".into(), AMQPValue::LongString(reason.into()));
+            t.insert("count".into(), AMQPValue::LongLongInt(count));
+            t.insert("time".into(), AMQPValue::Timestamp(1_700_000_000));
+            AMQPValue::FieldTable(t)
+        };
+        let mut t = FieldTable::default();
+        t.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                entry("orders", "delivery_limit", 1),
+                entry("orders.retry.1s", "expired", 3),
+            ])),
+        );
+        let death = broker_death(&t).expect("death");
+        assert_eq!(
+            death,
+            BrokerDeath {
+                reason: "delivery_limit".into(),
+                queue: "orders".into(),
+                count: 1,
+                time_ms: Some(1_700_000_000_000),
+            }
+        );
+        assert_eq!(broker_death(&FieldTable::default()), None);
+        let mut odd = FieldTable::default();
+        odd.insert("x-death".into(), AMQPValue::LongString("nonsense".into()));
+        assert_eq!(broker_death(&odd), None);
     }
 
     #[test]

@@ -42,7 +42,7 @@ use tracing::{debug, error, info, warn};
 use crate::acks::AckBatcher;
 use crate::config::{QueueType, RabbitConfig};
 use crate::errors::{BACKEND, is_connection_error, map};
-use crate::headers::{from_field_table, short_string};
+use crate::headers::{broker_death, from_field_table, short_string};
 use crate::topology::declare_topology;
 
 /// Idle publisher channels kept per connection.
@@ -609,6 +609,7 @@ impl Shared {
             .as_ref()
             .map(from_field_table)
             .unwrap_or_default();
+        let broker_death = properties.headers().as_ref().and_then(broker_death);
         let delivery_count = match self.cfg.queue_type() {
             QueueType::Quorum => Some(
                 headers
@@ -627,6 +628,7 @@ impl Shared {
         delivery.headers = headers;
         delivery.redelivered = d.redelivered;
         delivery.delivery_count = delivery_count;
+        delivery.broker_death = broker_death;
         delivery.with_handle(Handle {
             link: self.link_id,
             generation,
@@ -734,7 +736,7 @@ fn stale(delivery: &Delivery) -> Error {
     }
 }
 
-fn confirmed(confirmation: Confirmation, queue: &str) -> Result<(), Error> {
+pub(crate) fn confirmed(confirmation: Confirmation, queue: &str) -> Result<(), Error> {
     match confirmation {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(Error::Unroutable {

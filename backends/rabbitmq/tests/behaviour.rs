@@ -154,11 +154,7 @@ async fn dead_letters_arrive_with_their_headers() {
         .header(headers::FIRST_FAILURE_MS)
         .and_then(HeaderValue::as_i64)
         .expect("first failure");
-    let letter = DeadLetter {
-        reason: DeadReason::MaxAttempts,
-        detail: "gave up".into(),
-        attempts: 5,
-    };
+    let letter = DeadLetter::new(DeadReason::MaxAttempts, "gave up", 5);
     broker
         .dead_letter(&copy, &letter)
         .await

@@ -129,11 +129,7 @@ async fn lapin_recovery_resumes_consumption_and_stale_settles_fail() {
         broker.ack(&a).await,
         Err(Error::StaleDelivery { .. })
     ));
-    let letter = DeadLetter {
-        reason: DeadReason::Permanent,
-        detail: "x".into(),
-        attempts: 1,
-    };
+    let letter = DeadLetter::new(DeadReason::Permanent, "x", 1);
     assert!(matches!(
         broker.dead_letter(&b, &letter).await,
         Err(Error::StaleDelivery { .. })
