@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idemq::error::redact_url;
-use idemq::{BoxError, DedupStore, KeyStrategy, Record, RecordState, replay_dead_letters};
+use idemq::{BoxError, DedupStore, Record, RecordState, Replay};
 use idemq_postgres::PostgresDedupStore;
-use idemq_rabbitmq::{RabbitBroker, RabbitConfig};
+use idemq_rabbitmq::{RabbitConfig, RabbitDeadLetters};
 use idemq_redis::{RedisConfig, RedisDedupStore};
 
 /// Which dedup store a command talks to.
@@ -123,21 +123,17 @@ pub async fn replay(
     amqp_url: &str,
     queue: &str,
     opts: &StoreOpts,
-    scope: &str,
     max: usize,
 ) -> Result<(), BoxError> {
     let store = open_store(opts).await?;
-    // The broker consumes the work queue too; prefetch 1 keeps what it
-    // takes (and gives back on close) to one delivery.
-    let broker = RabbitBroker::connect(RabbitConfig::new(amqp_url, queue).with_prefetch(1))
+    let dlq = RabbitDeadLetters::connect(RabbitConfig::new(amqp_url, queue))
         .await
         .map_err(|e| format!("rabbitmq at {}: {e}", redact_url(amqp_url)))?;
-    let result = replay_dead_letters(&broker, &store, scope, &KeyStrategy::default(), max).await;
-    broker.close().await;
-    let report = result?;
-    println!(
-        "replayed {} dead letters of {queue}, forgot {} dedup records",
-        report.replayed, report.forgotten
-    );
+    let report = Replay::new(&dlq, &store)
+        .limit(max as u64)
+        .run(&Default::default())
+        .await;
+    dlq.close().await;
+    println!("{report}");
     Ok(())
 }

@@ -116,9 +116,6 @@ enum Command {
         queue: String,
         #[command(flatten)]
         store: StoreArgs,
-        /// The dedup scope.
-        #[arg(long)]
-        scope: String,
         /// Dead letters replayed at most.
         #[arg(long, default_value_t = usize::MAX, hide_default_value = true)]
         max: usize,
@@ -249,20 +246,8 @@ async fn run(cli: Cli) -> Result<bool, BoxError> {
             };
             commands::purge(&opts, batch).await?;
         }
-        Command::Replay {
-            queue,
-            store,
-            scope,
-            max,
-        } => {
-            commands::replay(
-                &conn.amqp_url,
-                &queue,
-                &store_opts(conn, &store),
-                &scope,
-                max,
-            )
-            .await?;
+        Command::Replay { queue, store, max } => {
+            commands::replay(&conn.amqp_url, &queue, &store_opts(conn, &store), max).await?;
         }
         Command::Bench(args) => return bench(conn, args).await,
     }

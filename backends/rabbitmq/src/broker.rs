@@ -93,7 +93,7 @@ pub(crate) fn new_properties(message: &OutgoingMessage) -> Result<BasicPropertie
 /// The properties of a copy of a delivery: the original's (without
 /// expiration and user id, which the broker would check against this
 /// connection), persistent, with `headers`.
-fn copy_properties(
+pub(crate) fn copy_properties(
     original: &BasicProperties,
     mut headers: Headers,
 ) -> Result<BasicProperties, Error> {

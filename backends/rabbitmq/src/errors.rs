@@ -51,6 +51,20 @@ pub(crate) fn map(op: &'static str, e: lapin::Error) -> Error {
     }
 }
 
+/// A passive declaration's error: NOT_FOUND is [`Error::NotFound`] naming
+/// the queue.
+pub(crate) fn map_passive(queue: &str, op: &'static str, e: lapin::Error) -> Error {
+    if let ErrorKind::ProtocolError(p) = e.kind()
+        && matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    {
+        return Error::NotFound {
+            backend: BACKEND,
+            what: format!("queue `{queue}`"),
+        };
+    }
+    map(op, e)
+}
+
 /// A topology declaration refused with PRECONDITION_FAILED: the queue
 /// exists with other arguments. Permanent until someone fixes it.
 pub(crate) fn map_declare(queue: &str, e: lapin::Error) -> Error {

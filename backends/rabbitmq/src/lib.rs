@@ -82,6 +82,7 @@
 mod acks;
 mod broker;
 mod config;
+mod dead_letters;
 mod errors;
 pub mod headers;
 mod link;
@@ -93,5 +94,6 @@ pub use config::{
     DEFAULT_ACK_DELAY, DEFAULT_RETRY_TIERS, DEFAULT_URL, QueueType, RabbitConfig, RecoveryConfig,
     URL_ENV,
 };
+pub use dead_letters::{DEFAULT_READ_AHEAD, RabbitDeadLetters};
 pub use publisher::{RabbitPublisher, generate_message_id};
 pub use topology::{QueueDepths, delete_topology, queue_depths};
