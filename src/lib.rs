@@ -80,7 +80,8 @@ pub use message::{
 pub use policy::{Backoff, OnDead};
 pub use replay::{Replay, ReplayReport};
 pub use store::{
-    Claim, ClaimTtl, DedupStore, Fenced, Lease, LeaseToken, Record, RecordState, Release, Revival,
+    Claim, ClaimTtl, DedupStore, Fenced, Lease, LeaseToken, Record, RecordCounts, RecordState,
+    Release, Revival,
 };
 
 #[cfg(feature = "mock")]

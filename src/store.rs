@@ -133,6 +133,30 @@ pub enum Revival {
     },
 }
 
+/// How many records are in each state: what an operator's `idemq stats`
+/// shows. Backends count them their own way (see their docs: an exact
+/// count, or an estimate from a bounded scan).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RecordCounts {
+    /// Claimed, with a live lease: being handled now.
+    pub claimed: u64,
+    /// Claimed, lease lapsed: the consumer died or is slower than its lease.
+    pub lapsed: u64,
+    /// Released after a failed attempt, awaiting the retry.
+    pub released: u64,
+    /// Done: duplicates are acked.
+    pub done: u64,
+    /// Dead: attempts exhausted or failed permanently.
+    pub dead: u64,
+}
+
+impl RecordCounts {
+    /// All records counted.
+    pub fn total(&self) -> u64 {
+        self.claimed + self.lapsed + self.released + self.done + self.dead
+    }
+}
+
 /// The durations a claim works with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClaimTtl {
