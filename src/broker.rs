@@ -30,7 +30,9 @@ pub trait Broker: Send + Sync + 'static {
     async fn ack(&self, delivery: &Delivery) -> Result<(), Error>;
 
     /// Rejects a delivery. With `requeue` the broker delivers it again
-    /// (flagged `redelivered`); without, the broker drops it.
+    /// (flagged `redelivered`); without, the broker dead-letters it itself
+    /// (reason `rejected`, see [`crate::BrokerDeath`]): nothing a broker
+    /// gives up on vanishes.
     async fn nack(&self, delivery: &Delivery, requeue: bool) -> Result<(), Error>;
 
     /// Publishes a persistent copy carrying `attempt` in the

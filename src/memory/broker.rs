@@ -104,22 +104,27 @@ impl State {
         Ok((origin, stored))
     }
 
+    /// The broker's own dead-lettering, with its reason (an `x-death`).
+    fn broker_dead_letter(&mut self, mut stored: Stored, queue: &str, reason: &str) {
+        stored.broker_death = Some(BrokerDeath {
+            reason: reason.to_owned(),
+            queue: queue.to_owned(),
+            count: 1,
+            time_ms: Some(crate::message::unix_millis_now()),
+        });
+        stored.delivery_count = 0;
+        stored.redelivered = false;
+        self.stats.broker_dead_lettered += 1;
+        self.dead.push_back(stored);
+    }
+
     fn requeue(&mut self, origin: Origin, mut stored: Stored, limit: Option<(&str, u32)>) {
         stored.redelivered = true;
         stored.delivery_count += 1;
         match (origin, limit) {
             // Returned once too often: the broker dead-letters it itself.
             (Origin::Work, Some((queue, limit))) if stored.delivery_count > limit => {
-                stored.broker_death = Some(BrokerDeath {
-                    reason: "delivery_limit".into(),
-                    queue: queue.to_owned(),
-                    count: 1,
-                    time_ms: Some(crate::message::unix_millis_now()),
-                });
-                stored.delivery_count = 0;
-                stored.redelivered = false;
-                self.stats.broker_dead_lettered += 1;
-                self.dead.push_back(stored);
+                self.broker_dead_letter(stored, queue, "delivery_limit");
             }
             (Origin::Work, _) => self.ready.push_front(stored),
             (Origin::Dead, _) => self.dead.push_front(stored),
@@ -138,13 +143,15 @@ pub struct MemoryBrokerStats {
     pub acked: u64,
     /// Deliveries nacked with requeue.
     pub requeued: u64,
-    /// Deliveries nacked without requeue (dropped).
+    /// Deliveries nacked without requeue (dead-lettered by the broker, as
+    /// RabbitMQ's work queue does with idemq's topology).
     pub discarded: u64,
     /// Copies sent to the delay stage by `retry_later`.
     pub retried: u64,
     /// Copies sent to the dead-letter queue.
     pub dead_lettered: u64,
-    /// Messages the broker dead-lettered itself (its delivery limit).
+    /// Messages the broker dead-lettered itself (a rejection, its delivery
+    /// limit), with a [`BrokerDeath`].
     pub broker_dead_lettered: u64,
     /// Messages waiting in the work queue now.
     pub ready: usize,
@@ -381,11 +388,18 @@ impl Broker for MemoryBroker {
     async fn nack(&self, delivery: &Delivery, requeue: bool) -> Result<(), Error> {
         let mut s = self.state();
         let (origin, stored) = s.take(delivery.tag)?;
-        if requeue {
-            s.stats.requeued += 1;
-            s.requeue(origin, stored, self.limit());
-        } else {
-            s.stats.discarded += 1;
+        match (requeue, origin) {
+            (true, _) => {
+                s.stats.requeued += 1;
+                s.requeue(origin, stored, self.limit());
+            }
+            // Rejected: the work queue dead-letters it, as RabbitMQ's does.
+            (false, Origin::Work) => {
+                s.stats.discarded += 1;
+                let queue = self.inner.queue.as_str();
+                s.broker_dead_letter(stored, queue, "rejected");
+            }
+            (false, Origin::Dead) => s.stats.discarded += 1,
         }
         drop(s);
         self.wake();

@@ -128,8 +128,9 @@ pub async fn nack_requeue_redelivers<B: Broker + ?Sized>(broker: &B, caps: &Brok
     expect_quiet(broker, caps).await;
 }
 
-/// `nack` without requeue does not deliver the message again.
-pub async fn nack_discard_does_not_redeliver<B: Broker + ?Sized>(broker: &B, caps: &BrokerCaps) {
+/// `nack` without requeue does not deliver the message again: the broker
+/// dead-letters it itself (reason `rejected`).
+pub async fn nack_without_requeue_dead_letters<B: Broker + ?Sized>(broker: &B, caps: &BrokerCaps) {
     broker
         .publish(OutgoingMessage::new("x").with_message_id("d"))
         .await
@@ -137,6 +138,14 @@ pub async fn nack_discard_does_not_redeliver<B: Broker + ?Sized>(broker: &B, cap
     let d = must_next(broker, caps).await;
     broker.nack(&d, false).await.expect("nack");
     expect_quiet(broker, caps).await;
+    let dead = must_next_dead(broker, caps).await;
+    assert_eq!(id(&dead), "d");
+    let death = dead
+        .broker_death
+        .clone()
+        .expect("the broker's own dead letter");
+    assert_eq!(death.reason, "rejected");
+    broker.ack(&dead).await.expect("ack dead letter");
 }
 
 /// `retry_later` acks the original and the copy comes back after the

@@ -92,7 +92,7 @@ macro_rules! broker_conformance {
     ($setup:expr, $caps:expr, teardown = $teardown:expr) => {
         $crate::broker_conformance!(@tests $setup, $caps, $teardown;
             delivers_what_was_published, ack_removes, nack_requeue_redelivers,
-            nack_discard_does_not_redeliver, retry_later_comes_back_after_delay,
+            nack_without_requeue_dead_letters, retry_later_comes_back_after_delay,
             dead_letter_keeps_body_id_and_reason, settles_each_delivery_on_its_own);
     };
     (@tests $setup:expr, $caps:expr, $teardown:expr; $($name:ident),* $(,)?) => {

@@ -31,6 +31,23 @@ pub const DEFAULT_RETRY_TIERS: [Duration; 6] = [
     Duration::from_secs(600),
 ];
 
+/// The delivery limit of a quorum work queue unless
+/// [`RabbitConfig::with_delivery_limit`] says otherwise: how often the
+/// broker hands a message out again (after a nack with requeue, a consumer
+/// that died, a lost connection) before it dead-letters it to the
+/// dead-letter queue itself (reason `delivery_limit`). Far above what the
+/// engine needs (its attempts are counted in the dedup store, and a retry
+/// is a new message): with the engine's default store backoff that is over
+/// half an hour of store outage before a message is moved aside, never lost.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 200;
+
+/// The delivery limit of a quorum dead-letter queue: high enough that no
+/// number of replay dry runs and inspections (each returns what it read)
+/// can reach it. (RabbitMQ 4 gives a quorum queue a limit of 20 when none
+/// is set, and drops what exceeds it when the queue has nowhere to
+/// dead-letter to; a positive limit means the same on 3.x and 4.x.)
+pub const DEAD_LETTER_DELIVERY_LIMIT: u32 = 1_000_000;
+
 /// AMQP short strings (queue names, header names, message ids) hold at most
 /// this many bytes.
 pub(crate) const MAX_SHORT_STRING: usize = 255;
@@ -144,6 +161,7 @@ pub struct RabbitConfig {
     retry_prefix: Option<String>,
     dead_letter_queue: Option<String>,
     prefetch: u16,
+    delivery_limit: u32,
     ack_delay: Option<Duration>,
     publish_timeout: Duration,
     connect_timeout: Duration,
@@ -155,7 +173,8 @@ pub struct RabbitConfig {
 impl RabbitConfig {
     /// A configuration for the work queue `queue` on the broker at `url`
     /// (`amqp://` or `amqps://`), with the defaults: classic queues, the
-    /// [`DEFAULT_RETRY_TIERS`], prefetch 16, 30 s publish timeout.
+    /// [`DEFAULT_RETRY_TIERS`], prefetch 32 (twice the engine's default
+    /// concurrency), 30 s publish timeout.
     pub fn new(url: impl Into<String>, queue: impl Into<String>) -> Self {
         RabbitConfig {
             url: url.into(),
@@ -165,7 +184,8 @@ impl RabbitConfig {
             retry_tiers: DEFAULT_RETRY_TIERS.to_vec(),
             retry_prefix: None,
             dead_letter_queue: None,
-            prefetch: 16,
+            prefetch: 32,
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
             ack_delay: Some(DEFAULT_ACK_DELAY),
             publish_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(15),
@@ -220,11 +240,23 @@ impl RabbitConfig {
     }
 
     /// How many unacknowledged deliveries the consumer may hold (AMQP
-    /// `basic.qos` prefetch). At least the engine's concurrency; about
-    /// twice it keeps every handler busy while acks are held for batching
-    /// (a held ack still counts against the prefetch).
+    /// `basic.qos` prefetch; default 32). The engine runs at most this many
+    /// handlers at once whatever its concurrency, and says so at start
+    /// when its concurrency is higher. Twice the engine's concurrency keeps
+    /// every handler busy while acks are held for batching (a held ack
+    /// still counts against the prefetch).
     pub fn with_prefetch(mut self, prefetch: u16) -> Self {
         self.prefetch = prefetch;
+        self
+    }
+
+    /// The delivery limit of a quorum work queue (`x-delivery-limit`,
+    /// default [`DEFAULT_DELIVERY_LIMIT`]): a message handed out this many
+    /// times more without being settled is dead-lettered by the broker
+    /// into the dead-letter queue (reason `delivery_limit`, replayable).
+    /// Classic queues have no delivery limit.
+    pub fn with_delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = limit;
         self
     }
 
@@ -308,6 +340,11 @@ impl RabbitConfig {
     /// The prefetch count.
     pub fn prefetch(&self) -> u16 {
         self.prefetch
+    }
+
+    /// The delivery limit of a quorum work queue.
+    pub fn delivery_limit(&self) -> u32 {
+        self.delivery_limit
     }
 
     /// How long an ack may be held for batching; `None`: not batched.
@@ -430,6 +467,11 @@ impl RabbitConfig {
         if self.prefetch == 0 {
             return Err(Error::Config("prefetch must be at least 1".into()));
         }
+        if self.delivery_limit == 0 {
+            return Err(Error::Config(
+                "the delivery limit must be at least 1 (0 would dead-letter every message at its first return)".into(),
+            ));
+        }
         for (what, d) in [
             ("publish timeout", self.publish_timeout),
             ("connect timeout", self.connect_timeout),
@@ -462,6 +504,7 @@ impl fmt::Debug for RabbitConfig {
             .field("retry_tiers", &self.retry_tiers)
             .field("dead_letter_queue", &self.dead_letter_queue())
             .field("prefetch", &self.prefetch)
+            .field("delivery_limit", &self.delivery_limit)
             .field("ack_delay", &self.ack_delay)
             .field("publish_timeout", &self.publish_timeout)
             .field("connect_timeout", &self.connect_timeout)

@@ -64,21 +64,3 @@ pub(crate) fn map_passive(queue: &str, op: &'static str, e: lapin::Error) -> Err
     }
     map(op, e)
 }
-
-/// A topology declaration refused with PRECONDITION_FAILED: the queue
-/// exists with other arguments. Permanent until someone fixes it.
-pub(crate) fn map_declare(queue: &str, e: lapin::Error) -> Error {
-    if let ErrorKind::ProtocolError(p) = e.kind()
-        && matches!(
-            p.kind(),
-            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
-        )
-    {
-        return Error::Config(format!(
-            "queue `{queue}` exists with other arguments than idemq declares \
-             (queue type, TTL or dead-lettering); delete it or change the \
-             configuration: {p}"
-        ));
-    }
-    map("declare", e)
-}

@@ -16,9 +16,13 @@
 //!
 //! | queue | what |
 //! | --- | --- |
-//! | `Q` | the durable work queue, classic or quorum ([`QueueType`]) |
+//! | `Q` | the durable work queue, classic or quorum ([`QueueType`]), dead-lettering to `Q.dlq`: what the broker gives up on (a rejection, a quorum queue's delivery limit, [`RabbitConfig::with_delivery_limit`]) lands there with its `x-death` reason |
 //! | `Q.retry.<tier>` | one per backoff tier (default 100ms, 1s, 5s, 30s, 2m, 10m), queue-level `x-message-ttl`, dead-lettering back to `Q` |
-//! | `Q.dlq` | the dead-letter queue |
+//! | `Q.dlq` | the dead-letter queue, read by [`RabbitDeadLetters`] for `idemq::Replay` |
+//!
+//! Queues declared before with other arguments are adopted with one
+//! warning when what differs is a safety argument, or refused at start
+//! with a way to migrate; see [`topology`].
 //!
 //! `retry_later(delay)` goes to the smallest tier at least `delay` long
 //! (the longest when none is). A queue-level TTL means no message waits
@@ -96,4 +100,4 @@ pub use config::{
 };
 pub use dead_letters::{DEFAULT_READ_AHEAD, RabbitDeadLetters};
 pub use publisher::{RabbitPublisher, generate_message_id};
-pub use topology::{QueueDepths, delete_topology, queue_depths};
+pub use topology::{QueueDepths, QueueRole, QueueStat, delete_topology, queue_depths, queue_stats};

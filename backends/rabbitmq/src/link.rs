@@ -322,7 +322,7 @@ impl Shared {
             .create_channel()
             .await
             .map_err(|e| map("open channel", e))?;
-        declare_topology(&channel, &self.cfg).await?;
+        declare_topology(conn, &self.cfg).await?;
         channel
             .basic_qos(self.cfg.prefetch(), BasicQosOptions { global: false })
             .await
