@@ -53,6 +53,9 @@
 //!   `expires_at` index (`DELETE ... WHERE ctid = ANY(ARRAY(SELECT ctid ...
 //!   LIMIT n FOR UPDATE SKIP LOCKED))`). Expired rows already count as
 //!   absent, so purging only reclaims space.
+//! * **count_states** (for an operator's `idemq stats`) counts the
+//!   unexpired rows of one scope or all by state in one `GROUP BY`,
+//!   exactly ([`PostgresDedupStore::count_states`]).
 //!
 //! ## Schema and migrations
 //!

@@ -14,8 +14,8 @@ use sqlx::{AssertSqlSafe, PgPool};
 use idemq::error::redact_url;
 use idemq::key;
 use idemq::{
-    Claim, ClaimTtl, DedupStore, Error, Fenced, Lease, LeaseToken, Record, RecordState, Release,
-    Revival,
+    Claim, ClaimTtl, DedupStore, Error, Fenced, Lease, LeaseToken, Record, RecordCounts,
+    RecordState, Release, Revival,
 };
 
 use crate::error::{BACKEND, backend, from_sqlx, scrub};
@@ -89,6 +89,10 @@ pub(crate) struct Statements {
     forget: Arc<str>,
     revive: Arc<str>,
     purge: Arc<str>,
+    /// The live records of every scope, counted by state.
+    count_states: Arc<str>,
+    /// The live records of one scope, counted by state.
+    count_states_in_scope: Arc<str>,
     /// The done mark written inside a handler's transaction (clock_timestamp,
     /// as `now()` is the transaction's start there).
     pub(crate) done_in_tx: Arc<str>,
@@ -120,6 +124,20 @@ impl Statements {
         let t = table.quoted();
         let lease_us = micros_until("d.lease_until");
         let expires_us = micros_until("d.expires_at");
+        // The unexpired rows (of scope $1 when `scope` says so) counted per
+        // state, claims split into live and lapsed leases. Answers
+        // (state, lapsed, count) rows. Two texts rather than one with
+        // `$1 IS NULL OR ...`, whose generic plan could not use the
+        // primary key to find one scope's rows.
+        let count = |scope: &str| -> Arc<str> {
+            format!(
+                "SELECT d.state, d.state = 'claimed' AND d.lease_until <= now(), count(*)
+                 FROM {t} AS d
+                 WHERE d.expires_at > now(){scope}
+                 GROUP BY 1, 2"
+            )
+            .into()
+        };
         let fenced = |set: &str| -> Arc<str> {
             format!(
                 "UPDATE {t} AS d SET {set}
@@ -248,6 +266,9 @@ impl Statements {
                    AND d.expires_at <= now()"
             )
             .into(),
+            count_states: count(""),
+            // $1: the scope.
+            count_states_in_scope: count(" AND d.scope = $1"),
             done_in_tx: format!(
                 "UPDATE {t} AS d SET state = 'done', expires_at = clock_timestamp() + $4
                  WHERE d.scope = $1 AND d.key = $2 AND d.token = $3
@@ -516,6 +537,59 @@ impl PostgresDedupStore {
                 return Ok(total);
             }
         }
+    }
+
+    /// Counts the records by state, for an operator's `idemq stats`: of
+    /// one `scope`, or of every scope when `None`.
+    ///
+    /// Exact: one `SELECT ... GROUP BY state` over the unexpired rows
+    /// (`expires_at > now()`; expired rows that [`PostgresDedupStore::purge`]
+    /// has not deleted yet are absent, as they are to every operation),
+    /// consistent as of the statement's snapshot and timed by the database
+    /// clock. A claim counts as [`claimed`](RecordCounts::claimed) while
+    /// its lease holds and as [`lapsed`](RecordCounts::lapsed) from
+    /// `lease_until <= now()` on, the moment a claim may take it over.
+    ///
+    /// One scope is read through the primary key; every scope means
+    /// reading the whole table. Either is one statement under the
+    /// operation timeout ([`PostgresDedupStore::with_op_timeout`]): on a
+    /// table too large to count within it, the answer is a transient
+    /// [`Error::Timeout`], and a store with a longer timeout is the way to
+    /// count it. An invalid `scope` is [`Error::InvalidInput`].
+    pub async fn count_states(&self, scope: Option<&str>) -> Result<RecordCounts, Error> {
+        const OP: &str = "count_states";
+        let rows: Vec<(String, bool, i64)> = match scope {
+            Some(scope) => {
+                key::check_scope(scope)?;
+                self.run(
+                    OP,
+                    sqlx::query_as(AssertSqlSafe(self.sql.count_states_in_scope.clone()))
+                        .bind(scope)
+                        .fetch_all(&self.pool),
+                )
+                .await?
+            }
+            None => {
+                self.run(
+                    OP,
+                    sqlx::query_as(AssertSqlSafe(self.sql.count_states.clone()))
+                        .fetch_all(&self.pool),
+                )
+                .await?
+            }
+        };
+        let mut counts = RecordCounts::default();
+        for (state, lapsed, n) in rows {
+            let slot = match (state_from_sql(OP, &state)?, lapsed) {
+                (RecordState::Claimed, false) => &mut counts.claimed,
+                (RecordState::Claimed, true) => &mut counts.lapsed,
+                (RecordState::Released, _) => &mut counts.released,
+                (RecordState::Done, _) => &mut counts.done,
+                (RecordState::Dead, _) => &mut counts.dead,
+            };
+            *slot += u64::try_from(n).unwrap_or(0);
+        }
+        Ok(counts)
     }
 
     async fn fenced(
@@ -851,5 +925,8 @@ mod tests {
         let s = Statements::new(&t);
         assert!(s.claim.contains("INSERT INTO \"app\".\"x\" AS d"));
         assert!(s.purge.contains("FOR UPDATE SKIP LOCKED"));
+        assert!(s.count_states.contains("FROM \"app\".\"x\" AS d"));
+        assert!(!s.count_states.contains("$1"));
+        assert!(s.count_states_in_scope.contains("d.scope = $1"));
     }
 }

@@ -236,3 +236,55 @@ async fn cut_connections_give_transient_errors_then_recover() {
 async fn hung_connections_time_out_then_recover() {
     run_fault(FaultProxy::blackhole, "fault_hang").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counting_states_is_bounded_by_the_operation_timeout() {
+    let Some((proxy, store)) = proxied().await else {
+        return;
+    };
+    let scope = unique_scope("fault_count");
+    match store.claim(&scope, "k", TTL).await.expect("claim") {
+        Claim::Claimed(_) => {}
+        other => panic!("expected Claimed, got {other:?}"),
+    }
+    let counts = store.count_states(Some(&scope)).await.expect("count");
+    assert_eq!((counts.claimed, counts.total()), (1, 1));
+    proxy.blackhole();
+    let started = std::time::Instant::now();
+    let err = store
+        .count_states(None)
+        .await
+        .expect_err("no answer through a hung link");
+    // The 700 ms operation timeout (or the pool's 500 ms acquire timeout,
+    // when it checks the idle connection first), not TCP's.
+    assert!(started.elapsed() < Duration::from_secs(3), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                backend: "postgres",
+                op: "count_states",
+                ..
+            } | Error::Unavailable {
+                backend: "postgres",
+                op: "count_states",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+    proxy.restore();
+    let recovered = async {
+        loop {
+            if let Ok(counts) = store.count_states(Some(&scope)).await {
+                return counts;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let counts = tokio::time::timeout(Duration::from_secs(10), recovered)
+        .await
+        .expect("counts again once the network is back");
+    assert_eq!(counts.claimed, 1);
+}

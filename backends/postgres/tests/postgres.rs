@@ -10,7 +10,7 @@ use futures::future::join_all;
 use idemq::testing::unique_scope;
 use idemq::{
     Claim, ClaimTtl, Completion, DedupStore, Delivery, Error, Fenced, Handler, HandlerError, Lease,
-    Message, RecordState, Release,
+    Message, RecordCounts, RecordState, Release,
 };
 use idemq_postgres::{PostgresDedupStore, sql_error, transactional};
 use sqlx::postgres::PgPoolOptions;
@@ -260,6 +260,108 @@ async fn purge_removes_only_expired_rows_in_bounded_batches() {
             .attempt,
         2
     );
+    common::drop_table(store.pool(), &table).await;
+}
+
+// ---------------------------------------------------------------- counts
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_states_counts_live_records_by_state_per_scope() {
+    // A table of its own: no other test's rows (nor purge) in the counts.
+    let table = common::fresh_table("idemq_test_counts");
+    let Some(store) = common::store_in(&table).await else {
+        return;
+    };
+    let (a, b) = (unique_scope("counts_a"), unique_scope("counts_b"));
+    let short = Duration::from_millis(100);
+    // Scope a: one record in every state, and an expired done one.
+    let _live = claimed(&store, &a, "live", ttl(LONG, LONG)).await;
+    let _lapsing = claimed(&store, &a, "lapsed", ttl(short, LONG)).await;
+    let released = claimed(&store, &a, "released", ttl(LONG, LONG)).await;
+    assert_eq!(
+        store
+            .fail(&released, Release::CountAttempt)
+            .await
+            .expect("fail"),
+        Fenced::Applied
+    );
+    let done = claimed(&store, &a, "done", ttl(LONG, LONG)).await;
+    assert_eq!(
+        store.complete(&done, LONG).await.expect("complete"),
+        Fenced::Applied
+    );
+    let dead = claimed(&store, &a, "dead", ttl(LONG, LONG)).await;
+    assert_eq!(
+        store.bury(&dead, LONG).await.expect("bury"),
+        Fenced::Applied
+    );
+    let expiring = claimed(&store, &a, "expired", ttl(LONG, LONG)).await;
+    assert_eq!(
+        store.complete(&expiring, short).await.expect("complete"),
+        Fenced::Applied
+    );
+    // Scope b: two done records and a live claim.
+    for k in ["x", "y"] {
+        let lease = claimed(&store, &b, k, ttl(LONG, LONG)).await;
+        assert_eq!(
+            store.complete(&lease, LONG).await.expect("complete"),
+            Fenced::Applied
+        );
+    }
+    let _b_live = claimed(&store, &b, "z", ttl(LONG, LONG)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The expired row is still in the table (nothing purged it): the count
+    // must leave it out by itself.
+    assert_eq!(count(store.pool(), &table).await, 9);
+
+    let in_a = store.count_states(Some(&a)).await.expect("count a");
+    assert_eq!(
+        in_a,
+        RecordCounts {
+            claimed: 1,
+            lapsed: 1,
+            released: 1,
+            done: 1,
+            dead: 1,
+        }
+    );
+    assert_eq!(in_a.total(), 5);
+    let in_b = store.count_states(Some(&b)).await.expect("count b");
+    assert_eq!(
+        in_b,
+        RecordCounts {
+            claimed: 1,
+            done: 2,
+            ..RecordCounts::default()
+        }
+    );
+    let all = store.count_states(None).await.expect("count all");
+    assert_eq!(
+        all,
+        RecordCounts {
+            claimed: 2,
+            lapsed: 1,
+            released: 1,
+            done: 3,
+            dead: 1,
+        }
+    );
+    assert_eq!(
+        store
+            .count_states(Some(&unique_scope("counts_none")))
+            .await
+            .expect("count an empty scope"),
+        RecordCounts::default()
+    );
+    for bad in ["", "a b", "x'; DROP TABLE t; --"] {
+        assert!(
+            matches!(
+                store.count_states(Some(bad)).await,
+                Err(Error::InvalidInput { what: "scope", .. })
+            ),
+            "{bad:?}"
+        );
+    }
     common::drop_table(store.pool(), &table).await;
 }
 

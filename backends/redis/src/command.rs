@@ -95,6 +95,29 @@ pub(crate) fn record_key_parts<'a>(prefix: &'a str, scope: &'a str, key: &'a str
     [prefix, "{", scope, ":", key, "}"]
 }
 
+/// The `SCAN ... MATCH` pattern of the record keys under `prefix`: of one
+/// scope, `<prefix>{<scope>:*}`, or of every scope, `<prefix>{*:*}`. Built
+/// from [`record_key_parts`], with the glob characters of the prefix and
+/// the scope (`* ? [ ] \`) escaped, so they match only themselves. No
+/// other store's keys match: a prefix holds no `{`, a scope no `:`.
+pub(crate) fn record_pattern(prefix: &str, scope: Option<&str>) -> String {
+    let (prefix, scope) = (glob_escape(prefix), scope.map(glob_escape));
+    record_key_parts(&prefix, scope.as_deref().unwrap_or("*"), "*").concat()
+}
+
+/// `s` with the characters Redis' glob patterns treat specially
+/// (`* ? [ ] \`) escaped by a backslash.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Appends the record key of `(scope, key)` as the next argument.
 fn record_key(cmd: &mut Cmd, prefix: &str, scope: &str, key: &str) {
     let mut w = cmd.writer_for_next_arg();
@@ -198,6 +221,16 @@ mod tests {
                 "330000",
                 "GET"
             ]
+        );
+    }
+
+    #[test]
+    fn scan_patterns_follow_the_key_layout_and_escape_globs() {
+        assert_eq!(record_pattern("idemq:", Some("orders")), "idemq:{orders:*}");
+        assert_eq!(record_pattern("idemq:", None), "idemq:{*:*}");
+        assert_eq!(
+            record_pattern(r"a*b?c[d]e\f:", Some("s")),
+            r"a\*b\?c\[d\]e\\f:{s:*}"
         );
     }
 

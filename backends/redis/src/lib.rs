@@ -38,6 +38,10 @@
 //! # }
 //! ```
 //!
+//! For operators, [`RedisDedupStore::scan_states`] counts the records by
+//! state with a bounded `SCAN` (an estimate beyond its bound, see
+//! [`RecordScan`]).
+//!
 //! Errors are [`idemq::Error`]s with `backend: "redis"`: connection trouble
 //! and timeouts are transient ([`idemq::Error::is_transient`]), script and
 //! protocol errors are not. Passwords never show in `Debug` output, logs or
@@ -53,7 +57,7 @@ mod scripts;
 mod store;
 
 pub use config::{MAX_PREFIX_LEN, RedisConfig};
-pub use store::{MAX_KEYS_PER_CALL, RedisDedupStore};
+pub use store::{MAX_KEYS_PER_CALL, RecordScan, RedisDedupStore};
 
 /// The redis crate this store is built on, for [`RedisDedupStore::from_manager`].
 pub use redis;

@@ -23,6 +23,10 @@ use crate::config::RedisConfig;
 use crate::error;
 use crate::scripts::{self, Lua};
 
+mod scan;
+
+pub use scan::RecordScan;
+
 /// Longest duration handed to Redis, in ms (about 34 years): keeps every
 /// deadline exact in Lua's doubles and within `PEXPIRE`'s range.
 const MAX_MS: u64 = 1 << 40;
@@ -998,6 +1002,14 @@ fn read_fresh_claim(reply: &Value, scope: &str, key: &str, token: LeaseToken) ->
 /// `lua/record.lua` accepts): `<state>:<hex token>:<attempts, at most 10
 /// digits>:<slack digits>`.
 fn record_state(old: &[u8]) -> Option<&str> {
+    record_fields(old).map(|(state, _)| state)
+}
+
+/// The state and the slack (ms) of `old` when it is a well-formed record
+/// (see [`record_state`]). A slack too large for a `u64` reads as
+/// `u64::MAX`: a lease that never holds, as in the scripts (where it is a
+/// float above any TTL).
+fn record_fields(old: &[u8]) -> Option<(&str, u64)> {
     let old = std::str::from_utf8(old).ok()?;
     let mut fields = old.split(':');
     let (state, token, attempts, slack) = (
@@ -1014,7 +1026,7 @@ fn record_state(old: &[u8]) -> Option<&str> {
         && digits(attempts)
         && attempts.len() <= 10
         && digits(slack);
-    well_formed.then_some(state)
+    well_formed.then(|| (state, slack.parse().unwrap_or(u64::MAX)))
 }
 
 /// What the `SET ... IFEQ <expected> GET` of

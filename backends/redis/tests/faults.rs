@@ -286,3 +286,48 @@ async fn batch_forms_fail_transiently_when_cut() {
         vec![Fenced::Applied; 10]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scanning_states_times_out_per_round_trip() {
+    let timeout = Duration::from_millis(300);
+    let Some((proxy, store)) = proxied(timeout).await else {
+        return;
+    };
+    let keys: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
+    store
+        .claim_many("scan", &keys, LONG)
+        .await
+        .expect("claim_many");
+    let found = store.scan_states(Some("scan"), 1000).await.expect("scan");
+    assert_eq!((found.counts.claimed, found.complete), (20, true));
+
+    proxy.blackhole();
+    settle().await;
+    let started = Instant::now();
+    let err = store
+        .scan_states(None, 1000)
+        .await
+        .expect_err("no answer through a hung link");
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                backend: "redis",
+                op: "scan_states",
+                after,
+            } if after == timeout
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+    assert!(
+        took < timeout * 3,
+        "took {took:?} for a {timeout:?} timeout"
+    );
+
+    proxy.restore();
+    recovers(5 * SECOND, || store.scan_states(Some("scan"), 1000)).await;
+    let found = store.scan_states(Some("scan"), 1000).await.expect("scan");
+    assert_eq!(found.counts.claimed, 20);
+}

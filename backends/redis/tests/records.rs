@@ -6,7 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{SECOND, pttl, raw, redis_url, store};
-use idemq::{Claim, ClaimTtl, DedupStore, Error, Fenced, Lease, LeaseToken, RecordState, Release};
+use idemq::{
+    Claim, ClaimTtl, DedupStore, Error, Fenced, Lease, LeaseToken, RecordCounts, RecordState,
+    Release,
+};
 use idemq_redis::redis;
 use idemq_redis::{RedisConfig, RedisDedupStore};
 
@@ -718,6 +721,184 @@ async fn records_of_the_hash_layout_are_refused_with_a_clear_error() {
         store.complete(&live, SECOND).await.expect("complete"),
         Fenced::Applied
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_states_counts_records_by_state_per_scope() {
+    // A fresh key prefix (common::store): no other test's keys in the counts.
+    let Some(store) = store().await else { return };
+    let mut conn = raw().await;
+    let long = ttl(60 * SECOND, 60 * SECOND);
+    // Scope a: one record in every state.
+    let _live = must_claim(&store, "a", "live", long).await;
+    let _lapsing = must_claim(
+        &store,
+        "a",
+        "lapsed",
+        ttl(Duration::from_millis(50), 60 * SECOND),
+    )
+    .await;
+    let released = must_claim(&store, "a", "released", long).await;
+    assert_eq!(
+        store
+            .fail(&released, Release::CountAttempt)
+            .await
+            .expect("fail"),
+        Fenced::Applied
+    );
+    let done = must_claim(&store, "a", "done", long).await;
+    assert_eq!(
+        store.complete(&done, 60 * SECOND).await.expect("complete"),
+        Fenced::Applied
+    );
+    let dead = must_claim(&store, "a", "dead", long).await;
+    assert_eq!(
+        store.bury(&dead, 60 * SECOND).await.expect("bury"),
+        Fenced::Applied
+    );
+    // Scope b: two done records and a live claim.
+    for k in ["x", "y"] {
+        let lease = must_claim(&store, "b", k, long).await;
+        assert_eq!(
+            store.complete(&lease, 60 * SECOND).await.expect("complete"),
+            Fenced::Applied
+        );
+    }
+    let _b_live = must_claim(&store, "b", "z", long).await;
+    // Under the prefix, and in scope a's key space, values that are not
+    // records: skipped, not counted, no error.
+    let junk = store.record_key("a", "junk").expect("key");
+    let _: () = redis::cmd("SET")
+        .arg(&junk)
+        .arg("not a record")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .expect("SET junk");
+    let hash = store.record_key("a", "hash").expect("key");
+    let _: () = redis::pipe()
+        .cmd("HSET")
+        .arg(&hash)
+        .arg("state")
+        .arg("done")
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(&hash)
+        .arg(60_000)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("HSET hash");
+    // Under the prefix but outside the record layout: not even scanned.
+    let stray = format!("{}stray", store.config().prefix());
+    let _: () = redis::cmd("SET")
+        .arg(&stray)
+        .arg("c:00000000000000ab:1:0")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .expect("SET stray");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let in_a = store.scan_states(Some("a"), 1000).await.expect("scan a");
+    assert_eq!(
+        in_a.counts,
+        RecordCounts {
+            claimed: 1,
+            lapsed: 1,
+            released: 1,
+            done: 1,
+            dead: 1,
+        }
+    );
+    assert!(in_a.complete, "{in_a:?}");
+    assert_eq!(in_a.scanned, 7, "five records and two foreign values");
+    let in_b = store.scan_states(Some("b"), 1000).await.expect("scan b");
+    assert_eq!(
+        in_b.counts,
+        RecordCounts {
+            claimed: 1,
+            done: 2,
+            ..RecordCounts::default()
+        }
+    );
+    assert_eq!((in_b.scanned, in_b.complete), (3, true));
+    let all = store.scan_states(None, 1000).await.expect("scan all");
+    assert_eq!(
+        all.counts,
+        RecordCounts {
+            claimed: 2,
+            lapsed: 1,
+            released: 1,
+            done: 3,
+            dead: 1,
+        }
+    );
+    assert_eq!((all.scanned, all.complete), (10, true));
+    let none = store.scan_states(Some("c"), 1000).await.expect("scan c");
+    assert_eq!((none.counts, none.scanned), (RecordCounts::default(), 0));
+    assert!(none.complete);
+    // Another prefix on the same server sees none of it.
+    let other = RedisDedupStore::connect_with(
+        &redis_url(),
+        RedisConfig::new().with_prefix(common::fresh_prefix()),
+    )
+    .await
+    .expect("connect");
+    let elsewhere = other.scan_states(None, 1000).await.expect("scan elsewhere");
+    assert_eq!((elsewhere.scanned, elsewhere.counts.total()), (0, 0));
+
+    for bad in ["", "a b", "a*", "x:y"] {
+        assert!(
+            matches!(
+                store.scan_states(Some(bad), 1000).await,
+                Err(Error::InvalidInput { what: "scope", .. })
+            ),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        store.scan_states(None, 0).await,
+        Err(Error::InvalidInput { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_states_stops_at_max_keys() {
+    let Some(store) = store().await else { return };
+    // More keys than one SCAN call answers (its COUNT is a few hundred),
+    // so the cursor cannot come back to 0 in the first call.
+    let keys: Vec<String> = (0..700).map(|i| format!("k{i}")).collect();
+    let claims = store
+        .claim_many("many", &keys, ttl(60 * SECOND, 60 * SECOND))
+        .await
+        .expect("claim_many");
+    assert!(claims.iter().all(|c| matches!(c, Claim::Claimed(_))));
+
+    let part = store
+        .scan_states(Some("many"), 10)
+        .await
+        .expect("scan part");
+    assert!(!part.complete, "{part:?}");
+    assert!(part.scanned >= 10 && part.scanned < 700, "{part:?}");
+    assert_eq!(part.counts.claimed, part.scanned, "{part:?}");
+    assert_eq!(part.counts.total(), part.counts.claimed);
+
+    let whole = store.scan_states(Some("many"), 10_000).await.expect("scan");
+    assert!(whole.complete, "{whole:?}");
+    assert_eq!(whole.scanned, 700);
+    assert_eq!(
+        whole.counts,
+        RecordCounts {
+            claimed: 700,
+            ..RecordCounts::default()
+        }
+    );
+    // A bound the key space just fits in: all of it, so complete.
+    let exact = store.scan_states(None, 700).await.expect("scan all");
+    assert_eq!((exact.scanned, exact.counts.claimed), (700, 700));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
