@@ -595,3 +595,15 @@ async fn origin_and_reason_of_engine_dead_letters() {
         (Some(SCOPE), Some("m0"))
     );
 }
+
+#[tokio::test]
+async fn peek_reads_and_leaves_the_queue_as_it_was() {
+    let (broker, _store, _world) = dead_lettered(5).await;
+    let before = dead_ids(&broker);
+    let seen = idemq::replay::peek(&broker, 3).await.unwrap();
+    let seen: Vec<_> = seen.iter().map(|d| d.message_id.clone().unwrap()).collect();
+    assert_eq!(seen, ["m0", "m1", "m2"]);
+    assert_eq!(dead_ids(&broker), before);
+    assert_eq!(idemq::replay::peek(&broker, 100).await.unwrap().len(), 5);
+    assert_eq!(broker.stats().unacked, 0);
+}

@@ -478,7 +478,9 @@ impl PhaseCtx<'_> {
             problems.push(format!("handled {handled}, expected {expect}"));
         }
         self.check_settled(&meter, &mut problems);
-        self.drain_check(&cfg, 0, &mut problems).await;
+        // The work queue dead-letters what a baseline rejects.
+        let rejected = counts.rejected.load(Ordering::Relaxed);
+        self.drain_check(&cfg, rejected, &mut problems).await;
         Ok(self.result(
             kind.name(),
             None,

@@ -1,13 +1,22 @@
-//! `idemq`: inspect and maintain idemq dedup stores, replay dead letters,
-//! and bench the engine end to end against RabbitMQ, Redis and Postgres.
+//! `idemq`: replay dead letters, look at queues and dedup records, and
+//! bench the engine end to end against RabbitMQ, Redis and Postgres.
+//!
+//! Exit codes: 0 done, 1 error, 2 usage, 3 stopped part-way (a replay
+//! interrupted, or failed after moving some messages: the report says how
+//! many).
 
 #![forbid(unsafe_code)]
 
 mod baseline;
 mod bench;
-mod commands;
+mod bench_replay;
 mod counting;
+mod dead;
+mod records;
 mod report;
+mod stats;
+mod store;
+mod when;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,9 +24,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use idemq::BoxError;
+use idemq_rabbitmq::RabbitConfig;
 
 use crate::bench::{ConfigKind, Settings};
-use crate::commands::{StoreKind, StoreOpts};
+use crate::store::{StoreKind, StoreOpts};
 
 /// idemq: idempotent RabbitMQ consumption, from the command line.
 #[derive(Parser, Debug)]
@@ -31,7 +41,7 @@ struct Cli {
 
 /// Where the services are. Passwords in these URLs are never printed.
 #[derive(Args, Debug)]
-struct Conn {
+pub(crate) struct Conn {
     /// RabbitMQ URL.
     #[arg(
         long,
@@ -64,41 +74,101 @@ struct Conn {
 
 /// Which store, and its layout.
 #[derive(Args, Debug)]
-struct StoreArgs {
+pub(crate) struct StoreArgs {
     /// The dedup store.
     #[arg(long, value_enum)]
-    store: StoreKind,
+    pub store: StoreKind,
     /// Redis key prefix (default: the store's, `idemq:`).
     #[arg(long)]
-    redis_prefix: Option<String>,
+    pub redis_prefix: Option<String>,
     /// Postgres table (default: the store's, `idemq_dedup`).
     #[arg(long)]
-    table: Option<String>,
+    pub table: Option<String>,
+}
+
+/// Which queues: a work queue and the names derived from it.
+#[derive(Args, Debug)]
+pub(crate) struct QueueArgs {
+    /// The work queue (its dead-letter queue is `<queue>.dlq` unless --dlq).
+    #[arg(long)]
+    queue: String,
+    /// The dead-letter queue, when not `<queue>.dlq`.
+    #[arg(long)]
+    dlq: Option<String>,
+    /// The retry queues' name prefix, when not `<queue>.retry`.
+    #[arg(long)]
+    retry_prefix: Option<String>,
+    /// The retry tiers, when not the default ones (100ms,1s,5s,30s,2m,10m).
+    #[arg(long, value_delimiter = ',', value_parser = when::parse_duration)]
+    retry_tiers: Vec<Duration>,
+}
+
+impl QueueArgs {
+    /// The queues as a configuration at `url`.
+    fn config(&self, url: &str) -> RabbitConfig {
+        let mut config = RabbitConfig::new(url, self.queue.clone());
+        if let Some(dlq) = &self.dlq {
+            config = config.with_dead_letter_queue(dlq.clone());
+        }
+        if let Some(prefix) = &self.retry_prefix {
+            config = config.with_retry_queue_prefix(prefix.clone());
+        }
+        if !self.retry_tiers.is_empty() {
+            config = config.with_retry_tiers(self.retry_tiers.iter().copied());
+        }
+        config
+    }
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Prints the dedup record of each key.
+    /// Moves dead letters back to the work queue: each key is revived
+    /// (never a done one), each copy confirmed before its dead letter goes.
+    Replay(Box<dead::ReplayArgs>),
+    /// Lists the oldest dead letters (id, reason, attempts, age) and
+    /// leaves them where they are.
+    Dead(dead::DeadArgs),
+    /// Queue depths and consumers, dead letters by reason, dedup records
+    /// by state.
+    Stats(stats::StatsArgs),
+    /// Prints the dedup record of each message id.
     Inspect {
         #[command(flatten)]
         store: StoreArgs,
         /// The dedup scope.
         #[arg(long)]
         scope: String,
-        /// Message keys.
+        /// The ids are normalized keys already (as in an x-idemq-key
+        /// header), not message ids.
+        #[arg(long)]
+        keys: bool,
+        /// Writes JSON to stdout.
+        #[arg(long)]
+        json: bool,
+        /// Message ids, as the producer set them.
         #[arg(required = true)]
-        keys: Vec<String>,
+        ids: Vec<String>,
     },
-    /// Deletes the dedup record of each key, so it is handled again.
+    /// Deletes the dedup record of each message id, so it is handled
+    /// again. Refuses a live lease unless --force.
     Forget {
         #[command(flatten)]
         store: StoreArgs,
         /// The dedup scope.
         #[arg(long)]
         scope: String,
-        /// Message keys.
+        /// The ids are normalized keys already, not message ids.
+        #[arg(long)]
+        keys: bool,
+        /// Deletes a record even while a consumer holds its lease.
+        #[arg(long)]
+        force: bool,
+        /// Writes JSON to stdout.
+        #[arg(long)]
+        json: bool,
+        /// Message ids, as the producer set them.
         #[arg(required = true)]
-        keys: Vec<String>,
+        ids: Vec<String>,
     },
     /// Deletes expired rows of the Postgres store.
     Purge {
@@ -109,19 +179,21 @@ enum Command {
         #[arg(long)]
         table: Option<String>,
     },
-    /// Moves dead letters back to the work queue, forgetting their records.
-    Replay {
-        /// The work queue (its dead-letter queue is `<queue>.dlq`).
-        #[arg(long)]
-        queue: String,
-        #[command(flatten)]
-        store: StoreArgs,
-        /// Dead letters replayed at most.
-        #[arg(long, default_value_t = usize::MAX, hide_default_value = true)]
-        max: usize,
-    },
     /// Benchmarks the engine against hand-written consumers, end to end.
     Bench(BenchArgs),
+    /// Benchmarks replay against a bare get/publish/ack loop, end to end.
+    BenchReplay(bench_replay::BenchReplayArgs),
+}
+
+/// How a command ended, for the exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Done (0).
+    Done,
+    /// Failed, or refused part of the work (1).
+    Failed,
+    /// Stopped part-way after changing something (3).
+    PartWay,
 }
 
 #[derive(Args, Debug)]
@@ -173,7 +245,7 @@ struct BenchArgs {
     stall_secs: u64,
 }
 
-fn store_opts(conn: &Conn, s: &StoreArgs) -> StoreOpts {
+pub(crate) fn store_opts(conn: &Conn, s: &StoreArgs) -> StoreOpts {
     StoreOpts {
         kind: s.store,
         redis_url: conn.redis_url.clone(),
@@ -227,15 +299,30 @@ async fn bench(conn: &Conn, a: BenchArgs) -> Result<bool, BoxError> {
     Ok(report.ok())
 }
 
-async fn run(cli: Cli) -> Result<bool, BoxError> {
+async fn run(cli: Cli) -> Result<Outcome, BoxError> {
     let conn = &cli.conn;
     match cli.command {
-        Command::Inspect { store, scope, keys } => {
-            commands::inspect(&store_opts(conn, &store), &scope, &keys).await?;
+        Command::Replay(args) => {
+            let opts = store_opts(conn, args.store());
+            dead::replay(&conn.amqp_url, opts, *args).await
         }
-        Command::Forget { store, scope, keys } => {
-            commands::forget(&store_opts(conn, &store), &scope, &keys).await?;
-        }
+        Command::Dead(args) => dead::dead(&conn.amqp_url, args).await,
+        Command::Stats(args) => stats::stats(conn, args).await,
+        Command::Inspect {
+            store,
+            scope,
+            keys,
+            json,
+            ids,
+        } => records::inspect(&store_opts(conn, &store), &scope, &ids, keys, json).await,
+        Command::Forget {
+            store,
+            scope,
+            keys,
+            force,
+            json,
+            ids,
+        } => records::forget(&store_opts(conn, &store), &scope, &ids, keys, force, json).await,
         Command::Purge { batch, table } => {
             let opts = StoreOpts {
                 kind: StoreKind::Postgres,
@@ -244,14 +331,16 @@ async fn run(cli: Cli) -> Result<bool, BoxError> {
                 redis_prefix: None,
                 table,
             };
-            commands::purge(&opts, batch).await?;
+            records::purge(&opts, batch).await
         }
-        Command::Replay { queue, store, max } => {
-            commands::replay(&conn.amqp_url, &queue, &store_opts(conn, &store), max).await?;
-        }
-        Command::Bench(args) => return bench(conn, args).await,
+        Command::BenchReplay(args) => bench_replay::run(conn, args).await,
+        Command::Bench(args) => Ok(if bench(conn, args).await? {
+            Outcome::Done
+        } else {
+            eprintln!("idemq: correctness check failed (see above)");
+            Outcome::Failed
+        }),
     }
-    Ok(true)
 }
 
 #[tokio::main]
@@ -267,11 +356,9 @@ async fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match run(cli).await {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            eprintln!("idemq: correctness check failed (see above)");
-            ExitCode::FAILURE
-        }
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::FAILURE,
+        Ok(Outcome::PartWay) => ExitCode::from(3),
         Err(e) => {
             eprintln!("idemq: {e}");
             ExitCode::FAILURE

@@ -1,12 +1,11 @@
-//! The maintenance subcommands: inspect, forget, purge, replay.
+//! Which dedup store a command talks to, and how to open it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use idemq::error::redact_url;
-use idemq::{BoxError, DedupStore, Record, RecordState, Replay};
+use idemq::{BoxError, DedupStore, RecordState};
 use idemq_postgres::PostgresDedupStore;
-use idemq_rabbitmq::{RabbitConfig, RabbitDeadLetters};
 use idemq_redis::{RedisConfig, RedisDedupStore};
 
 /// Which dedup store a command talks to.
@@ -33,8 +32,26 @@ pub struct StoreOpts {
     pub table: Option<String>,
 }
 
+/// An open store of either kind.
+pub enum Opened {
+    /// Redis.
+    Redis(RedisDedupStore),
+    /// Postgres.
+    Postgres(PostgresDedupStore),
+}
+
+impl Opened {
+    /// The store behind the trait.
+    pub fn dyn_store(&self) -> Arc<dyn DedupStore> {
+        match self {
+            Opened::Redis(s) => Arc::new(s.clone()),
+            Opened::Postgres(s) => Arc::new(s.clone()),
+        }
+    }
+}
+
 /// Connects to the store of `opts`.
-pub async fn open_store(opts: &StoreOpts) -> Result<Arc<dyn DedupStore>, BoxError> {
+pub async fn open(opts: &StoreOpts) -> Result<Opened, BoxError> {
     match opts.kind {
         StoreKind::Redis => {
             let mut config = RedisConfig::new();
@@ -44,10 +61,15 @@ pub async fn open_store(opts: &StoreOpts) -> Result<Arc<dyn DedupStore>, BoxErro
             let store = RedisDedupStore::connect_with(&opts.redis_url, config)
                 .await
                 .map_err(|e| format!("redis at {}: {e}", redact_url(&opts.redis_url)))?;
-            Ok(Arc::new(store))
+            Ok(Opened::Redis(store))
         }
-        StoreKind::Postgres => Ok(Arc::new(open_postgres(opts).await?)),
+        StoreKind::Postgres => Ok(Opened::Postgres(open_postgres(opts).await?)),
     }
+}
+
+/// Connects to the store of `opts`, behind the trait.
+pub async fn open_store(opts: &StoreOpts) -> Result<Arc<dyn DedupStore>, BoxError> {
+    Ok(open(opts).await?.dyn_store())
 }
 
 /// Connects to Postgres and makes sure the table exists.
@@ -62,7 +84,8 @@ pub async fn open_postgres(opts: &StoreOpts) -> Result<PostgresDedupStore, BoxEr
     Ok(store)
 }
 
-fn state_name(s: RecordState) -> &'static str {
+/// A record state as the commands print it.
+pub fn state_name(s: RecordState) -> &'static str {
     match s {
         RecordState::Claimed => "claimed",
         RecordState::Released => "released",
@@ -71,69 +94,12 @@ fn state_name(s: RecordState) -> &'static str {
     }
 }
 
-fn secs(d: Duration) -> String {
+/// Seconds with one decimal: `12.3s`.
+pub fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
-/// One line describing `record` (or its absence) for `key`.
-pub fn describe(key: &str, record: Option<&Record>) -> String {
-    match record {
-        None => format!("{key}: absent"),
-        Some(r) => format!(
-            "{key}: {} attempts={} lease_remaining={} expires_in={}",
-            state_name(r.state),
-            r.attempts,
-            r.lease_remaining.map_or_else(|| "-".to_owned(), secs),
-            secs(r.expires_in)
-        ),
-    }
-}
-
-/// `idemq inspect`: prints each key's record.
-pub async fn inspect(opts: &StoreOpts, scope: &str, keys: &[String]) -> Result<(), BoxError> {
-    let store = open_store(opts).await?;
-    for key in keys {
-        let record = store.get(scope, key).await?;
-        println!("{}", describe(key, record.as_ref()));
-    }
-    Ok(())
-}
-
-/// `idemq forget`: deletes each key's record.
-pub async fn forget(opts: &StoreOpts, scope: &str, keys: &[String]) -> Result<(), BoxError> {
-    let store = open_store(opts).await?;
-    for key in keys {
-        let was = store.forget(scope, key).await?;
-        println!("{key}: {}", if was { "forgotten" } else { "was not there" });
-    }
-    Ok(())
-}
-
-/// `idemq purge`: deletes expired Postgres rows in batches.
-pub async fn purge(opts: &StoreOpts, batch: usize) -> Result<(), BoxError> {
-    let store = open_postgres(opts).await?;
-    let n = store.purge(batch).await?;
-    println!("purged {n} expired rows from {}", store.table());
-    store.pool().close().await;
-    Ok(())
-}
-
-/// `idemq replay`: moves dead letters of `queue` back to it.
-pub async fn replay(
-    amqp_url: &str,
-    queue: &str,
-    opts: &StoreOpts,
-    max: usize,
-) -> Result<(), BoxError> {
-    let store = open_store(opts).await?;
-    let dlq = RabbitDeadLetters::connect(RabbitConfig::new(amqp_url, queue))
-        .await
-        .map_err(|e| format!("rabbitmq at {}: {e}", redact_url(amqp_url)))?;
-    let report = Replay::new(&dlq, &store)
-        .limit(max as u64)
-        .run(&Default::default())
-        .await;
-    dlq.close().await;
-    println!("{report}");
-    Ok(())
+/// Milliseconds, saturating.
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

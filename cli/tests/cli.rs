@@ -2,56 +2,13 @@
 //! Each skips (or fails under `IDEMQ_REQUIRE_SERVICES=1`) when a service
 //! is unreachable.
 
-use std::net::{TcpStream, ToSocketAddrs};
-use std::process::{Command, Output};
+mod common;
+
 use std::time::Duration;
 
-use idemq::testing::{service_unavailable, unique_scope};
+use common::{AMQP, PG, REDIS, idemq, reachable, stdout, url};
+use idemq::testing::unique_scope;
 use idemq::{Claim, ClaimTtl, DedupStore};
-
-const AMQP: (&str, &str) = ("AMQP_ADDR", "amqp://guest:guest@127.0.0.1:5672/%2f");
-const REDIS: (&str, &str) = ("REDIS_URL", "redis://127.0.0.1:6379");
-const PG: (&str, &str) = ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test");
-
-fn url((env, default): (&str, &str)) -> String {
-    std::env::var(env).unwrap_or_else(|_| default.to_owned())
-}
-
-/// True when the host:port of `service`'s URL accepts a TCP connection;
-/// otherwise reports it through `service_unavailable`.
-fn reachable(name: &str, service: (&str, &str), default_port: u16) -> bool {
-    let u = url(service);
-    let rest = u.split_once("://").map_or(u.as_str(), |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-    let hostport = rest.split(['/', '?']).next().unwrap_or(rest);
-    let hostport = if hostport.contains(':') {
-        hostport.to_owned()
-    } else {
-        format!("{hostport}:{default_port}")
-    };
-    let ok = hostport
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
-    if !ok {
-        let _: Option<()> = service_unavailable(name, format!("cannot connect to {hostport}"));
-    }
-    ok
-}
-
-fn idemq(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_idemq"))
-        .args(args)
-        .output()
-        .expect("run idemq");
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn bench_small_run_is_correct_for_every_config() {

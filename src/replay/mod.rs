@@ -543,6 +543,34 @@ where
     }
 }
 
+/// Reads up to `limit` dead letters, oldest first, and puts them all back:
+/// the queue is as it was (its order as far as the broker keeps it). For
+/// listing and inspection; counts against nothing.
+pub async fn peek<Q: DeadLetterQueue + ?Sized>(
+    queue: &Q,
+    limit: u64,
+) -> Result<Vec<Delivery>, Error> {
+    let wanted = queue.depth().await?.min(limit);
+    let mut taken = Vec::new();
+    let mut failed = None;
+    while (taken.len() as u64) < wanted {
+        match queue.take().await {
+            Ok(Some(letter)) => taken.push(letter),
+            Ok(None) => break,
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let put_back = queue.put_back(taken.clone()).await;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    put_back?;
+    Ok(taken)
+}
+
 /// The headers of a replayed copy: the dead letter's own, without idemq's
 /// failure headers, with the replay count one up.
 pub fn replay_headers(letter: &Delivery) -> Headers {
