@@ -101,6 +101,77 @@ impl fmt::Display for Message {
 
 impl std::error::Error for Message {}
 
+/// A message of our own in front of the error it explains (kept as the
+/// source, for callers that walk the chain).
+#[derive(Debug)]
+pub(crate) struct Explained {
+    message: String,
+    source: BoxError,
+}
+
+impl fmt::Display for Explained {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Explained {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Maps the error of connecting to `target` (the URL with its password
+/// masked) with the URL's `sslmode`, naming the target and saying what
+/// happened: `connection refused`, the server's own words for a refused
+/// login (a database or role that does not exist, a wrong password), with
+/// their SQLSTATE, or, for a URL that asks for TLS from a build without it,
+/// the feature to enable.
+pub(crate) fn connect_failed(target: &str, ssl_mode: &str, e: sqlx::Error) -> Error {
+    let message = match &e {
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            format!("{target}: connection refused")
+        }
+        sqlx::Error::Tls(tls) if tls.to_string().contains("without TLS support") => {
+            return Error::Config(format!(
+                "{target} asks for TLS (sslmode={ssl_mode}), but idemq-postgres was built \
+                 without TLS support: enable its `tls-rustls` feature \
+                 (idemq-postgres = {{ features = [\"tls-rustls\"] }}), or connect with \
+                 sslmode=prefer or sslmode=disable"
+            ));
+        }
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => format!("{target}: {} (SQLSTATE {code})", db.message()),
+            None => format!("{target}: {}", db.message()),
+        },
+        other => format!("{target}: {other}"),
+    };
+    let explain = |source: BoxError| -> BoxError { Box::new(Explained { message, source }) };
+    match from_sqlx("connect", e) {
+        Error::Unavailable {
+            backend,
+            op,
+            source,
+        } => Error::Unavailable {
+            backend,
+            op,
+            source: explain(source),
+        },
+        Error::Backend {
+            backend,
+            op,
+            transient,
+            source,
+        } => Error::Backend {
+            backend,
+            op,
+            transient,
+            source: explain(source),
+        },
+        other => other,
+    }
+}
+
 /// Turns a sqlx error met inside a handler into a [`HandlerError`]:
 /// data errors (SQLSTATE class 22, "data exception") and integrity
 /// violations (class 23: unique, foreign key, check, not-null) can never
@@ -221,6 +292,37 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn connect_errors_say_what_happened() {
+        let target = "postgres://u:***@h:1/db";
+        let refused = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let e = connect_failed(target, "prefer", refused);
+        assert!(
+            matches!(e, Error::Unavailable { op: "connect", .. }),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "postgres: connect failed, backend unavailable: postgres://u:***@h:1/db: connection refused"
+        );
+        let no_tls = sqlx::Error::Tls(
+            "TLS upgrade required by connect options but SQLx was built without TLS support enabled"
+                .into(),
+        );
+        let e = connect_failed(target, "require", no_tls);
+        assert!(matches!(e, Error::Config(_)), "{e:?}");
+        assert!(e.to_string().contains("`tls-rustls` feature"), "{e}");
+        assert!(!e.is_transient());
+        // A real TLS failure is left as it is (transient), with the target.
+        let e = connect_failed(
+            target,
+            "require",
+            sqlx::Error::Tls("handshake failed".into()),
+        );
+        assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+        assert!(e.to_string().ends_with(&format!("{target}: error occurred while attempting to establish a TLS connection: handshake failed")), "{e}");
     }
 
     #[test]

@@ -82,6 +82,12 @@
 //! [`idemq::Error::Backend`]s; the rest are permanent. Connection strings
 //! never appear with their password, in errors or in `Debug` output.
 //!
+//! [`PostgresDedupStore::connect`] tries its first connection once, so a
+//! mistake shows at once and says what it is: `connection refused`, the
+//! server's words for a database or role that does not exist (with the
+//! SQLSTATE), or, for `sslmode=require` in a build without TLS, the
+//! feature to enable.
+//!
 //! Every operation is bounded by an operation timeout (default
 //! [`DEFAULT_OP_TIMEOUT`], see [`PostgresDedupStore::with_op_timeout`]), so a
 //! hung network gives transient [`idemq::Error::Timeout`]s instead of
@@ -89,8 +95,10 @@
 //!
 //! ## Features
 //!
-//! * `tls-rustls`: TLS to Postgres through rustls (ring, webpki roots);
-//!   ask for it with `sslmode=require` (or `verify-full`) in the URL.
+//! * `tls-rustls` (off by default): TLS to Postgres through rustls (ring,
+//!   webpki roots); ask for it with `sslmode=require` (or `verify-full`)
+//!   in the URL. Without it, such a URL fails to connect with an
+//!   [`idemq::Error::Config`] that names this feature.
 //!
 //! ## Transactional handling
 //!
@@ -108,7 +116,7 @@ mod store;
 mod tx;
 
 pub use error::sql_error;
-pub use store::{DEFAULT_OP_TIMEOUT, DEFAULT_TABLE, PostgresDedupStore};
+pub use store::{CONNECT_TIMEOUT, DEFAULT_OP_TIMEOUT, DEFAULT_TABLE, PostgresDedupStore};
 pub use tx::{Transactional, transactional};
 
 /// The sqlx version this crate is built on, re-exported so that users

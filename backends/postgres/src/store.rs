@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::types::PgInterval;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
 use idemq::error::redact_url;
 use idemq::key;
@@ -18,7 +18,7 @@ use idemq::{
     RecordState, Release, Revival,
 };
 
-use crate::error::{BACKEND, backend, from_sqlx, scrub};
+use crate::error::{BACKEND, backend, connect_failed, from_sqlx, scrub};
 use crate::ident::TableName;
 use crate::migrate;
 
@@ -349,6 +349,53 @@ fn describe(o: &PgConnectOptions) -> String {
     }
 }
 
+/// How long [`PostgresDedupStore::connect`] waits for its first
+/// connection; also the acquire timeout of the pool it builds.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The pool of [`PostgresDedupStore::connect`], after one plain connection
+/// that stood (its errors mapped by [`connect_failed`]).
+async fn connect_pool(url: &str, target: &str) -> Result<PgPool, Error> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e| Error::invalid("postgres url", format!("{target}: {e}")))?;
+    let ssl_mode = ssl_mode_name(options.get_ssl_mode());
+    let first = async {
+        let conn = PgConnection::connect_with(&options).await?;
+        // Only a courtesy to the server: the connection stood.
+        let _ = conn.close().await;
+        Ok::<_, sqlx::Error>(())
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, first).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(connect_failed(target, ssl_mode, e)),
+        Err(_) => {
+            return Err(Error::Timeout {
+                backend: BACKEND,
+                op: "connect",
+                after: CONNECT_TIMEOUT,
+            });
+        }
+    }
+    PgPoolOptions::new()
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_with(options)
+        .await
+        .map_err(|e| connect_failed(target, ssl_mode, e))
+}
+
+/// `sslmode` as a URL writes it.
+fn ssl_mode_name(mode: PgSslMode) -> &'static str {
+    match mode {
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+        PgSslMode::VerifyCa => "verify-ca",
+        PgSslMode::VerifyFull => "verify-full",
+    }
+}
+
 /// The password of a connection URL, as written and percent-decoded, so it
 /// can be scrubbed from error messages.
 fn url_secrets(url: &str) -> Vec<String> {
@@ -458,17 +505,35 @@ impl PostgresDedupStore {
     }
 
     /// Connects a pool to `url` (`postgres://user:password@host:port/db`)
-    /// with a 5 s acquire timeout, in the default table. Errors never show
-    /// the password. For other pool settings build the pool yourself and
-    /// use [`PostgresDedupStore::new`].
+    /// with a [`CONNECT_TIMEOUT`] acquire timeout, in the default table.
+    /// For other pool settings build the pool yourself and use
+    /// [`PostgresDedupStore::new`].
+    ///
+    /// The first connection is one attempt, not retried (the pool would
+    /// retry a refused one until its acquire timeout, and then say only
+    /// that it timed out), so a mistake shows at once, with its cause and
+    /// the URL with its password masked:
+    ///
+    /// - a refused port: [`Error::Unavailable`] (transient), saying
+    ///   `connection refused`;
+    /// - no connection within [`CONNECT_TIMEOUT`]: [`Error::Timeout`];
+    /// - a login the server refuses (a database or role that does not
+    ///   exist, a wrong password): [`Error::Backend`] with the server's
+    ///   words and SQLSTATE, such as `database "x" does not exist (SQLSTATE
+    ///   3D000)`;
+    /// - `sslmode=require` (or `verify-ca`, `verify-full`) when sqlx was
+    ///   built without TLS: [`Error::Config`] naming this crate's
+    ///   `tls-rustls` feature;
+    /// - an invalid URL: [`Error::InvalidInput`].
+    ///
+    /// Errors, their sources and `Debug` output never show the password.
     pub async fn connect(url: &str) -> Result<PostgresDedupStore, Error> {
-        let pool = PgPoolOptions::new()
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
+        let target = redact_url(url);
+        let pool = connect_pool(url, &target)
             .await
-            .map_err(|e| scrub(from_sqlx("connect", e), &url_secrets(url)))
+            .map_err(|e| scrub(e, &url_secrets(url)))
             .inspect_err(|e| {
-                tracing::debug!(url = %redact_url(url), error = %e, "postgres connect failed");
+                tracing::debug!(url = %target, error = %e, "postgres connect failed");
             })?;
         Ok(PostgresDedupStore::new(pool))
     }

@@ -74,7 +74,9 @@ impl RedisConfig {
         self
     }
 
-    /// Sets how long one attempt to (re)connect may take.
+    /// Sets how long one attempt to (re)connect may take, the handshake
+    /// (TLS, `AUTH`, `SELECT`) included. `connect` makes one attempt and
+    /// fails with [`Error::Timeout`] naming this duration past it.
     pub fn with_connection_timeout(mut self, timeout: Duration) -> Self {
         self.connection_timeout = timeout;
         self

@@ -52,6 +52,7 @@
 
 mod command;
 mod config;
+mod connect;
 mod error;
 mod scripts;
 mod store;

@@ -20,6 +20,7 @@ use redis::{Client, Cmd, RedisError, RedisResult, ServerErrorKind, Value};
 
 use crate::command;
 use crate::config::RedisConfig;
+use crate::connect;
 use crate::error;
 use crate::scripts::{self, Lua};
 
@@ -196,8 +197,26 @@ impl fmt::Debug for RedisDedupStore {
 impl RedisDedupStore {
     /// Connects to `url` (`redis://[user[:password]@]host[:port][/db]`, or
     /// `rediss://` for TLS) with the default [`RedisConfig`], and loads the
-    /// scripts. Fails when Redis cannot be reached within the connection
-    /// and response timeouts (a transient error), or the URL is not valid.
+    /// scripts.
+    ///
+    /// The first connection is one attempt, not retried, so a mistake
+    /// shows at once, with its cause (the URL in the message has its
+    /// password masked):
+    ///
+    /// - a refused port: [`Error::Unavailable`] (transient), saying
+    ///   `connection refused`;
+    /// - no connection (nor `AUTH` and `SELECT` answered) within
+    ///   [`RedisConfig::connection_timeout`]: [`Error::Timeout`] naming it;
+    /// - a refused `AUTH` (a wrong password or user, a password for a
+    ///   server without one) or `SELECT` (a database out of range): a
+    ///   permanent [`Error::Backend`] with the server's words, such as
+    ///   `authentication failed: WRONGPASS invalid username-password pair
+    ///   or user is disabled.`;
+    /// - an invalid URL: [`Error::InvalidInput`].
+    ///
+    /// Once that connection stood, the store's connection (a
+    /// [`ConnectionManager`]) reconnects by itself after connection errors.
+    /// Loading the scripts is bounded by the response timeout.
     pub async fn connect(url: &str) -> Result<Self, Error> {
         Self::connect_with(url, RedisConfig::default()).await
     }
@@ -211,18 +230,16 @@ impl RedisDedupStore {
         }
         let client =
             Client::open(url).map_err(|e| Error::invalid("redis url", format!("{target}: {e}")))?;
+        // One attempt first, for the cause: the manager would retry any
+        // failure in the background until the deadline.
+        connect::first_connection(&client, &config, &target).await?;
+        // That connection stood: from here on the manager connects, and
+        // reconnects by itself. Its connection opens with the first
+        // exchange, `load_scripts` (under the response timeout).
         let manager_config = manager_config(&config);
-        let after = config.connection_timeout() + config.response_timeout();
-        let manager = match tokio::time::timeout(
-            after,
-            ConnectionManager::new_with_config(client.clone(), manager_config.clone()),
-        )
-        .await
-        {
-            Ok(Ok(manager)) => manager,
-            Ok(Err(e)) => return Err(error::map("connect", after, e)),
-            Err(_) => return Err(error::timeout("connect", after)),
-        };
+        let manager =
+            ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
+                .map_err(|e| error::map("connect", config.connection_timeout(), e))?;
         let store = RedisDedupStore::build(manager, Some((client, manager_config)), config, target);
         store.load_scripts().await?;
         Ok(store)

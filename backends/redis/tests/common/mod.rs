@@ -47,6 +47,15 @@ fn reachable() -> Result<SocketAddr, String> {
         .clone()
 }
 
+/// Redis' TCP address, or `None` (skip; a failure with
+/// `IDEMQ_REQUIRE_SERVICES=1`) when it is unreachable.
+pub fn redis_addr_or_skip() -> Option<SocketAddr> {
+    match reachable() {
+        Ok(addr) => Some(addr),
+        Err(e) => idemq::testing::service_unavailable("redis", e),
+    }
+}
+
 /// A store on a fresh prefix with `config`'s timeouts.
 pub async fn store_with(config: RedisConfig) -> Option<RedisDedupStore> {
     if let Err(e) = reachable() {
