@@ -29,6 +29,10 @@ use crate::headers::{broker_death, from_field_table, short_string};
 /// Dead letters read ahead by default (see [`RabbitDeadLetters::with_read_ahead`]).
 pub const DEFAULT_READ_AHEAD: u16 = 512;
 
+/// How long [`DeadLetterQueue::put_back`] waits at most for the broker to
+/// count what it returned as ready again.
+const SETTLE: Duration = Duration::from_secs(2);
+
 /// How long [`DeadLetterQueue::take`] waits for a delivery before it asks
 /// the broker whether the queue is empty.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
@@ -415,6 +419,8 @@ impl DeadLetterQueue for RabbitDeadLetters {
             multiple: false,
             requeue: true,
         };
+        let ready_before = self.depth().await?;
+        let returned = ackers.len() as u64;
         for (_, acker) in ackers {
             acker
                 .nack(requeue)
@@ -422,6 +428,14 @@ impl DeadLetterQueue for RabbitDeadLetters {
                 .map_err(|e| map("put back dead letters", e))?;
         }
         reader.backlog.clear();
+        // A quorum queue counts a returned message as ready a moment after
+        // the return (it goes through the queue's log): wait for that,
+        // briefly, so the next look at the queue (a depth, a replay's
+        // cut-off) sees what this one left.
+        let until = tokio::time::Instant::now() + SETTLE;
+        while self.depth().await? < ready_before + returned && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(())
     }
 }

@@ -91,13 +91,16 @@ mod errors;
 pub mod headers;
 mod link;
 mod publisher;
+mod raw;
 pub mod topology;
 
 pub use broker::RabbitBroker;
 pub use config::{
-    DEFAULT_ACK_DELAY, DEFAULT_RETRY_TIERS, DEFAULT_URL, QueueType, RabbitConfig, RecoveryConfig,
-    URL_ENV,
+    DEAD_LETTER_DELIVERY_LIMIT, DEFAULT_ACK_DELAY, DEFAULT_DELIVERY_LIMIT, DEFAULT_RETRY_TIERS,
+    DEFAULT_URL, QueueType, RabbitConfig, RecoveryConfig, URL_ENV,
 };
 pub use dead_letters::{DEFAULT_READ_AHEAD, RabbitDeadLetters};
 pub use publisher::{RabbitPublisher, generate_message_id};
+#[cfg(feature = "testing")]
+pub use raw::testing;
 pub use topology::{QueueDepths, QueueRole, QueueStat, delete_topology, queue_depths, queue_stats};

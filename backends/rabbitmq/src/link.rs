@@ -15,8 +15,19 @@
 //! builds a new one with exponential backoff. Deliveries carry their
 //! generation number, so a settle on an older one is reported as
 //! [`Error::StaleDelivery`].
+//!
+//! A message lapin cannot parse (a short string that is not UTF-8, such as
+//! a `message_id` of `b"\xff\xfe..."`) fails the whole connection: lapin's
+//! I/O loop logs `parse error`, reports [`lapin::ErrorKind::ParsingError`]
+//! (an [`Event::Error`], the consumer's stream, the connection turning
+//! `Error`; lapin never recovers from it), and the message goes back to the
+//! head of the queue, where it would fail every connection after. When a
+//! generation ends that way, or a build fails that way, the supervisor (and
+//! [`Link::connect`]) first runs the quarantine of [`crate::raw`] on the
+//! work queue: it moves such messages to the dead-letter queue, as copies
+//! lapin can read (reason `malformed`), and puts the others back.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -43,6 +54,7 @@ use crate::acks::AckBatcher;
 use crate::config::{QueueType, RabbitConfig};
 use crate::errors::{BACKEND, is_connection_error, map};
 use crate::headers::{broker_death, from_field_table, short_string};
+use crate::raw::{self, RawError};
 use crate::topology::declare_topology;
 
 /// Idle publisher channels kept per connection.
@@ -51,6 +63,23 @@ const MAX_IDLE_CHANNELS: usize = 32;
 const POLL: Duration = Duration::from_millis(50);
 /// The quorum queue header counting deliveries.
 pub(crate) const DELIVERY_COUNT: &str = "x-delivery-count";
+/// Messages a quarantine takes from the head of the work queue beyond the
+/// prefetch: a message that failed a connection was among the unacked
+/// deliveries of that connection, which go back to the head of the queue.
+const QUARANTINE_MARGIN: usize = 64;
+/// The longest a quarantine may take (each read and write is bounded by
+/// the connect timeout as well).
+const QUARANTINE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often [`Link::connect`] quarantines and tries again before it gives
+/// up on a work queue whose head lapin cannot parse.
+const CONNECT_QUARANTINES: u32 = 5;
+/// How long a quarantine that found nothing waits before it looks once
+/// more: the broker may not have put the failed connection's messages back
+/// yet.
+const QUARANTINE_SETTLE: Duration = Duration::from_millis(250);
+/// How long a failed build waits for lapin's error event once the
+/// connection is marked errored (it follows at once).
+const ERROR_EVENT_WAIT: Duration = Duration::from_secs(1);
 
 type Events = std::pin::Pin<Box<dyn Stream<Item = Event> + Send>>;
 
@@ -85,9 +114,26 @@ pub(crate) struct Generation {
     broken: CancellationToken,
     broken_reason: StdMutex<Option<String>>,
     retired: CancellationToken,
+    /// lapin failed to parse a frame (a message it cannot read), as seen
+    /// by the consumer or the event stream, whichever saw it first.
+    parse_error: StdMutex<Option<String>>,
+    /// The watch took an error event off the stream.
+    error_event_seen: AtomicBool,
 }
 
 impl Generation {
+    fn note_parse_error(&self, e: &lapin::Error) {
+        if let Ok(mut p) = self.parse_error.lock()
+            && p.is_none()
+        {
+            *p = Some(e.to_string());
+        }
+    }
+
+    fn parse_error(&self) -> Option<String> {
+        self.parse_error.lock().ok().and_then(|p| p.clone())
+    }
+
     fn mark_broken(&self, reason: String) {
         if let Ok(mut r) = self.broken_reason.lock()
             && r.is_none()
@@ -166,6 +212,19 @@ pub(crate) struct Shared {
     current: watch::Sender<Option<Arc<Generation>>>,
     closed: CancellationToken,
     next_generation: AtomicU64,
+    /// Quarantine failures are logged at ERROR once, then at WARN.
+    quarantine_failed_before: AtomicBool,
+}
+
+/// What a quarantine run came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Quarantined {
+    /// Moved this many messages to the dead-letter queue.
+    Moved(usize),
+    /// Found nothing lapin cannot parse.
+    Nothing,
+    /// Could not run (TLS, the server unreachable, ...); logged.
+    Failed,
 }
 
 /// A supervised connection; see the module docs.
@@ -178,7 +237,10 @@ pub(crate) struct Link {
 impl Link {
     /// Connects (one attempt, bounded by the connect timeout), then hands
     /// the connection to a supervisor task. With `consume`, the topology is
-    /// declared and a consumer started on the work queue.
+    /// declared and a consumer started on the work queue. An attempt that
+    /// fails on a message lapin cannot parse is followed by a quarantine
+    /// and another attempt (at most [`CONNECT_QUARANTINES`] times); when
+    /// the quarantine cannot run, the error says the queue is blocked.
     pub async fn connect(cfg: RabbitConfig, consume: bool) -> Result<Link, Error> {
         let uri = cfg.validate()?;
         if tokio::runtime::Handle::try_current().is_err() {
@@ -196,8 +258,26 @@ impl Link {
             current,
             closed: closed.clone(),
             next_generation: AtomicU64::new(0),
+            quarantine_failed_before: AtomicBool::new(false),
         });
-        let (generation, events) = shared.build().await?;
+        let mut quarantines = 0;
+        let (generation, events) = loop {
+            match shared.build().await {
+                Ok(built) => break built,
+                Err(e) if caused_by_parse_error(&e) && shared.consume => {
+                    quarantines += 1;
+                    warn!(url = %shared.cfg.redacted_url(), queue = shared.cfg.queue(),
+                        error = %e, attempt = quarantines,
+                        "connecting failed: lapin could not parse a message of the work queue; \
+                         moving such messages to the dead-letter queue");
+                    let outcome = shared.quarantine().await;
+                    if outcome == Quarantined::Failed || quarantines >= CONNECT_QUARANTINES {
+                        return Err(blocked(&shared.cfg, e));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
         info!(url = %shared.cfg.redacted_url(), queue = shared.cfg.queue(),
             generation = generation.id, "connected to RabbitMQ");
         shared.current.send_replace(Some(generation.clone()));
@@ -247,6 +327,90 @@ impl Shared {
         props
     }
 
+    /// Runs the quarantine on the work queue (see [`crate::raw`]) and logs
+    /// what came of it: every moved message at ERROR (by the quarantine),
+    /// a failure at ERROR the first time and at WARN after.
+    async fn quarantine(&self) -> Quarantined {
+        let queue = self.cfg.queue();
+        let dlq = self.cfg.dead_letter_queue();
+        let q = raw::Quarantine {
+            uri: &self.uri,
+            queue,
+            dead_letter_queue: &dlq,
+            max: usize::from(self.cfg.prefetch()) + QUARANTINE_MARGIN,
+            io_timeout: self.cfg.connect_timeout(),
+            connection_name: format!("idemq-quarantine:{queue}"),
+        };
+        let started = Instant::now();
+        let mut looked_again = false;
+        loop {
+            let run = tokio::select! {
+                _ = self.closed.cancelled() => return Quarantined::Failed,
+                run = timeout(QUARANTINE_TIMEOUT, raw::quarantine(&q)) => run,
+            };
+            let error = match run {
+                Ok(Ok(report)) if !report.moved.is_empty() => {
+                    info!(queue, dead_letter_queue = %dlq, elapsed = ?started.elapsed(),
+                        "quarantine done: {}", raw::summary(&report));
+                    return Quarantined::Moved(report.moved.len());
+                }
+                Ok(Ok(report)) if !looked_again => {
+                    // The broker may not have put the failed connection's
+                    // messages back yet.
+                    debug!(queue, "quarantine found nothing: {}", raw::summary(&report));
+                    looked_again = true;
+                    tokio::select! {
+                        _ = self.closed.cancelled() => return Quarantined::Failed,
+                        _ = sleep(QUARANTINE_SETTLE) => {}
+                    }
+                    continue;
+                }
+                Ok(Ok(report)) => {
+                    raw::warn_nothing_found(queue, &report);
+                    return Quarantined::Nothing;
+                }
+                Ok(Err(e)) => e,
+                Err(_) => RawError::Timeout {
+                    during: "quarantining",
+                    after: QUARANTINE_TIMEOUT,
+                },
+            };
+            self.log_quarantine_failure(&dlq, &error);
+            return Quarantined::Failed;
+        }
+    }
+
+    fn log_quarantine_failure(&self, dlq: &str, error: &RawError) {
+        let queue = self.cfg.queue();
+        let url = self.cfg.redacted_url();
+        if self.quarantine_failed_before.swap(true, Ordering::SeqCst) {
+            warn!(%url, queue, %error,
+                "the work queue is still blocked by a message lapin cannot parse; \
+                 moving it failed again");
+            return;
+        }
+        let remedy = format!(
+            "remove it by hand: `{queue}` dead-letters rejected messages to `{dlq}`, so \
+             `rabbitmqadmin get queue={queue} count=1 ackmode=reject_requeue_false` (or the \
+             management UI's Get messages with \"Reject requeue false\") moves its head \
+             message there (look first with ackmode=reject_requeue_true; that copy keeps the \
+             bad bytes, so idemq cannot replay it), or move it with a shovel; idemq keeps \
+             retrying with backoff meanwhile"
+        );
+        match error {
+            RawError::Unsupported(what) => error!(%url, queue, dead_letter_queue = dlq,
+                "queue `{queue}` is blocked: a message there has AMQP properties lapin \
+                 cannot parse (a short string that is not UTF-8: message_id, correlation_id, \
+                 a header name...), so every connection that consumes it fails, and idemq \
+                 cannot move it because its raw AMQP client does not support {what}; {remedy}"),
+            other => error!(%url, queue, dead_letter_queue = dlq, error = %other,
+                "queue `{queue}` is blocked: a message there has AMQP properties lapin \
+                 cannot parse (a short string that is not UTF-8: message_id, correlation_id, \
+                 a header name...), so every connection that consumes it fails, and moving \
+                 it to `{dlq}` failed: {other}; if this persists, {remedy}"),
+        }
+    }
+
     /// One attempt at a new generation: connection, topology, consumer.
     async fn build(&self) -> Result<(Arc<Generation>, Events), Error> {
         let id = self.next_generation.fetch_add(1, Ordering::SeqCst) + 1;
@@ -268,34 +432,87 @@ impl Shared {
                     .map_err(|e| map("confirm.select", e))?;
                 Ok::<_, Error>((consumer, publisher))
             };
-            match setup.await {
-                Ok((consumer, publisher)) => {
-                    // lapin may or may not have queued the `Connected` event
-                    // of this first connection (it races our listener; it
-                    // is sent before any later frame is read, so it is in
-                    // by now): drop it so it is not taken for a recovery.
-                    while let Some(Some(event)) = events.next().now_or_never() {
+            // A message lapin cannot parse may arrive as soon as the
+            // consumer is started: watch the events meanwhile, so that its
+            // parse error ends the attempt at once (the setup's own futures
+            // may never resolve on the failed connection).
+            let mut parse_error: Option<lapin::Error> = None;
+            let mut error_seen = false;
+            let mut events_open = true;
+            let result = {
+                tokio::pin!(setup);
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut setup => break r,
+                        event = events.next(), if events_open => match event {
+                            Some(Event::Error(e)) if is_parse_error(&e) => {
+                                parse_error = Some(e.clone());
+                                break Err(parse_failure(e));
+                            }
+                            Some(event) => {
+                                error_seen |= matches!(event, Event::Error(_));
+                                debug!(?event, "RabbitMQ event during setup");
+                            }
+                            None => events_open = false,
+                        },
+                    }
+                }
+            };
+            // lapin may or may not have queued the `Connected` event of this
+            // first connection (it races our listener; it is sent before
+            // any later frame is read, so it is in by now): drop it so it
+            // is not taken for a recovery. A parse error among what is
+            // queued spoils the attempt.
+            while let Some(Some(event)) = events.next().now_or_never() {
+                match event {
+                    Event::Error(e) if is_parse_error(&e) => {
+                        parse_error.get_or_insert(e);
+                    }
+                    event => {
+                        error_seen |= matches!(event, Event::Error(_));
                         debug!(?event, "RabbitMQ event during setup");
                     }
-                    Ok((
-                        Arc::new(Generation {
-                            id,
-                            conn,
-                            acks: consumer.as_ref().and_then(|_| {
-                                let delay = self.cfg.ack_delay()?;
-                                let limit = usize::from(self.cfg.prefetch()).div_ceil(4);
-                                Some(AckBatcher::new(delay, limit))
-                            }),
-                            consumer,
-                            getter: Mutex::new(None),
-                            pool: StdMutex::new(vec![publisher]),
-                            broken: CancellationToken::new(),
-                            broken_reason: StdMutex::new(None),
-                            retired: CancellationToken::new(),
-                        }),
-                        events,
-                    ))
                 }
+            }
+            // lapin marks the connection errored before it emits the error
+            // event: a setup step may fail on the state (`InvalidConnectionState`)
+            // before the event that says why is out. Wait for it, briefly.
+            if parse_error.is_none()
+                && !error_seen
+                && result.is_err()
+                && conn.status().errored()
+                && let Ok(Some(e)) = timeout(ERROR_EVENT_WAIT, first_error(&mut events)).await
+                && is_parse_error(&e)
+            {
+                parse_error = Some(e);
+            }
+            let result = match (result, parse_error) {
+                (Err(e), _) if caused_by_parse_error(&e) => Err(e),
+                (_, Some(e)) => Err(parse_failure(e)),
+                (result, None) => result,
+            };
+            match result {
+                Ok((consumer, publisher)) => Ok((
+                    Arc::new(Generation {
+                        id,
+                        conn,
+                        acks: consumer.as_ref().and_then(|_| {
+                            let delay = self.cfg.ack_delay()?;
+                            let limit = usize::from(self.cfg.prefetch()).div_ceil(4);
+                            Some(AckBatcher::new(delay, limit))
+                        }),
+                        consumer,
+                        getter: Mutex::new(None),
+                        pool: StdMutex::new(vec![publisher]),
+                        broken: CancellationToken::new(),
+                        broken_reason: StdMutex::new(None),
+                        retired: CancellationToken::new(),
+                        parse_error: StdMutex::new(None),
+                        error_event_seen: AtomicBool::new(false),
+                    }),
+                    events,
+                )),
                 Err(e) => {
                     if conn.status().connected() {
                         let _ = timeout(after, conn.close(200, "idemq: setup failed".into())).await;
@@ -530,7 +747,12 @@ impl Shared {
                     let batched = generation.acks.is_some();
                     return Ok(Some(self.to_delivery(d, generation.id, batched)));
                 }
-                Some(Err(e)) => format!("the consumer failed: {e}"),
+                Some(Err(e)) => {
+                    if is_parse_error(&e) {
+                        generation.note_parse_error(&e);
+                    }
+                    format!("the consumer failed: {e}")
+                }
                 None => "the broker cancelled the consumer (queue deleted?)".to_owned(),
             };
             warn!(generation = generation.id, queue = self.cfg.queue(), %reason,
@@ -767,6 +989,74 @@ fn consumer_tag(queue: &str) -> ShortString {
     ShortString::try_new(tag).unwrap_or_default()
 }
 
+/// True for lapin's error for bytes it cannot parse (a message with a
+/// short string that is not UTF-8, say). lapin never recovers from it.
+fn is_parse_error(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ParsingError(_))
+}
+
+/// True when `e` was caused by lapin's [`is_parse_error`].
+fn caused_by_parse_error(e: &Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if err
+            .downcast_ref::<lapin::Error>()
+            .is_some_and(is_parse_error)
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
+/// The first error event of a connection; `None` when the stream ends.
+async fn first_error(events: &mut Events) -> Option<lapin::Error> {
+    while let Some(event) = events.next().await {
+        if let Event::Error(e) = event {
+            return Some(e);
+        }
+    }
+    None
+}
+
+/// A build that failed on lapin's parse error.
+fn parse_failure(e: lapin::Error) -> Error {
+    Error::Backend {
+        backend: BACKEND,
+        op: "consume",
+        transient: true,
+        source: Box::new(e),
+    }
+}
+
+/// Why [`Link::connect`] gave up on a work queue whose messages lapin
+/// cannot parse.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "queue `{queue}` holds a message whose AMQP properties lapin cannot parse, and idemq \
+     could not move it to `{dead_letter_queue}` (see the ERROR logged before): {cause}"
+)]
+struct Blocked {
+    queue: String,
+    dead_letter_queue: String,
+    #[source]
+    cause: Error,
+}
+
+fn blocked(cfg: &RabbitConfig, cause: Error) -> Error {
+    Error::Backend {
+        backend: BACKEND,
+        op: "connect",
+        transient: true,
+        source: Box::new(Blocked {
+            queue: cfg.queue().to_owned(),
+            dead_letter_queue: cfg.dead_letter_queue(),
+            cause,
+        }),
+    }
+}
+
 enum Ending {
     Closing,
     Lost(String),
@@ -804,6 +1094,11 @@ async fn watch_generation(shared: &Shared, generation: &Generation, events: &mut
                     info!(%url, generation = generation.id, "RabbitMQ connection recovered by lapin");
                 }
                 Some(Event::Error(e)) => {
+                    generation.error_event_seen.store(true, Ordering::SeqCst);
+                    if is_parse_error(&e) {
+                        generation.note_parse_error(&e);
+                        return Ending::Lost(format!("lapin could not parse a frame from RabbitMQ: {e}"));
+                    }
                     if generation.conn_dead() {
                         return Ending::Lost(format!("lapin recovery gave up: {e}"));
                     }
@@ -876,8 +1171,44 @@ async fn supervise(shared: Arc<Shared>, mut generation: Arc<Generation>, mut eve
                 }
             }
         }
+        // A parse error the watch did not see may still be queued, or
+        // about to be (lapin marks the connection errored first).
+        let mut error_seen = generation.error_event_seen.load(Ordering::SeqCst);
+        while let Some(Some(event)) = events.next().now_or_never() {
+            if let Event::Error(e) = &event {
+                error_seen = true;
+                if is_parse_error(e) {
+                    generation.note_parse_error(e);
+                }
+            }
+        }
+        if !error_seen
+            && generation.parse_error().is_none()
+            && generation.conn.status().errored()
+            && let Ok(Some(e)) = timeout(ERROR_EVENT_WAIT, first_error(&mut events)).await
+            && is_parse_error(&e)
+        {
+            generation.note_parse_error(&e);
+        }
+        let mut malformed = generation.parse_error();
         let mut failures: u32 = 0;
         loop {
+            if let Some(cause) = malformed.take() {
+                warn!(%url, queue = shared.cfg.queue(), %cause,
+                    "lapin could not parse a message from RabbitMQ; moving the work queue's \
+                     unparseable messages to the dead-letter queue before rebuilding");
+                if let Quarantined::Moved(_) = shared.quarantine().await {
+                    // Build again at once.
+                    failures = 0;
+                } else {
+                    failures = failures.saturating_add(1);
+                    let delay = backoff(rec.rebuild_min_delay, rec.rebuild_max_delay, failures);
+                    tokio::select! {
+                        _ = shared.closed.cancelled() => return,
+                        _ = sleep(delay) => {}
+                    }
+                }
+            }
             let built = tokio::select! {
                 _ = shared.closed.cancelled() => return,
                 built = shared.build() => built,
@@ -891,6 +1222,11 @@ async fn supervise(shared: Arc<Shared>, mut generation: Arc<Generation>, mut eve
                     break;
                 }
                 Err(e) => {
+                    if caused_by_parse_error(&e) && shared.consume {
+                        // Quarantine first; it decides on the delay.
+                        malformed = Some(e.to_string());
+                        continue;
+                    }
                     failures = failures.saturating_add(1);
                     let delay = backoff(rec.rebuild_min_delay, rec.rebuild_max_delay, failures);
                     warn!(%url, error = %e, attempt = failures, ?delay,
@@ -957,6 +1293,34 @@ mod tests {
         let tag = consumer_tag(&"é".repeat(300));
         assert!(tag.as_str().starts_with("idemq-"));
         assert!(tag.as_str().len() <= 255);
+    }
+
+    #[tokio::test]
+    async fn quarantine_over_tls_fails_fast_and_says_so_once() {
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+        let cfg = RabbitConfig::new("amqps://guest:guest@127.0.0.1:1/%2f", "q");
+        let uri = cfg.validate().expect("uri");
+        let shared = Shared {
+            cfg,
+            uri,
+            consume: true,
+            link_id: 1,
+            current: watch::channel(None).0,
+            closed: CancellationToken::new(),
+            next_generation: AtomicU64::new(0),
+            quarantine_failed_before: AtomicBool::new(false),
+        };
+        let started = Instant::now();
+        assert_eq!(shared.quarantine().await, Quarantined::Failed);
+        assert!(shared.quarantine_failed_before.load(Ordering::SeqCst));
+        assert_eq!(shared.quarantine().await, Quarantined::Failed);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let e = blocked(&shared.cfg, Error::Closed { backend: BACKEND });
+        assert!(!caused_by_parse_error(&e));
+        let text = std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        assert!(text.contains("`q`") && text.contains("`q.dlq`"), "{text}");
     }
 
     #[test]

@@ -87,7 +87,7 @@ async fn dlq_ids(config: &RabbitConfig) -> Vec<String> {
     {
         held.push(m);
     }
-    let ids = held
+    let ids: Vec<String> = held
         .iter()
         .map(|m| {
             m.delivery
@@ -109,6 +109,13 @@ async fn dlq_ids(config: &RabbitConfig) -> Vec<String> {
             .expect("nack");
     }
     conn.close(200, "done".into()).await.expect("close");
+    // A quorum queue counts returned messages as ready a moment later.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (topology::queue_depths(config).await.expect("depths").dead as usize) < ids.len()
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     ids
 }
 

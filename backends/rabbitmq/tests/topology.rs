@@ -232,9 +232,24 @@ async fn twenty_five_returns_lose_nothing_on_quorum_queues() {
     let dlq = RabbitDeadLetters::connect(config.clone())
         .await
         .expect("dlq");
-    for _ in 0..25 {
+    for round in 0..25 {
+        // A returned message is counted as ready again a moment after the
+        // return (quorum queues apply it through their log): wait for it,
+        // bounded, so every look sees it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while topology::queue_depths(&config).await.expect("depths").dead != 1 {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the dead letter is gone"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let seen = peek(&dlq, 10).await.expect("peek");
-        assert_eq!(seen.len(), 1, "the dead letter is still there");
+        assert_eq!(
+            seen.len(),
+            1,
+            "round {round}: the dead letter is still there"
+        );
     }
     dlq.close().await;
     topology::delete_topology(&config).await.expect("cleanup");
