@@ -25,8 +25,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let run = format!("{:08x}", rand::random::<u32>());
     let queue = format!("idemq-demo.pg.{run}");
     let config = RabbitConfig::from_env(&queue)
-        .with_retry_tiers([Duration::from_millis(200), Duration::from_secs(1)])
-        .with_prefetch(64); // twice the engine's concurrency
+        .with_retry_tiers([Duration::from_millis(200), Duration::from_secs(1)]);
     let db_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let store = PostgresDedupStore::connect(&db_url).await?;

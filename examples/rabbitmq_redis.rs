@@ -30,8 +30,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let queue = format!("idemq-demo.redis.{:08x}", rand::random::<u32>());
     // Short retry tiers so the demo's retries come back within a second.
     let config = RabbitConfig::from_env(&queue)
-        .with_retry_tiers([Duration::from_millis(200), Duration::from_secs(1)])
-        .with_prefetch(64); // twice the engine's concurrency
+        .with_retry_tiers([Duration::from_millis(200), Duration::from_secs(1)]);
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     // The store batches concurrent claims and completions by itself (one
     // script call of each kind in flight): no wrapper needed.

@@ -22,6 +22,18 @@ use crate::message::{DeadLetter, Delivery, OutgoingMessage};
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
+    /// Tells the broker, before the first [`Broker::next`], how many
+    /// deliveries its consumer settles concurrently (the engine's
+    /// concurrency). A broker whose limit of unsettled deliveries was not
+    /// set explicitly sizes it from this (RabbitMQ: a prefetch of twice
+    /// `concurrency`, so held acks never starve a handler); an explicit
+    /// limit is kept. Answers that limit, when there is one, so the caller
+    /// can say when it caps the concurrency. The default does nothing.
+    async fn prepare(&self, concurrency: usize) -> Option<usize> {
+        let _ = concurrency;
+        None
+    }
+
     /// Waits for the next delivery of the work queue. `Ok(None)` means the
     /// broker is closed for good and no delivery will ever come.
     async fn next(&self) -> Result<Option<Delivery>, Error>;
@@ -64,6 +76,9 @@ pub trait Broker: Send + Sync + 'static {
 
 #[async_trait]
 impl<T: Broker + ?Sized> Broker for Arc<T> {
+    async fn prepare(&self, concurrency: usize) -> Option<usize> {
+        (**self).prepare(concurrency).await
+    }
     async fn next(&self) -> Result<Option<Delivery>, Error> {
         (**self).next().await
     }

@@ -94,8 +94,10 @@ impl<B: Broker, S: DedupStore, H: Handler> EngineBuilder<B, S, H> {
         self
     }
 
-    /// Deliveries in flight at once (set the broker's prefetch to the
-    /// same). Default 16.
+    /// Deliveries in flight at once. Default 16. Before its first delivery
+    /// the engine tells the broker ([`Broker::prepare`]); a broker whose
+    /// limit was not set explicitly sizes it (RabbitMQ: a prefetch of twice
+    /// this), and one set lower is warned about at start.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.config.concurrency = n;
         self

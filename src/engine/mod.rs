@@ -149,6 +149,18 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
     /// ([`Stopped::BrokerFailed`]) after in-flight work is settled.
     pub async fn run(self, shutdown: CancellationToken) -> Report {
         let sh = self.shared;
+        if let Some(limit) = sh.broker.prepare(sh.cfg.concurrency).await
+            && limit < sh.cfg.concurrency
+        {
+            tracing::warn!(
+                concurrency = sh.cfg.concurrency,
+                broker_limit = limit,
+                "the broker hands out at most {limit} unsettled deliveries (its prefetch), so at \
+                 most {limit} handlers run at once, not {}: raise the prefetch to twice the \
+                 concurrency, or leave it unset so the broker sizes it",
+                sh.cfg.concurrency
+            );
+        }
         let slots = Arc::new(Semaphore::new(sh.cfg.concurrency));
         let tracker = TaskTracker::new();
         let abort = CancellationToken::new();

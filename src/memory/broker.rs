@@ -344,6 +344,10 @@ impl MemoryBroker {
 
 #[async_trait]
 impl Broker for MemoryBroker {
+    async fn prepare(&self, _concurrency: usize) -> Option<usize> {
+        self.inner.prefetch
+    }
+
     async fn next(&self) -> Result<Option<Delivery>, Error> {
         // Fast path: something is ready, no need to register for wake-ups.
         if let Some(found) = self.try_next() {

@@ -138,6 +138,14 @@ pub(crate) fn copy_properties(
 
 #[async_trait]
 impl Broker for RabbitBroker {
+    /// Sizes the prefetch to twice `concurrency` unless
+    /// [`RabbitConfig::with_prefetch`] set one; answers the prefetch.
+    async fn prepare(&self, concurrency: usize) -> Option<usize> {
+        Some(usize::from(
+            self.link.shared.size_prefetch(concurrency).await,
+        ))
+    }
+
     async fn next(&self) -> Result<Option<Delivery>, Error> {
         self.link.shared.next().await
     }

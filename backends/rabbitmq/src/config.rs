@@ -31,6 +31,10 @@ pub const DEFAULT_RETRY_TIERS: [Duration; 6] = [
     Duration::from_secs(600),
 ];
 
+/// The prefetch of a consumer whose prefetch is not set and that no
+/// engine sized (see [`RabbitConfig::with_prefetch`]).
+pub const DEFAULT_PREFETCH: u16 = 32;
+
 /// The delivery limit of a quorum work queue unless
 /// [`RabbitConfig::with_delivery_limit`] says otherwise: how often the
 /// broker hands a message out again (after a nack with requeue, a consumer
@@ -160,7 +164,7 @@ pub struct RabbitConfig {
     retry_tiers: Vec<Duration>,
     retry_prefix: Option<String>,
     dead_letter_queue: Option<String>,
-    prefetch: u16,
+    prefetch: Option<u16>,
     delivery_limit: u32,
     ack_delay: Option<Duration>,
     publish_timeout: Duration,
@@ -173,8 +177,8 @@ pub struct RabbitConfig {
 impl RabbitConfig {
     /// A configuration for the work queue `queue` on the broker at `url`
     /// (`amqp://` or `amqps://`), with the defaults: classic queues, the
-    /// [`DEFAULT_RETRY_TIERS`], prefetch 32 (twice the engine's default
-    /// concurrency), 30 s publish timeout.
+    /// [`DEFAULT_RETRY_TIERS`], a prefetch sized by the engine (see
+    /// [`RabbitConfig::with_prefetch`]), 30 s publish timeout.
     pub fn new(url: impl Into<String>, queue: impl Into<String>) -> Self {
         RabbitConfig {
             url: url.into(),
@@ -184,7 +188,7 @@ impl RabbitConfig {
             retry_tiers: DEFAULT_RETRY_TIERS.to_vec(),
             retry_prefix: None,
             dead_letter_queue: None,
-            prefetch: 32,
+            prefetch: None,
             delivery_limit: DEFAULT_DELIVERY_LIMIT,
             ack_delay: Some(DEFAULT_ACK_DELAY),
             publish_timeout: Duration::from_secs(30),
@@ -240,13 +244,17 @@ impl RabbitConfig {
     }
 
     /// How many unacknowledged deliveries the consumer may hold (AMQP
-    /// `basic.qos` prefetch; default 32). The engine runs at most this many
-    /// handlers at once whatever its concurrency, and says so at start
-    /// when its concurrency is higher. Twice the engine's concurrency keeps
-    /// every handler busy while acks are held for batching (a held ack
-    /// still counts against the prefetch).
+    /// `basic.qos` prefetch).
+    ///
+    /// Unset (the default), the engine sizes it: before its first delivery
+    /// it asks for twice its concurrency ([`idemq::Broker::prepare`]), so
+    /// every handler is kept busy while acks are held for batching (a held
+    /// ack still counts against the prefetch); used without the engine it
+    /// is [`DEFAULT_PREFETCH`]. Set explicitly, it is kept, and an engine
+    /// whose concurrency is higher runs at most this many handlers at once
+    /// and says so at start.
     pub fn with_prefetch(mut self, prefetch: u16) -> Self {
-        self.prefetch = prefetch;
+        self.prefetch = Some(prefetch);
         self
     }
 
@@ -337,8 +345,14 @@ impl RabbitConfig {
         &self.retry_tiers
     }
 
-    /// The prefetch count.
+    /// The prefetch the consumer starts with: the one set, else
+    /// [`DEFAULT_PREFETCH`] (until the engine sizes it).
     pub fn prefetch(&self) -> u16 {
+        self.prefetch.unwrap_or(DEFAULT_PREFETCH)
+    }
+
+    /// The prefetch set with [`RabbitConfig::with_prefetch`], if any.
+    pub fn explicit_prefetch(&self) -> Option<u16> {
         self.prefetch
     }
 
@@ -464,7 +478,7 @@ impl RabbitConfig {
                 )));
             }
         }
-        if self.prefetch == 0 {
+        if self.prefetch == Some(0) {
             return Err(Error::Config("prefetch must be at least 1".into()));
         }
         if self.delivery_limit == 0 {

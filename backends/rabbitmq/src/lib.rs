@@ -1,7 +1,7 @@
 //! # idemq-rabbitmq: the RabbitMQ broker of idemq
 //!
 //! [`RabbitBroker`] implements [`idemq::Broker`] over
-//! [lapin](https://docs.rs/lapin): consumption with a prefetch of at least
+//! [lapin](https://docs.rs/lapin): consumption with a prefetch of twice
 //! the engine's concurrency, each delivery settled on its own (acks batched
 //! into `basic.ack(multiple)`, see [`RabbitConfig::with_ack_batching`]);
 //! retries through
@@ -60,8 +60,7 @@
 //! // AMQP_ADDR, else amqp://guest:guest@127.0.0.1:5672/%2f
 //! let config = RabbitConfig::from_env("orders")
 //!     .with_queue_type(QueueType::Quorum)
-//!     .with_retry_tiers([Duration::from_secs(1), Duration::from_secs(30), Duration::from_secs(600)])
-//!     .with_prefetch(64); // twice the engine's concurrency
+//!     .with_retry_tiers([Duration::from_secs(1), Duration::from_secs(30), Duration::from_secs(600)]);
 //! let broker = RabbitBroker::connect(config).await?;
 //!
 //! broker
@@ -96,8 +95,8 @@ pub mod topology;
 
 pub use broker::RabbitBroker;
 pub use config::{
-    DEAD_LETTER_DELIVERY_LIMIT, DEFAULT_ACK_DELAY, DEFAULT_DELIVERY_LIMIT, DEFAULT_RETRY_TIERS,
-    DEFAULT_URL, QueueType, RabbitConfig, RecoveryConfig, URL_ENV,
+    DEAD_LETTER_DELIVERY_LIMIT, DEFAULT_ACK_DELAY, DEFAULT_DELIVERY_LIMIT, DEFAULT_PREFETCH,
+    DEFAULT_RETRY_TIERS, DEFAULT_URL, QueueType, RabbitConfig, RecoveryConfig, URL_ENV,
 };
 pub use dead_letters::{DEFAULT_READ_AHEAD, RabbitDeadLetters};
 pub use publisher::{RabbitPublisher, generate_message_id};

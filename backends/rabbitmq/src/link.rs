@@ -27,7 +27,8 @@
 //! work queue: it moves such messages to the dead-letter queue, as copies
 //! lapin can read (reason `malformed`), and puts the others back.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -36,8 +37,8 @@ use futures::{FutureExt, Stream, StreamExt};
 use idemq::{Delivery, Error};
 use lapin::message::Delivery as LapinDelivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
@@ -101,6 +102,51 @@ pub(crate) struct Handle {
 struct ConsumerSlot {
     channel: Channel,
     consumer: Mutex<Consumer>,
+    /// The prefetch the current consumer was started with.
+    prefetch: AtomicU16,
+    /// Deliveries a replaced consumer had read ahead: handed out first.
+    backlog: StdMutex<VecDeque<LapinDelivery>>,
+}
+
+impl ConsumerSlot {
+    /// Restarts the consumer with a larger prefetch (RabbitMQ applies a
+    /// `basic.qos` to consumers started after it): the old one is
+    /// cancelled, what it had read ahead stays ours and is handed out
+    /// first, in order.
+    async fn grow(&self, queue: &str, prefetch: u16) -> Result<(), Error> {
+        let mut consumer = self.consumer.lock().await;
+        if self.prefetch.load(Ordering::SeqCst) >= prefetch {
+            return Ok(());
+        }
+        self.channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await
+            .map_err(|e| map("basic.cancel", e))?;
+        // After cancel-ok the stream ends once what was read is handed out.
+        let mut read = Vec::new();
+        while let Ok(Some(Ok(d))) = timeout(POLL * 4, consumer.next()).await {
+            read.push(d);
+        }
+        if let Ok(mut backlog) = self.backlog.lock() {
+            backlog.extend(read);
+        }
+        self.channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(|e| map("basic.qos", e))?;
+        *consumer = self
+            .channel
+            .basic_consume(
+                short_string("queue name", queue)?,
+                consumer_tag(queue),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map("basic.consume", e))?;
+        self.prefetch.store(prefetch, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 pub(crate) struct Generation {
@@ -212,6 +258,9 @@ pub(crate) struct Shared {
     current: watch::Sender<Option<Arc<Generation>>>,
     closed: CancellationToken,
     next_generation: AtomicU64,
+    /// The prefetch consumers start with: the configured one, or the one
+    /// the engine asked for ([`Shared::size_prefetch`]).
+    prefetch: AtomicU16,
     /// Quarantine failures are logged at ERROR once, then at WARN.
     quarantine_failed_before: AtomicBool,
 }
@@ -250,6 +299,7 @@ impl Link {
         }
         let closed = CancellationToken::new();
         let (current, _) = watch::channel(None);
+        let cfg_prefetch = cfg.prefetch();
         let shared = Arc::new(Shared {
             cfg,
             uri,
@@ -258,6 +308,7 @@ impl Link {
             current,
             closed: closed.clone(),
             next_generation: AtomicU64::new(0),
+            prefetch: AtomicU16::new(cfg_prefetch),
             quarantine_failed_before: AtomicBool::new(false),
         });
         let mut quarantines = 0;
@@ -302,6 +353,36 @@ impl Link {
 }
 
 impl Shared {
+    /// The prefetch consumers start with.
+    fn prefetch(&self) -> u16 {
+        self.prefetch.load(Ordering::SeqCst)
+    }
+
+    /// Sizes the prefetch for an engine of `concurrency` (twice it), unless
+    /// the configuration sets one; answers the prefetch in force. The
+    /// current consumer is restarted with it when it had less; later
+    /// generations start with it.
+    pub async fn size_prefetch(&self, concurrency: usize) -> u16 {
+        if let Some(explicit) = self.cfg.explicit_prefetch() {
+            return explicit;
+        }
+        let want = u16::try_from(concurrency.saturating_mul(2))
+            .unwrap_or(u16::MAX)
+            .max(1);
+        let before = self.prefetch.fetch_max(want, Ordering::SeqCst);
+        if want <= before {
+            return before;
+        }
+        let current = self.current.borrow().clone();
+        if let Some(slot) = current.as_ref().and_then(|g| g.consumer.as_ref())
+            && let Err(e) = slot.grow(self.cfg.queue(), want).await
+        {
+            // The next generation starts with it anyway.
+            warn!(error = %e, prefetch = want, "could not raise the consumer's prefetch now");
+        }
+        want
+    }
+
     /// The current generation's number, `None` while it is being rebuilt.
     pub fn generation(&self) -> Option<u64> {
         self.current.borrow().as_ref().map(|g| g.id)
@@ -337,7 +418,7 @@ impl Shared {
             uri: &self.uri,
             queue,
             dead_letter_queue: &dlq,
-            max: usize::from(self.cfg.prefetch()) + QUARANTINE_MARGIN,
+            max: usize::from(self.prefetch()) + QUARANTINE_MARGIN,
             io_timeout: self.cfg.connect_timeout(),
             connection_name: format!("idemq-quarantine:{queue}"),
         };
@@ -499,7 +580,7 @@ impl Shared {
                         conn,
                         acks: consumer.as_ref().and_then(|_| {
                             let delay = self.cfg.ack_delay()?;
-                            let limit = usize::from(self.cfg.prefetch()).div_ceil(4);
+                            let limit = usize::from(self.prefetch()).div_ceil(4);
                             Some(AckBatcher::new(delay, limit))
                         }),
                         consumer,
@@ -540,8 +621,9 @@ impl Shared {
             .await
             .map_err(|e| map("open channel", e))?;
         declare_topology(conn, &self.cfg).await?;
+        let prefetch = self.prefetch();
         channel
-            .basic_qos(self.cfg.prefetch(), BasicQosOptions { global: false })
+            .basic_qos(prefetch, BasicQosOptions { global: false })
             .await
             .map_err(|e| map("basic.qos", e))?;
         let queue = short_string("queue name", self.cfg.queue())?;
@@ -557,6 +639,8 @@ impl Shared {
         Ok(Some(ConsumerSlot {
             channel,
             consumer: Mutex::new(consumer),
+            prefetch: AtomicU16::new(prefetch),
+            backlog: StdMutex::new(VecDeque::new()),
         }))
     }
 
@@ -724,10 +808,14 @@ impl Shared {
                 _ = generation.retired.cancelled() => continue,
                 c = slot.consumer.lock() => c,
             };
-            let item = tokio::select! {
-                _ = self.closed.cancelled() => return Ok(None),
-                _ = generation.retired.cancelled() => continue,
-                item = consumer.next() => item,
+            let read_ahead = slot.backlog.lock().ok().and_then(|mut b| b.pop_front());
+            let item = match read_ahead {
+                Some(d) => Some(Ok(d)),
+                None => tokio::select! {
+                    _ = self.closed.cancelled() => return Ok(None),
+                    _ = generation.retired.cancelled() => continue,
+                    item = consumer.next() => item,
+                },
             };
             drop(consumer);
             let reason = match item {
@@ -1308,6 +1396,7 @@ mod tests {
             current: watch::channel(None).0,
             closed: CancellationToken::new(),
             next_generation: AtomicU64::new(0),
+            prefetch: AtomicU16::new(1),
             quarantine_failed_before: AtomicBool::new(false),
         };
         let started = Instant::now();
