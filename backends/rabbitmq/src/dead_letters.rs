@@ -178,6 +178,14 @@ impl RabbitDeadLetters {
 
     /// Closes the connection; unsettled dead letters go back to the queue.
     pub async fn close(&self) {
+        // Closed before the connection: a channel lapin closes by itself
+        // while the connection closes logs a spurious error.
+        let reader = self.reader.lock().await.channel.clone();
+        for channel in [&self.publisher, &reader] {
+            if channel.status().connected() {
+                let _ = channel.close(200, "idemq: done".into()).await;
+            }
+        }
         if self.conn.status().connected() {
             let after = self.cfg.connect_timeout();
             let _ = timeout(after, self.conn.close(200, "idemq: done".into())).await;

@@ -297,6 +297,7 @@ impl Link {
                 "idemq-rabbitmq must run inside a tokio runtime".into(),
             ));
         }
+        reachable(&uri, &cfg).await?;
         let closed = CancellationToken::new();
         let (current, _) = watch::channel(None);
         let cfg_prefetch = cfg.prefetch();
@@ -1036,6 +1037,29 @@ impl Shared {
             Err(e) if handle.acker.poisoned() || is_connection_error(&e) => Err(stale(delivery)),
             Err(e) => Err(map(op, e)),
         }
+    }
+}
+
+/// Whether the server's port takes a TCP connection, before lapin tries:
+/// lapin retries a refused first connection with its recovery backoff (in
+/// a thread of its own that outlives an abandoned attempt), so a refused
+/// port would otherwise be a connect timeout, not "connection refused".
+async fn reachable(uri: &AMQPUri, cfg: &RabbitConfig) -> Result<(), Error> {
+    let host = uri.authority.host.as_str();
+    let port = uri.authority.port;
+    let after = cfg.connect_timeout();
+    match timeout(after, tokio::net::TcpStream::connect((host, port))).await {
+        Ok(Ok(_probe)) => Ok(()),
+        Ok(Err(e)) => Err(Error::Unavailable {
+            backend: BACKEND,
+            op: "connect",
+            source: format!("{}: {e}", cfg.redacted_url()).into(),
+        }),
+        Err(_) => Err(Error::Timeout {
+            backend: BACKEND,
+            op: "connect",
+            after,
+        }),
     }
 }
 

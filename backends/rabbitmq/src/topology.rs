@@ -192,6 +192,9 @@ async fn declare_queue(conn: &Connection, queue: &str, mut args: Vec<Arg>) -> Re
     }
 }
 
+/// Closes a channel before its connection: one that lapin closes by itself
+/// (its last handle dropped) while the connection closes logs a spurious
+/// "invalid channel state: Closing" error.
 async fn close(channel: &Channel) {
     if channel.status().connected() {
         let _ = channel.close(200, "idemq: declared".into()).await;
@@ -374,6 +377,7 @@ pub async fn delete_topology(cfg: &RabbitConfig) -> Result<(), Error> {
                 .await
                 .map_err(|e| map("delete", e))?;
         }
+        close(&channel).await;
         Ok(())
     })
     .await
@@ -404,6 +408,7 @@ pub async fn queue_depths(cfg: &RabbitConfig) -> Result<QueueDepths, Error> {
             retry.push((tier, count(&name).await?));
         }
         let dead = count(&cfg.dead_letter_queue()).await?;
+        close(&channel).await;
         Ok(QueueDepths { work, retry, dead })
     })
     .await
