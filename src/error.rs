@@ -133,6 +133,36 @@ impl Error {
         }
     }
 
+    /// The same error with its client-library source (of
+    /// [`Error::Unavailable`] and [`Error::Backend`]) replaced by
+    /// `f(source)`: for a backend that puts context in front of it. Other
+    /// variants come back unchanged.
+    pub fn map_source(self, f: impl FnOnce(BoxError) -> BoxError) -> Error {
+        match self {
+            Error::Unavailable {
+                backend,
+                op,
+                source,
+            } => Error::Unavailable {
+                backend,
+                op,
+                source: f(source),
+            },
+            Error::Backend {
+                backend,
+                op,
+                transient,
+                source,
+            } => Error::Backend {
+                backend,
+                op,
+                transient,
+                source: f(source),
+            },
+            other => other,
+        }
+    }
+
     /// Shorthand for [`Error::InvalidInput`].
     pub fn invalid(what: &'static str, detail: impl Into<String>) -> Self {
         Error::InvalidInput {

@@ -814,26 +814,12 @@ async fn property_every_message_handled_once_or_dead_lettered() {
     eprintln!("{total:?}");
 }
 
-/// Log lines written on this thread while the guard lives.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A broker whose prefetch is below the engine's concurrency caps it: the
 /// engine says so once at start; a prefetch that does not cap it says
 /// nothing.
 #[tokio::test]
 async fn a_prefetch_below_the_concurrency_is_warned_about_at_start() {
-    let logs = Logs::default();
+    let logs = idemq::testing::LogBuffer::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(move || writer.clone())
@@ -841,7 +827,7 @@ async fn a_prefetch_below_the_concurrency_is_warned_about_at_start() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
     for (prefetch, warned) in [(4, true), (8, false)] {
-        logs.0.lock().unwrap().clear();
+        logs.clear();
         let broker = MemoryBroker::with_prefetch("q", prefetch);
         broker.close_when_idle();
         let engine = Engine::builder(
@@ -853,7 +839,7 @@ async fn a_prefetch_below_the_concurrency_is_warned_about_at_start() {
         .build()
         .expect("engine");
         engine.run(CancellationToken::new()).await;
-        let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+        let text = logs.text();
         assert_eq!(
             text.contains("so at most 4 handlers run at once, not 8"),
             warned,

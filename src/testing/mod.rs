@@ -22,6 +22,38 @@ pub fn unique_scope(name: &str) -> String {
     format!("{short}-{:08x}", rand::random::<u32>())
 }
 
+/// An in-memory log sink shared by its clones, for tests that check what
+/// was logged: give `move || logs.clone()` to a `tracing_subscriber`
+/// writer, read it back with [`LogBuffer::text`].
+#[derive(Clone, Debug, Default)]
+pub struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogBuffer {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Forgets what was written.
+    pub fn clear(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// True when `IDEMQ_REQUIRE_SERVICES=1`: an unreachable service must then
 /// fail the test run instead of skipping.
 pub fn services_required() -> bool {

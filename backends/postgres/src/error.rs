@@ -146,30 +146,7 @@ pub(crate) fn connect_failed(target: &str, ssl_mode: &str, e: sqlx::Error) -> Er
         },
         other => format!("{target}: {other}"),
     };
-    let explain = |source: BoxError| -> BoxError { Box::new(Explained { message, source }) };
-    match from_sqlx("connect", e) {
-        Error::Unavailable {
-            backend,
-            op,
-            source,
-        } => Error::Unavailable {
-            backend,
-            op,
-            source: explain(source),
-        },
-        Error::Backend {
-            backend,
-            op,
-            transient,
-            source,
-        } => Error::Backend {
-            backend,
-            op,
-            transient,
-            source: explain(source),
-        },
-        other => other,
-    }
+    from_sqlx("connect", e).map_source(|source| Box::new(Explained { message, source }))
 }
 
 /// Turns a sqlx error met inside a handler into a [`HandlerError`]:

@@ -14,7 +14,7 @@ use idemq::{Delivery, Error, Headers};
 use lapin::message::Delivery as LapinDelivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Acker, BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
@@ -23,7 +23,7 @@ use tokio::time::timeout;
 
 use crate::broker::copy_properties;
 use crate::config::RabbitConfig;
-use crate::errors::{BACKEND, map, map_passive};
+use crate::errors::{BACKEND, map};
 use crate::headers::{broker_death, from_field_table, short_string};
 
 /// Dead letters read ahead by default (see [`RabbitDeadLetters::with_read_ahead`]).
@@ -280,25 +280,10 @@ async fn drain(mut consumer: Consumer) -> Vec<LapinDelivery> {
     out
 }
 
-/// Ready messages of `queue` (a passive declaration on a channel of its
-/// own: a missing queue closes the channel).
+/// Ready messages of `queue`.
 async fn depth_of(conn: &Connection, queue: &str) -> Result<u64, Error> {
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(|e| map("open channel", e))?;
-    let declared = channel
-        .queue_declare(
-            short_string("queue name", queue)?,
-            QueueDeclareOptions::default().passive(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_passive(queue, "queue depth", e));
-    if channel.status().connected() {
-        let _ = channel.close(200, "idemq: done".into()).await;
-    }
-    Ok(u64::from(declared?.message_count()))
+    let declared = crate::topology::passive(conn, queue, "queue depth").await?;
+    Ok(u64::from(declared.message_count()))
 }
 
 impl fmt::Debug for RabbitDeadLetters {

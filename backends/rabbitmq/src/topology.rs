@@ -192,6 +192,29 @@ async fn declare_queue(conn: &Connection, queue: &str, mut args: Vec<Arg>) -> Re
     }
 }
 
+/// A passive declaration of `queue`, on a channel of its own (a missing
+/// queue closes the channel): [`Error::NotFound`] naming a missing queue.
+pub(crate) async fn passive(
+    conn: &Connection,
+    queue: &str,
+    op: &'static str,
+) -> Result<lapin::Queue, Error> {
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| map("open channel", e))?;
+    let declared = channel
+        .queue_declare(
+            short_string("queue name", queue)?,
+            QueueDeclareOptions::default().passive(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_passive(queue, op, e));
+    close(&channel).await;
+    declared
+}
+
 /// Closes a channel before its connection: one that lapin closes by itself
 /// (its last handle dropped) while the connection closes logs a spurious
 /// "invalid channel state: Closing" error.
@@ -452,27 +475,11 @@ pub async fn queue_stats(cfg: &RabbitConfig) -> Result<Vec<QueueStat>, Error> {
     with_channel(cfg, "queue stats", async |conn| {
         let mut out = Vec::with_capacity(queues.len());
         for (name, role) in queues {
-            // A passive declaration of a missing queue closes its channel.
-            let channel = conn
-                .create_channel()
-                .await
-                .map_err(|e| map("open channel", e))?;
-            let declared = channel
-                .queue_declare(
-                    short_string("queue name", &name)?,
-                    QueueDeclareOptions::default().passive(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| map_passive(&name, "queue stats", e));
-            let (exists, messages, consumers) = match declared {
+            let (exists, messages, consumers) = match passive(conn, &name, "queue stats").await {
                 Ok(q) => (true, q.message_count(), q.consumer_count()),
                 Err(Error::NotFound { .. }) => (false, 0, 0),
                 Err(e) => return Err(e),
             };
-            if channel.status().connected() {
-                let _ = channel.close(200, "idemq: done".into()).await;
-            }
             out.push(QueueStat {
                 name,
                 role,

@@ -4,30 +4,15 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idemq::Error;
 use idemq_rabbitmq::{RabbitBroker, RabbitConfig, RabbitDeadLetters, RabbitPublisher, topology};
 use tokio::time::Instant;
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_errors_say_what_happened_and_successes_log_no_errors() {
-    let logs = Captured::default();
+    let logs = idemq::testing::LogBuffer::default();
     let writer = logs.clone();
     tracing_subscriber::fmt()
         .with_writer(move || writer.clone())
@@ -68,7 +53,7 @@ async fn connection_errors_say_what_happened_and_successes_log_no_errors() {
     let Some(broker) = common::connect(config.clone()).await else {
         return;
     };
-    logs.0.lock().unwrap().clear();
+    logs.clear();
     topology::declare(&config).await.expect("declare");
     topology::queue_depths(&config).await.expect("depths");
     topology::queue_stats(&config).await.expect("stats");
@@ -81,6 +66,6 @@ async fn connection_errors_say_what_happened_and_successes_log_no_errors() {
     topology::delete_topology(&config).await.expect("delete");
     // lapin's threads log a moment after.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    let text = logs.text();
     assert!(text.is_empty(), "{text}");
 }

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,33 +45,13 @@ async fn declare_by_hand(conn: &Connection, queue: &str, quorum: bool) {
         .expect("declare by hand");
 }
 
-/// Log lines written while `f` runs on this thread.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 /// Queues made before idemq had the safety arguments (classic and quorum)
 /// are used as they are; one warning names what they lack and the policy
 /// that adds it.
 #[tokio::test]
 async fn queues_declared_without_the_safety_arguments_are_adopted_with_a_warning() {
     let Some(conn) = raw().await else { return };
-    let logs = Captured::default();
+    let logs = idemq::testing::LogBuffer::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(move || writer.clone())

@@ -224,35 +224,12 @@ fn unavailable(message: String, source: RedisError) -> Error {
 
 /// `err` with `target` (the redacted URL) put before its source's message.
 fn with_target(err: Error, target: &str) -> Error {
-    let wrap = |source: idemq::BoxError| -> idemq::BoxError {
+    err.map_source(|source| {
         Box::new(ConnectError {
             message: format!("{target}: {source}"),
             source: Some(source),
         })
-    };
-    match err {
-        Error::Unavailable {
-            backend,
-            op,
-            source,
-        } => Error::Unavailable {
-            backend,
-            op,
-            source: wrap(source),
-        },
-        Error::Backend {
-            backend,
-            op,
-            transient,
-            source,
-        } => Error::Backend {
-            backend,
-            op,
-            transient,
-            source: wrap(source),
-        },
-        other => other,
-    }
+    })
 }
 
 /// What went wrong connecting, in words; the client library's error, if
