@@ -31,6 +31,12 @@ fn lease(key: &str, attempt: u32) -> Lease {
 /// A broker that hands out `deliveries` once each, then reports closed.
 fn broker_with(deliveries: Vec<Delivery>, seq: &mut Sequence) -> MockBroker {
     let mut broker = MockBroker::new();
+    // Told the concurrency once, before the first delivery.
+    broker
+        .expect_prepare()
+        .times(1)
+        .in_sequence(seq)
+        .returning(|_| None);
     for d in deliveries {
         broker
             .expect_next()
@@ -235,6 +241,7 @@ async fn a_dead_letter_that_does_not_land_releases_instead_of_burying() {
 async fn transient_broker_errors_are_retried_and_permanent_ones_stop_the_run() {
     let mut seq = Sequence::new();
     let mut broker = MockBroker::new();
+    broker.expect_prepare().returning(|_| None);
     broker
         .expect_next()
         .times(2)
