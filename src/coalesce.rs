@@ -684,6 +684,10 @@ impl<S: DedupStore + 'static> DedupStore for Coalescing<S> {
         self.inner.store.revive(scope, key).await
     }
 
+    async fn revive_many(&self, records: &[(String, String)]) -> Result<Vec<Revival>, Error> {
+        self.inner.store.revive_many(records).await
+    }
+
     async fn claim_many(
         &self,
         scope: &str,

@@ -241,6 +241,15 @@ pub trait DedupStore: Send + Sync + 'static {
         Ok(out)
     }
 
+    /// Revives many records, `(scope, key)` each ([`DedupStore::revive`]);
+    /// answers in the order of `records`. A record named twice answers like
+    /// two calls in a row. The default makes the calls concurrently;
+    /// backends override it with one round trip.
+    async fn revive_many(&self, records: &[(String, String)]) -> Result<Vec<Revival>, Error> {
+        futures::future::try_join_all(records.iter().map(|(scope, key)| self.revive(scope, key)))
+            .await
+    }
+
     /// Completes many leases; answers in the order of `leases`. The default
     /// loops over [`DedupStore::complete`].
     async fn complete_many(
@@ -281,6 +290,9 @@ impl<T: DedupStore + ?Sized> DedupStore for Arc<T> {
     }
     async fn revive(&self, scope: &str, key: &str) -> Result<Revival, Error> {
         (**self).revive(scope, key).await
+    }
+    async fn revive_many(&self, records: &[(String, String)]) -> Result<Vec<Revival>, Error> {
+        (**self).revive_many(records).await
     }
     async fn claim_many(
         &self,

@@ -68,6 +68,10 @@ impl<S: DedupStore> DedupStore for CountingStore<S> {
         self.count();
         self.inner.revive(scope, key).await
     }
+    async fn revive_many(&self, records: &[(String, String)]) -> Result<Vec<Revival>, Error> {
+        self.count();
+        self.inner.revive_many(records).await
+    }
     async fn claim_many(
         &self,
         scope: &str,

@@ -75,6 +75,9 @@ use crate::store::{DedupStore, Record, RecordState, Revival};
 /// copies).
 pub const DEFAULT_WINDOW: usize = 256;
 
+/// Dead letters decided with one store call at most.
+const BATCH: usize = 64;
+
 /// How often a store call that failed with a transient error is tried.
 const STORE_TRIES: u32 = 4;
 
@@ -330,10 +333,14 @@ where
         };
 
         let decide = async move {
+            // What is taken together is decided together: one batch store
+            // call (revive_many), a few batches at once.
             let taken = futures::stream::poll_fn(|cx| taken_rx.poll_recv(cx));
             let mut decided = taken
-                .map(|letter| self.decide(run, halt, letter))
-                .buffered(self.window);
+                .ready_chunks(BATCH)
+                .map(|letters| self.decide(run, halt, letters))
+                .buffered(self.window.div_ceil(BATCH))
+                .flat_map(futures::stream::iter);
             let mut pacer = self.rate.map(Pacer::new);
             while let Some((letter, info, verdict)) = decided.next().await {
                 let Some((letter, info, action)) = self.act(run, letter, info, verdict) else {
@@ -409,41 +416,85 @@ where
         futures::join!(take, decide, confirm);
     }
 
-    /// Reads a dead letter and asks the store about its record.
+    /// Reads dead letters and asks the store about their records, all in
+    /// one call (one call per record for a dry run or a forced one).
     async fn decide(
         &self,
         run: &Mutex<Run<'a>>,
         halt: &CancellationToken,
-        letter: Delivery,
-    ) -> (Delivery, DeadLetterInfo, Verdict) {
-        let info = DeadLetterInfo::of(&letter);
-        if !self.filter.matches(&letter, &info) {
-            return (letter, info, Verdict::Skip);
+        letters: Vec<Delivery>,
+    ) -> Vec<(Delivery, DeadLetterInfo, Verdict)> {
+        let mut out = Vec::with_capacity(letters.len());
+        let mut asked: Vec<usize> = Vec::new();
+        let mut records: Vec<(String, String)> = Vec::new();
+        for letter in letters {
+            let info = DeadLetterInfo::of(&letter);
+            let verdict = if !self.filter.matches(&letter, &info) {
+                Verdict::Skip
+            } else if let Some(record) = self.record_of(&letter, &info) {
+                if halt.is_cancelled() || !self.reserve(run, halt) {
+                    Verdict::Unhandled
+                } else {
+                    asked.push(out.len());
+                    records.push(record);
+                    Verdict::Unhandled // until the store answers
+                }
+            } else {
+                Verdict::NoKey
+            };
+            out.push((letter, info, verdict));
         }
-        let Some((scope, key)) = self.record_of(&letter, &info) else {
-            return (letter, info, Verdict::NoKey);
-        };
-        if halt.is_cancelled() || !self.reserve(run, halt) {
-            return (letter, info, Verdict::Unhandled);
+        if records.is_empty() {
+            return out;
         }
-        let verdict = if self.dry_run {
-            match retry(|| self.store.get(&scope, &key)).await {
-                Ok(record) => Verdict::Revived(self.dry_verdict(record)),
-                Err(e) => Verdict::Failed(e),
-            }
+        let answers: Result<Vec<Verdict>, Error> = if self.dry_run {
+            let gets = records
+                .iter()
+                .map(|(scope, key)| retry(move || self.store.get(scope, key)));
+            futures::future::try_join_all(gets).await.map(|found| {
+                found
+                    .into_iter()
+                    .map(|r| Verdict::Revived(self.dry_verdict(r)))
+                    .collect()
+            })
         } else {
             match self.mode {
-                ReplayMode::Revive => match retry(|| self.store.revive(&scope, &key)).await {
-                    Ok(r) => Verdict::Revived(r),
-                    Err(e) => Verdict::Failed(e),
-                },
-                ReplayMode::Force => match retry(|| self.store.forget(&scope, &key)).await {
-                    Ok(existed) => Verdict::Forgot(existed),
-                    Err(e) => Verdict::Failed(e),
-                },
+                ReplayMode::Revive => retry(|| self.store.revive_many(&records))
+                    .await
+                    .map(|r| r.into_iter().map(Verdict::Revived).collect()),
+                ReplayMode::Force => {
+                    let forgets = records
+                        .iter()
+                        .map(|(scope, key)| retry(move || self.store.forget(scope, key)));
+                    futures::future::try_join_all(forgets)
+                        .await
+                        .map(|r| r.into_iter().map(Verdict::Forgot).collect())
+                }
             }
         };
-        (letter, info, verdict)
+        match answers {
+            Ok(answers) if answers.len() == asked.len() => {
+                for (i, verdict) in asked.into_iter().zip(answers) {
+                    out[i].2 = verdict;
+                }
+            }
+            failed => {
+                let e = failed.err().unwrap_or_else(|| {
+                    Error::invalid(
+                        "revive_many",
+                        "the store answered for another number of records",
+                    )
+                });
+                // The first carries the error (and its reservation goes
+                // with its verdict); the others are left unhandled.
+                release(run, asked.len().saturating_sub(1) as u64);
+                halt.cancel();
+                if let Some(&first) = asked.first() {
+                    out[first].2 = Verdict::Failed(e);
+                }
+            }
+        }
+        out
     }
 
     /// Counts a move against the limit before its store call; false (and

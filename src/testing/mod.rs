@@ -95,7 +95,7 @@ macro_rules! dedup_store_conformance {
             non_owner_is_fenced, lapsed_lease_is_taken_over, fail_releases_and_counts_attempts,
             refund_gives_the_attempt_back, bury_makes_dead, scopes_are_isolated,
             done_expires_after_keep_for, forget_makes_key_claimable, revive_touches_only_what_is_safe,
-            revive_races_claims_safely, renew_extends_lease,
+            revive_races_claims_safely, revive_many_answers_in_order, renew_extends_lease,
             batch_forms_answer_in_order, rejects_bad_scope_and_key);
     };
     (@tests $setup:expr; $($name:ident),* $(,)?) => {

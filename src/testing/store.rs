@@ -450,6 +450,67 @@ pub async fn revive_touches_only_what_is_safe<S: DedupStore + ?Sized>(store: &S,
     }
 }
 
+/// `revive_many` answers per record, in order, like calls in a row: a
+/// record named twice is revived once (the repeat finds it gone).
+pub async fn revive_many_answers_in_order<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let other = format!("{scope}.b");
+    for (s, key) in [(scope, "dead"), (other.as_str(), "dead")] {
+        let lease = must_claim(store, s, key, ttl(LONG)).await;
+        assert_eq!(
+            store.bury(&lease, LONG).await.expect("bury"),
+            Fenced::Applied
+        );
+    }
+    let done = must_claim(store, scope, "done", ttl(LONG)).await;
+    assert_eq!(
+        store.complete(&done, LONG).await.expect("complete"),
+        Fenced::Applied
+    );
+    let _live = must_claim(store, scope, "live", ttl(LONG)).await;
+    let records: Vec<(String, String)> = [
+        (scope, "dead"),
+        (scope, "done"),
+        (scope, "live"),
+        (scope, "absent"),
+        (scope, "dead"),
+        (other.as_str(), "dead"),
+    ]
+    .iter()
+    .map(|(s, k)| ((*s).to_owned(), (*k).to_owned()))
+    .collect();
+    let answers = store.revive_many(&records).await.expect("revive_many");
+    let dead = Revival::Revived {
+        previous: Some(RecordState::Dead),
+    };
+    let gone = Revival::Revived { previous: None };
+    assert_eq!(answers.len(), 6, "{answers:?}");
+    assert_eq!(
+        (answers[0], answers[1], answers[3], answers[4], answers[5]),
+        (dead, Revival::Done, gone, gone, dead),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[2], Revival::InProgress { .. }),
+        "{answers:?}"
+    );
+    assert_eq!(state(store, scope, "dead").await, None);
+    assert_eq!(state(store, &other, "dead").await, None);
+    assert_eq!(
+        state(store, scope, "done").await,
+        Some((RecordState::Done, 1))
+    );
+    assert_eq!(
+        state(store, scope, "live").await,
+        Some((RecordState::Claimed, 1))
+    );
+    assert_eq!(store.revive_many(&[]).await.expect("empty"), vec![]);
+    let bad = vec![(scope.to_owned(), "{x}".to_owned())];
+    assert!(matches!(
+        store.revive_many(&bad).await,
+        Err(Error::InvalidInput { .. })
+    ));
+}
+
 /// Concurrent claims and revivals of a dead key never make it claimable
 /// twice at once: each round has exactly one winning claim, and a revival
 /// never answers for a live lease as if it had removed it.

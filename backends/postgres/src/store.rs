@@ -75,6 +75,25 @@ fn state_from_sql(op: &'static str, s: &str) -> Result<RecordState, Error> {
     }
 }
 
+/// A revive statement's answer for one row: removed (with the state it
+/// had, `None` when expired), or left alone (done, or a live lease; or a
+/// row a concurrent claim made live before the DELETE could remove it,
+/// which the statement's snapshot may still show as dead, released or
+/// lapsed: left alone either way, the safe answer).
+fn revival(removed: bool, state: Option<String>, lease_us: i64) -> Result<Revival, Error> {
+    let state = match state {
+        Some(s) => Some(state_from_sql("revive", &s)?),
+        None => None,
+    };
+    Ok(match (removed, state) {
+        (true, previous) => Revival::Revived { previous },
+        (false, Some(RecordState::Done)) => Revival::Done,
+        (false, _) => Revival::InProgress {
+            retry_after: micros_to_duration(lease_us),
+        },
+    })
+}
+
 /// The SQL text of every statement, rendered once for the table.
 #[derive(Debug)]
 pub(crate) struct Statements {
@@ -88,6 +107,7 @@ pub(crate) struct Statements {
     get: Arc<str>,
     forget: Arc<str>,
     revive: Arc<str>,
+    revive_many: Arc<str>,
     purge: Arc<str>,
     /// The live records of every scope, counted by state.
     count_states: Arc<str>,
@@ -223,6 +243,29 @@ impl Statements {
             forget: format!(
                 "DELETE FROM {t} AS d WHERE d.scope = $1 AND d.key = $2
                  RETURNING d.expires_at > now()"
+            )
+            .into(),
+            // $1 scopes, $2 keys (distinct pairs): `revive` for many rows in
+            // one statement. Answers (scope, key, removed, state, lease µs)
+            // for each row there was.
+            revive_many: format!(
+                "WITH input AS MATERIALIZED (
+                    SELECT i.scope, i.key FROM unnest($1::text[], $2::text[]) AS i(scope, key)
+                 ), gone AS (
+                    DELETE FROM {t} AS d USING input AS i
+                    WHERE d.scope = i.scope AND d.key = i.key
+                      AND (d.expires_at <= now()
+                           OR d.state IN ('dead', 'released')
+                           OR (d.state = 'claimed' AND d.lease_until <= now()))
+                    RETURNING d.scope, d.key,
+                        CASE WHEN d.expires_at <= now() THEN NULL ELSE d.state END AS previous
+                 )
+                 SELECT gone.scope, gone.key, true, gone.previous, 0::bigint FROM gone
+                 UNION ALL
+                 SELECT d.scope, d.key, false, d.state, {lease_us}
+                 FROM input AS i JOIN {t} AS d ON d.scope = i.scope AND d.key = i.key
+                 WHERE d.expires_at > now()
+                   AND NOT EXISTS (SELECT 1 FROM gone AS g WHERE g.scope = i.scope AND g.key = i.key)"
             )
             .into(),
             // $1 scope, $2 key. Deletes a dead, released, lapsed or expired
@@ -845,23 +888,55 @@ impl DedupStore for PostgresDedupStore {
                     .fetch_optional(&self.pool),
             )
             .await?;
-        let Some((removed, state, lease_us)) = row else {
-            return Ok(Revival::Revived { previous: None });
-        };
-        let state = match state {
-            Some(s) => Some(state_from_sql("revive", &s)?),
-            None => None,
-        };
-        Ok(match (removed, state) {
-            (true, previous) => Revival::Revived { previous },
-            (false, Some(RecordState::Done)) => Revival::Done,
-            // A live lease; or a row the snapshot shows dead, released or
-            // lapsed that a concurrent claim made live before the DELETE
-            // could remove it: left alone either way, the safe answer.
-            (false, _) => Revival::InProgress {
-                retry_after: micros_to_duration(lease_us),
-            },
-        })
+        match row {
+            None => Ok(Revival::Revived { previous: None }),
+            Some((removed, state, lease_us)) => revival(removed, state, lease_us),
+        }
+    }
+
+    async fn revive_many(&self, records: &[(String, String)]) -> Result<Vec<Revival>, Error> {
+        for (scope, key) in records {
+            key::check(scope, key)?;
+        }
+        // Each distinct record once; a repeat answers as a second call would.
+        let mut first: HashMap<(&str, &str), usize> = HashMap::new();
+        let (mut scopes, mut keys) = (Vec::new(), Vec::new());
+        for (i, (scope, key)) in records.iter().enumerate() {
+            if first.insert((scope.as_str(), key.as_str()), i).is_none() {
+                scopes.push(scope.as_str());
+                keys.push(key.as_str());
+            }
+        }
+        if scopes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(String, String, bool, Option<String>, i64)> = self
+            .run(
+                "revive_many",
+                sqlx::query_as(AssertSqlSafe(self.sql.revive_many.clone()))
+                    .bind(&scopes)
+                    .bind(&keys)
+                    .fetch_all(&self.pool),
+            )
+            .await?;
+        let mut answers: HashMap<(String, String), Revival> = HashMap::new();
+        for (scope, key, removed, state, lease_us) in rows {
+            answers.insert((scope, key), revival(removed, state, lease_us)?);
+        }
+        let mut seen = HashSet::new();
+        Ok(records
+            .iter()
+            .map(|(scope, key)| {
+                let answer = answers
+                    .get(&(scope.clone(), key.clone()))
+                    .copied()
+                    .unwrap_or(Revival::Revived { previous: None });
+                match (seen.insert((scope, key)), answer) {
+                    (false, Revival::Revived { .. }) => Revival::Revived { previous: None },
+                    (_, answer) => answer,
+                }
+            })
+            .collect())
     }
 
     async fn claim_many(
