@@ -116,18 +116,22 @@ async fn dead_lettered(n: usize) -> (MemoryBroker, MemoryDedupStore, World) {
     (broker, store, world)
 }
 
-#[tokio::test]
-async fn revive_moves_dead_keys_and_never_revives_a_done_one() {
-    let (broker, store, world) = dead_lettered(6).await;
-    // m0 was handled since (a copy of it got through): its record is done.
-    store.forget(SCOPE, "m0").await.unwrap();
-    let idemq::Claim::Claimed(lease) = store.claim(SCOPE, "m0", ttl()).await.unwrap() else {
+/// A dead key handled since (a copy of it got through): its record is done.
+async fn handled_since(store: &MemoryDedupStore, key: &str) {
+    store.forget(SCOPE, key).await.unwrap();
+    let idemq::Claim::Claimed(lease) = store.claim(SCOPE, key, ttl()).await.unwrap() else {
         panic!("claim");
     };
     assert_eq!(
         store.complete(&lease, LONG).await.unwrap(),
         idemq::Fenced::Applied
     );
+}
+
+#[tokio::test]
+async fn revive_moves_dead_keys_and_never_revives_a_done_one() {
+    let (broker, store, world) = dead_lettered(6).await;
+    handled_since(&store, "m0").await;
     // m1 is being handled right now by a live consumer.
     store.forget(SCOPE, "m1").await.unwrap();
     let idemq::Claim::Claimed(_live) = store.claim(SCOPE, "m1", ttl()).await.unwrap() else {
@@ -198,14 +202,7 @@ fn ttl() -> ClaimTtl {
 #[tokio::test]
 async fn force_forgets_even_done_records() {
     let (broker, store, world) = dead_lettered(2).await;
-    store.forget(SCOPE, "m0").await.unwrap();
-    let idemq::Claim::Claimed(lease) = store.claim(SCOPE, "m0", ttl()).await.unwrap() else {
-        panic!("claim");
-    };
-    assert_eq!(
-        store.complete(&lease, LONG).await.unwrap(),
-        idemq::Fenced::Applied
-    );
+    handled_since(&store, "m0").await;
     let report = Replay::new(&broker, &store)
         .mode(ReplayMode::Force)
         .run(&CancellationToken::new())
