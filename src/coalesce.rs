@@ -44,7 +44,9 @@ use tokio::sync::oneshot;
 use crate::Error;
 use crate::error::BoxError;
 use crate::key;
-use crate::store::{Claim, ClaimTtl, DedupStore, Fenced, Lease, Record, Release, Revival};
+use crate::store::{
+    Claim, ClaimTtl, DedupStore, Fenced, Lease, Record, RecordState, Release, Revival,
+};
 
 /// Default for [`Coalescing::with_max_batch`].
 pub const DEFAULT_MAX_BATCH: usize = 128;
@@ -674,6 +676,9 @@ impl<S: DedupStore + 'static> DedupStore for Coalescing<S> {
 
     async fn get(&self, scope: &str, key: &str) -> Result<Option<Record>, Error> {
         self.inner.store.get(scope, key).await
+    }
+    async fn lease_state(&self, lease: &Lease) -> Result<Option<RecordState>, Error> {
+        self.inner.store.lease_state(lease).await
     }
 
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {

@@ -181,6 +181,15 @@ pub struct ClaimTtl {
 /// * `renew`, `complete`, `fail` and `bury` act only when the record is
 ///   `Claimed` with the caller's token (even if the lease lapsed, as long as
 ///   nobody took over), and answer [`Fenced::LeaseLost`] otherwise.
+/// * Settlements are idempotent: `complete`, `fail` or `bury` called again
+///   with the same lease, when the record already shows that settlement
+///   (the caller's token, in `Done`, `Released` or `Dead`), answer
+///   [`Fenced::Applied`] and change nothing. So a settlement whose answer
+///   was lost (a timeout, a cut connection) is retried safely, and only a
+///   record that another claim owns is a lost lease.
+/// * [`DedupStore::lease_state`] reads where a lease stands, for the
+///   settlements that cannot be retried (a transaction's `COMMIT` whose
+///   answer was lost).
 /// * A record outlives a lapsed lease by `retain`, so attempts are not lost.
 /// * Scopes never see each other's keys.
 ///
@@ -210,6 +219,15 @@ pub trait DedupStore: Send + Sync + 'static {
 
     /// Reads a record without changing it; `None` when absent or expired.
     async fn get(&self, scope: &str, key: &str) -> Result<Option<Record>, Error>;
+
+    /// Reads the record of `lease`'s key as that lease sees it: its state
+    /// while it still carries the lease's token (`Claimed` by it, or
+    /// settled by it: `Released`, `Done`, `Dead`); `None` when the record
+    /// is absent, expired, or another claim's. A fenced read: what the
+    /// engine asks after a settlement with an unknown outcome (a
+    /// transactional handler's `COMMIT` whose answer was lost) before it
+    /// acks, retries or releases.
+    async fn lease_state(&self, lease: &Lease) -> Result<Option<RecordState>, Error>;
 
     /// Deletes a record whatever its state, so the key can be handled again
     /// (forced replay). Answers whether a live record was there. A consumer
@@ -284,6 +302,9 @@ impl<T: DedupStore + ?Sized> DedupStore for Arc<T> {
     }
     async fn get(&self, scope: &str, key: &str) -> Result<Option<Record>, Error> {
         (**self).get(scope, key).await
+    }
+    async fn lease_state(&self, lease: &Lease) -> Result<Option<RecordState>, Error> {
+        (**self).lease_state(lease).await
     }
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
         (**self).forget(scope, key).await

@@ -113,6 +113,9 @@ impl DedupStore for Probe {
     async fn get(&self, scope: &str, key: &str) -> Result<Option<Record>, Error> {
         self.store.get(scope, key).await
     }
+    async fn lease_state(&self, lease: &Lease) -> Result<Option<RecordState>, Error> {
+        self.store.lease_state(lease).await
+    }
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
         self.store.forget(scope, key).await
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use idemq::{
     Broker, Claim, ClaimTtl, DeadLetter, DedupStore, Delivery, Error, Fenced, Lease,
-    OutgoingMessage, Record, Release, Revival,
+    OutgoingMessage, Record, RecordState, Release, Revival,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -59,6 +59,10 @@ impl<S: DedupStore> DedupStore for CountingStore<S> {
     async fn get(&self, scope: &str, key: &str) -> Result<Option<Record>, Error> {
         self.count();
         self.inner.get(scope, key).await
+    }
+    async fn lease_state(&self, lease: &Lease) -> Result<Option<RecordState>, Error> {
+        self.count();
+        self.inner.lease_state(lease).await
     }
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
         self.count();

@@ -129,15 +129,25 @@ impl MemoryDedupStore {
         dropped
     }
 
-    fn fenced(&self, lease: &Lease, op: impl FnOnce(&mut Entry, Instant)) -> Result<Fenced, Error> {
+    /// Runs `op` on the record when `lease` holds it; answers applied,
+    /// without running `op` again, when the record already shows this
+    /// lease's `settled` state (a settlement retried).
+    fn fenced(
+        &self,
+        lease: &Lease,
+        settled: Option<RecordState>,
+        op: impl FnOnce(&mut Entry, Instant),
+    ) -> Result<Fenced, Error> {
         key::check(&lease.scope, &lease.key)?;
         let now = Instant::now();
         let mut shard = self.shard(&lease.scope, &lease.key);
         match shard.live(&lease.scope, &lease.key, now) {
-            Some(e) if e.state == RecordState::Claimed && e.token == lease.token => {
+            Some(e) if e.token != lease.token => Ok(Fenced::LeaseLost),
+            Some(e) if e.state == RecordState::Claimed => {
                 op(e, now);
                 Ok(Fenced::Applied)
             }
+            Some(e) if Some(e.state) == settled => Ok(Fenced::Applied),
             _ => Ok(Fenced::LeaseLost),
         }
     }
@@ -196,21 +206,21 @@ impl DedupStore for MemoryDedupStore {
     }
 
     async fn renew(&self, lease: &Lease, extend: Duration) -> Result<Fenced, Error> {
-        self.fenced(lease, |e, now| {
+        self.fenced(lease, None, |e, now| {
             e.lease_deadline = now + extend;
             e.expires = e.expires.max(e.lease_deadline);
         })
     }
 
     async fn complete(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
-        self.fenced(lease, |e, now| {
+        self.fenced(lease, Some(RecordState::Done), |e, now| {
             e.state = RecordState::Done;
             e.expires = now + keep_for;
         })
     }
 
     async fn fail(&self, lease: &Lease, release: Release) -> Result<Fenced, Error> {
-        self.fenced(lease, |e, now| {
+        self.fenced(lease, Some(RecordState::Released), |e, now| {
             e.state = RecordState::Released;
             e.lease_deadline = now;
             if release == Release::RefundAttempt {
@@ -220,7 +230,7 @@ impl DedupStore for MemoryDedupStore {
     }
 
     async fn bury(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
-        self.fenced(lease, |e, now| {
+        self.fenced(lease, Some(RecordState::Dead), |e, now| {
             e.state = RecordState::Dead;
             e.expires = now + keep_for;
         })
@@ -237,6 +247,16 @@ impl DedupStore for MemoryDedupStore {
                 .then(|| e.lease_deadline.saturating_duration_since(now)),
             expires_in: e.expires - now,
         }))
+    }
+
+    async fn lease_state(&self, lease: &Lease) -> Result<Option<RecordState>, Error> {
+        key::check(&lease.scope, &lease.key)?;
+        let now = Instant::now();
+        let mut shard = self.shard(&lease.scope, &lease.key);
+        Ok(shard
+            .live(&lease.scope, &lease.key, now)
+            .filter(|e| e.token == lease.token)
+            .map(|e| e.state))
     }
 
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {

@@ -1,11 +1,12 @@
-//! Conformance suites every backend must pass, a loopback fault proxy, and
-//! helpers for tests against real services. Enabled by the `testing` feature.
+//! Conformance suites every backend must pass, a loopback fault proxy,
+//! crash points ([`crash`]), and helpers for tests against real services. Enabled by the `testing` feature.
 //!
 //! The suites are plain `pub async fn`s, one per behaviour, so a backend's
 //! tests call them one by one, or stamp them all out with
 //! [`crate::dedup_store_conformance!`] / [`crate::broker_conformance!`].
 
 pub mod broker;
+pub mod crash;
 mod fault_proxy;
 pub mod store;
 
@@ -96,7 +97,8 @@ macro_rules! dedup_store_conformance {
             refund_gives_the_attempt_back, bury_makes_dead, scopes_are_isolated,
             done_expires_after_keep_for, forget_makes_key_claimable, revive_touches_only_what_is_safe,
             revive_races_claims_safely, revive_many_answers_in_order, renew_extends_lease,
-            batch_forms_answer_in_order, rejects_bad_scope_and_key);
+            batch_forms_answer_in_order, rejects_bad_scope_and_key,
+            settlements_retried_find_their_own);
     };
     (@tests $setup:expr; $($name:ident),* $(,)?) => {
         $(

@@ -107,8 +107,15 @@ pub async fn complete_makes_duplicates_done<S: DedupStore + ?Sized>(store: &S, s
         Claim::Done
     );
     assert_eq!(state(store, scope, "k").await, Some((RecordState::Done, 1)));
+    // The same completion again (its first answer lost): applied, no change.
     assert_eq!(
         store.complete(&lease, LONG).await.expect("complete"),
+        Fenced::Applied
+    );
+    assert_eq!(state(store, scope, "k").await, Some((RecordState::Done, 1)));
+    // Another settlement of a done key is refused.
+    assert_eq!(
+        store.bury(&lease, LONG).await.expect("bury"),
         Fenced::LeaseLost
     );
     assert_eq!(
@@ -230,11 +237,20 @@ pub async fn fail_releases_and_counts_attempts<S: DedupStore + ?Sized>(store: &S
             state(store, scope, "k").await,
             Some((RecordState::Released, expected))
         );
+        // Retried (its first answer lost): applied, nothing changes.
         assert_eq!(
             store
                 .fail(&lease, Release::CountAttempt)
                 .await
                 .expect("fail"),
+            Fenced::Applied
+        );
+        assert_eq!(
+            state(store, scope, "k").await,
+            Some((RecordState::Released, expected))
+        );
+        assert_eq!(
+            store.complete(&lease, LONG).await.expect("complete"),
             Fenced::LeaseLost
         );
     }
@@ -263,6 +279,18 @@ pub async fn refund_gives_the_attempt_back<S: DedupStore + ?Sized>(store: &S, sc
         state(store, scope, "k").await,
         Some((RecordState::Released, 1))
     );
+    // A refund retried does not give back a second attempt.
+    assert_eq!(
+        store
+            .fail(&second, Release::RefundAttempt)
+            .await
+            .expect("fail"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        state(store, scope, "k").await,
+        Some((RecordState::Released, 1))
+    );
     assert_eq!(must_claim(store, scope, "k", ttl(LONG)).await.attempt, 2);
 }
 
@@ -279,9 +307,99 @@ pub async fn bury_makes_dead<S: DedupStore + ?Sized>(store: &S, scope: &str) {
     );
     assert_eq!(state(store, scope, "k").await, Some((RecordState::Dead, 1)));
     assert_eq!(
+        store.bury(&lease, LONG).await.expect("bury retried"),
+        Fenced::Applied
+    );
+    assert_eq!(
         store.complete(&lease, LONG).await.expect("complete"),
         Fenced::LeaseLost
     );
+    assert_eq!(state(store, scope, "k").await, Some((RecordState::Dead, 1)));
+}
+
+/// A settlement whose answer was lost is told apart from a lost lease:
+/// [`DedupStore::lease_state`] shows the lease's own record (claimed, then
+/// settled) and nothing once another claim owns the key; a completion
+/// retried, alone or twice in one batch, answers applied; only another
+/// token's record is a lost lease, and no read or settlement of an absent
+/// key creates one.
+pub async fn settlements_retried_find_their_own<S: DedupStore + ?Sized>(store: &S, scope: &str) {
+    let lease = must_claim(store, scope, "k", ttl(LONG)).await;
+    let read = |l: Lease| async move { store.lease_state(&l).await.expect("lease_state") };
+    assert_eq!(read(lease.clone()).await, Some(RecordState::Claimed));
+    let mut forged = lease.clone();
+    forged.token = LeaseToken(lease.token.0 ^ 1);
+    assert_eq!(read(forged.clone()).await, None);
+    let done = store
+        .complete_many(&[lease.clone(), lease.clone(), forged], LONG)
+        .await
+        .expect("complete_many");
+    assert_eq!(
+        done,
+        vec![Fenced::Applied, Fenced::Applied, Fenced::LeaseLost],
+        "a lease twice in one batch answers as two calls in a row"
+    );
+    assert_eq!(read(lease.clone()).await, Some(RecordState::Done));
+    for _ in 0..2 {
+        assert_eq!(
+            store.complete(&lease, LONG).await.expect("complete"),
+            Fenced::Applied
+        );
+        assert_eq!(
+            store
+                .complete_many(std::slice::from_ref(&lease), LONG)
+                .await
+                .expect("complete_many"),
+            vec![Fenced::Applied]
+        );
+    }
+    assert_eq!(state(store, scope, "k").await, Some((RecordState::Done, 1)));
+
+    // Released, then taken over by a new claim: the old lease's retries
+    // are refused and its reads show nothing.
+    let old = must_claim(store, scope, "r", ttl(LONG)).await;
+    assert_eq!(
+        store.fail(&old, Release::CountAttempt).await.expect("fail"),
+        Fenced::Applied
+    );
+    assert_eq!(read(old.clone()).await, Some(RecordState::Released));
+    let new = must_claim(store, scope, "r", ttl(LONG)).await;
+    assert_eq!(new.attempt, 2);
+    assert_eq!(read(old.clone()).await, None);
+    assert_eq!(read(new.clone()).await, Some(RecordState::Claimed));
+    assert_eq!(
+        store.fail(&old, Release::CountAttempt).await.expect("fail"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store.complete(&old, LONG).await.expect("complete"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        state(store, scope, "r").await,
+        Some((RecordState::Claimed, 2))
+    );
+
+    // Buried: its own reads show it dead.
+    assert_eq!(store.bury(&new, LONG).await.expect("bury"), Fenced::Applied);
+    assert_eq!(read(new).await, Some(RecordState::Dead));
+
+    // Absent: nothing to read, nothing created.
+    let mut absent = lease.clone();
+    absent.key = "absent".into();
+    assert_eq!(read(absent.clone()).await, None);
+    assert_eq!(
+        store.complete(&absent, LONG).await.expect("complete"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        store
+            .fail(&absent, Release::RefundAttempt)
+            .await
+            .expect("fail"),
+        Fenced::LeaseLost
+    );
+    assert_eq!(state(store, scope, "absent").await, None);
 }
 
 /// The same key in two scopes is two records.

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -105,6 +105,7 @@ pub(crate) struct Statements {
     fail: Arc<str>,
     bury: Arc<str>,
     get: Arc<str>,
+    lease_state: Arc<str>,
     forget: Arc<str>,
     revive: Arc<str>,
     revive_many: Arc<str>,
@@ -158,14 +159,20 @@ impl Statements {
             )
             .into()
         };
-        let fenced = |set: &str| -> Arc<str> {
+        // A fenced update of the caller's claim; `settled` is the state a
+        // settlement leaves, which the same lease finds when it retries
+        // (the answer of the first call lost): the row then matches again,
+        // and the `CASE`s in `set` leave it as it is.
+        let fenced = |set: &str, settled: &str| -> Arc<str> {
             format!(
                 "UPDATE {t} AS d SET {set}
                  WHERE d.scope = $1 AND d.key = $2 AND d.token = $3
-                   AND d.state = 'claimed' AND d.expires_at > now()"
+                   AND d.state IN ('claimed'{settled}) AND d.expires_at > now()"
             )
             .into()
         };
+        let keep =
+            "expires_at = CASE WHEN d.state = 'claimed' THEN now() + $4 ELSE d.expires_at END";
         Statements {
             // $1 scope, $2 key, $3 token, $4 lease, $5 record lifetime.
             // Answers one row: (won, state, attempts, lease µs left, expired).
@@ -216,22 +223,35 @@ impl Statements {
             // $4: the new lease.
             renew: fenced(
                 "lease_until = now() + $4, expires_at = greatest(d.expires_at, now() + $4)",
+                "",
             ),
             // $4: keep_for.
-            complete: fenced("state = 'done', expires_at = now() + $4"),
+            complete: fenced(&format!("state = 'done', {keep}"), ", 'done'"),
             // $4: 1 to refund the attempt, 0 to keep it.
             fail: fenced(
-                "state = 'released', lease_until = now(), attempts = greatest(d.attempts - $4, 0)",
+                "state = 'released',
+                 lease_until = CASE WHEN d.state = 'claimed' THEN now() ELSE d.lease_until END,
+                 attempts = CASE WHEN d.state = 'claimed' THEN greatest(d.attempts - $4, 0)
+                            ELSE d.attempts END",
+                ", 'released'",
             ),
             // $4: keep_for.
-            bury: fenced("state = 'dead', expires_at = now() + $4"),
-            // $1 scopes, $2 keys, $3 tokens, $4 keep_for. Answers the applied ones.
+            bury: fenced(&format!("state = 'dead', {keep}"), ", 'dead'"),
+            // $1 scopes, $2 keys, $3 tokens, $4 keep_for. Answers the applied
+            // ones (those already done by the same lease included).
             complete_many: format!(
-                "UPDATE {t} AS d SET state = 'done', expires_at = now() + $4
+                "UPDATE {t} AS d SET state = 'done', {keep}
                  FROM unnest($1::text[], $2::text[], $3::bigint[]) AS l(scope, key, token)
                  WHERE d.scope = l.scope AND d.key = l.key AND d.token = l.token
-                   AND d.state = 'claimed' AND d.expires_at > now()
+                   AND d.state IN ('claimed', 'done') AND d.expires_at > now()
                  RETURNING d.scope, d.key, d.token"
+            )
+            .into(),
+            // $1 scope, $2 key, $3 token: the state of the row while it
+            // carries that token.
+            lease_state: format!(
+                "SELECT d.state FROM {t} AS d
+                 WHERE d.scope = $1 AND d.key = $2 AND d.token = $3 AND d.expires_at > now()"
             )
             .into(),
             get: format!(
@@ -361,6 +381,8 @@ fn answer(row: ClaimRow, lease: impl FnOnce(u32) -> Lease) -> Result<Answer, Err
 #[derive(Clone)]
 pub struct PostgresDedupStore {
     pool: PgPool,
+    /// The store's own operations' pool, made on first use (see `ops`).
+    ops: Arc<OnceLock<PgPool>>,
     table: TableName,
     sql: Arc<Statements>,
     op_timeout: Option<Duration>,
@@ -497,6 +519,7 @@ impl PostgresDedupStore {
         PostgresDedupStore {
             sql: Arc::new(Statements::new(&table)),
             pool,
+            ops: Arc::default(),
             table,
             op_timeout: Some(DEFAULT_OP_TIMEOUT),
         }
@@ -511,6 +534,7 @@ impl PostgresDedupStore {
         Ok(PostgresDedupStore {
             sql: Arc::new(Statements::new(&table)),
             pool: self.pool,
+            ops: self.ops,
             table,
             op_timeout: self.op_timeout,
         })
@@ -526,6 +550,21 @@ impl PostgresDedupStore {
     pub fn with_op_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.op_timeout = timeout.into();
         self
+    }
+
+    /// The pool the store's own operations (claims, renewals, settlements,
+    /// reads) run on: a second pool with the connect options and the size
+    /// of [`PostgresDedupStore::pool`], opened lazily. Transactional
+    /// handlers hold connections of the main pool for as long as they run;
+    /// on a pool of its own, a lease renewal never waits behind them.
+    fn ops(&self) -> &PgPool {
+        self.ops.get_or_init(|| {
+            let main = self.pool.options();
+            PgPoolOptions::new()
+                .max_connections(main.get_max_connections())
+                .acquire_timeout(main.get_acquire_timeout())
+                .connect_lazy_with((*self.pool.connect_options()).clone())
+        })
     }
 
     /// Runs one statement under the operation timeout, mapping its error.
@@ -581,7 +620,15 @@ impl PostgresDedupStore {
         Ok(PostgresDedupStore::new(pool))
     }
 
-    /// The pool (for your own queries, or a [`crate::transactional`] handler).
+    /// The operation timeout ([`PostgresDedupStore::with_op_timeout`]).
+    pub fn op_timeout(&self) -> Option<Duration> {
+        self.op_timeout
+    }
+
+    /// The pool (for your own queries, or a [`crate::transactional`]
+    /// handler). The store's own operations run on a second pool of the
+    /// same options and size, so that handlers holding this one's
+    /// connections never hold up a lease renewal.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
@@ -602,7 +649,7 @@ impl PostgresDedupStore {
     /// cheap when there is nothing to do. See the
     /// [crate docs](crate#schema-and-migrations).
     pub async fn migrate(&self) -> Result<(), Error> {
-        migrate::run(&self.pool, &self.table).await
+        migrate::run(self.ops(), &self.table).await
     }
 
     /// The DDL [`PostgresDedupStore::migrate`] runs for this table, as
@@ -625,7 +672,7 @@ impl PostgresDedupStore {
                 "purge",
                 sqlx::query(AssertSqlSafe(self.sql.purge.clone()))
                     .bind(limit)
-                    .execute(&self.pool),
+                    .execute(self.ops()),
             )
             .await?;
         Ok(done.rows_affected())
@@ -673,7 +720,7 @@ impl PostgresDedupStore {
                     OP,
                     sqlx::query_as(AssertSqlSafe(self.sql.count_states_in_scope.clone()))
                         .bind(scope)
-                        .fetch_all(&self.pool),
+                        .fetch_all(self.ops()),
                 )
                 .await?
             }
@@ -681,7 +728,7 @@ impl PostgresDedupStore {
                 self.run(
                     OP,
                     sqlx::query_as(AssertSqlSafe(self.sql.count_states.clone()))
-                        .fetch_all(&self.pool),
+                        .fetch_all(self.ops()),
                 )
                 .await?
             }
@@ -716,7 +763,7 @@ impl PostgresDedupStore {
             FencedArg::Interval(d) => q.bind(interval(d)),
             FencedArg::Int(i) => q.bind(i),
         };
-        let done = self.run(op_name, q.execute(&self.pool)).await?;
+        let done = self.run(op_name, q.execute(self.ops())).await?;
         Ok(if done.rows_affected() > 0 {
             Fenced::Applied
         } else {
@@ -743,7 +790,7 @@ impl PostgresDedupStore {
                     .bind(&sql_tokens)
                     .bind(interval(ttl.lease))
                     .bind(interval(ttl.lease.max(ttl.retain)))
-                    .fetch_all(&self.pool),
+                    .fetch_all(self.ops()),
             )
             .await?;
         let token_of: HashMap<&str, LeaseToken> =
@@ -787,7 +834,7 @@ impl DedupStore for PostgresDedupStore {
                         .bind(token_to_sql(token))
                         .bind(interval(ttl.lease))
                         .bind(interval(ttl.lease.max(ttl.retain)))
-                        .fetch_optional(&self.pool),
+                        .fetch_optional(self.ops()),
                 )
                 .await?;
             let Some(row) = row else {
@@ -848,7 +895,7 @@ impl DedupStore for PostgresDedupStore {
                 sqlx::query_as(AssertSqlSafe(self.sql.get.clone()))
                     .bind(scope)
                     .bind(key)
-                    .fetch_optional(&self.pool),
+                    .fetch_optional(self.ops()),
             )
             .await?;
         let Some((state, attempts, lease_us, expires_us)) = row else {
@@ -863,6 +910,23 @@ impl DedupStore for PostgresDedupStore {
         }))
     }
 
+    async fn lease_state(&self, lease: &Lease) -> Result<Option<RecordState>, Error> {
+        key::check(&lease.scope, &lease.key)?;
+        let state: Option<String> = self
+            .run(
+                "lease_state",
+                sqlx::query_scalar(AssertSqlSafe(self.sql.lease_state.clone()))
+                    .bind(&lease.scope)
+                    .bind(&lease.key)
+                    .bind(token_to_sql(lease.token))
+                    .fetch_optional(self.ops()),
+            )
+            .await?;
+        state
+            .map(|state| state_from_sql("lease_state", &state))
+            .transpose()
+    }
+
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
         key::check(scope, key)?;
         let live: Option<bool> = self
@@ -871,7 +935,7 @@ impl DedupStore for PostgresDedupStore {
                 sqlx::query_scalar(AssertSqlSafe(self.sql.forget.clone()))
                     .bind(scope)
                     .bind(key)
-                    .fetch_optional(&self.pool),
+                    .fetch_optional(self.ops()),
             )
             .await?;
         Ok(live.unwrap_or(false))
@@ -885,7 +949,7 @@ impl DedupStore for PostgresDedupStore {
                 sqlx::query_as(AssertSqlSafe(self.sql.revive.clone()))
                     .bind(scope)
                     .bind(key)
-                    .fetch_optional(&self.pool),
+                    .fetch_optional(self.ops()),
             )
             .await?;
         match row {
@@ -916,7 +980,7 @@ impl DedupStore for PostgresDedupStore {
                 sqlx::query_as(AssertSqlSafe(self.sql.revive_many.clone()))
                     .bind(&scopes)
                     .bind(&keys)
-                    .fetch_all(&self.pool),
+                    .fetch_all(self.ops()),
             )
             .await?;
         let mut answers: HashMap<(String, String), Revival> = HashMap::new();
@@ -1015,17 +1079,17 @@ impl DedupStore for PostgresDedupStore {
                     .bind(&keys)
                     .bind(&tokens)
                     .bind(interval(keep_for))
-                    .fetch_all(&self.pool),
+                    .fetch_all(self.ops()),
             )
             .await?;
-        let mut applied: HashSet<(String, String, i64)> = rows.into_iter().collect();
-        // A lease repeated in the batch is applied once; its repeats find it
-        // settled, as they would one call after another.
+        let applied: HashSet<(String, String, i64)> = rows.into_iter().collect();
+        // A lease repeated in the batch is applied once; its repeats find
+        // their own done record, applied as one call after another would.
         Ok(leases
             .iter()
             .map(|l| {
                 let id = (l.scope.clone(), l.key.clone(), token_to_sql(l.token));
-                if applied.remove(&id) {
+                if applied.contains(&id) {
                     Fenced::Applied
                 } else {
                     Fenced::LeaseLost

@@ -15,7 +15,7 @@ use idemq::memory::MemoryBroker;
 use idemq::testing::unique_scope;
 use idemq::{
     Backoff, Broker, Claim, ClaimTtl, DedupStore, Engine, Error, Fenced, HandlerError, Lease,
-    OutgoingMessage, Record, Release, Report, Revival,
+    OutgoingMessage, Record, RecordState, Release, Report, Revival,
 };
 use idemq_postgres::{PostgresDedupStore, sql_error};
 use sqlx::AssertSqlSafe;
@@ -64,6 +64,9 @@ impl DedupStore for LapsingStore {
     }
     async fn get(&self, scope: &str, key: &str) -> Result<Option<Record>, Error> {
         self.0.get(scope, key).await
+    }
+    async fn lease_state(&self, lease: &Lease) -> Result<Option<RecordState>, Error> {
+        self.0.lease_state(lease).await
     }
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
         self.0.forget(scope, key).await

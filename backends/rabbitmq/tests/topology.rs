@@ -14,7 +14,7 @@ use idemq::memory::MemoryDedupStore;
 use idemq::replay::peek;
 use idemq::{
     Backoff, Broker, Claim, ClaimTtl, DedupStore, Engine, Error, Fenced, Lease, Message,
-    OutgoingMessage, Record, Release, Revival,
+    OutgoingMessage, Record, RecordState, Release, Revival,
 };
 use idemq_rabbitmq::{QueueType, RabbitBroker, RabbitDeadLetters, topology};
 use lapin::options::QueueDeclareOptions;
@@ -270,6 +270,9 @@ impl DedupStore for Outage {
     }
     async fn get(&self, scope: &str, key: &str) -> Result<Option<Record>, Error> {
         self.inner.get(scope, key).await
+    }
+    async fn lease_state(&self, lease: &Lease) -> Result<Option<RecordState>, Error> {
+        self.inner.lease_state(lease).await
     }
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
         self.inner.forget(scope, key).await

@@ -733,7 +733,7 @@ impl RedisDedupStore {
         let prefix = self.inner.config.prefix();
         let (cmd, expected) = command::settle_if_equal(prefix, lease, state, slack, keep);
         let reply = self.send(op, cmd).await?;
-        Ok(read_settled_if_equal(&reply, &expected))
+        Ok(read_settled_if_equal(&reply, &expected, state))
     }
 
     async fn fenced(
@@ -807,6 +807,38 @@ impl DedupStore for RedisDedupStore {
         cmd.arg(self.key_unchecked(scope, key));
         let reply = self.eval("get", &scripts::GET, cmd).await?;
         parse_record("get", reply)
+    }
+
+    async fn lease_state(&self, lease: &Lease) -> Result<Option<RecordState>, Error> {
+        key::check(&lease.scope, &lease.key)?;
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.key_unchecked(&lease.scope, &lease.key));
+        let reply = self.send("lease_state", cmd).await?;
+        match self.server_reply("lease_state", reply)? {
+            Value::Nil => Ok(None),
+            Value::BulkString(old) => {
+                let Some((state, token, _)) = record_fields(&old) else {
+                    return Err(error::unexpected(
+                        "lease_state",
+                        "the key holds a string that is not a dedup record".into(),
+                    ));
+                };
+                if token != lease.token.to_string() {
+                    return Ok(None);
+                }
+                // record_fields lets only these four letters through.
+                Ok(Some(match state {
+                    "c" => RecordState::Claimed,
+                    "r" => RecordState::Released,
+                    "d" => RecordState::Done,
+                    _ => RecordState::Dead,
+                }))
+            }
+            other => Err(error::unexpected(
+                "lease_state",
+                format!("GET answered {other:?}"),
+            )),
+        }
     }
 
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
@@ -1019,14 +1051,14 @@ fn read_fresh_claim(reply: &Value, scope: &str, key: &str, token: LeaseToken) ->
 /// `lua/record.lua` accepts): `<state>:<hex token>:<attempts, at most 10
 /// digits>:<slack digits>`.
 fn record_state(old: &[u8]) -> Option<&str> {
-    record_fields(old).map(|(state, _)| state)
+    record_fields(old).map(|(state, _, _)| state)
 }
 
-/// The state and the slack (ms) of `old` when it is a well-formed record
-/// (see [`record_state`]). A slack too large for a `u64` reads as
+/// The state, the token and the slack (ms) of `old` when it is a
+/// well-formed record (see [`record_state`]). A slack too large for a `u64` reads as
 /// `u64::MAX`: a lease that never holds, as in the scripts (where it is a
 /// float above any TTL).
-fn record_fields(old: &[u8]) -> Option<(&str, u64)> {
+fn record_fields(old: &[u8]) -> Option<(&str, &str, u64)> {
     let old = std::str::from_utf8(old).ok()?;
     let mut fields = old.split(':');
     let (state, token, attempts, slack) = (
@@ -1043,25 +1075,36 @@ fn record_fields(old: &[u8]) -> Option<(&str, u64)> {
         && digits(attempts)
         && attempts.len() <= 10
         && digits(slack);
-    well_formed.then(|| (state, slack.parse().unwrap_or(u64::MAX)))
+    well_formed.then(|| (state, token, slack.parse().unwrap_or(u64::MAX)))
 }
 
 /// What the `SET ... IFEQ <expected> GET` of
 /// [`RedisDedupStore::settle_if_equal`] decides from its reply: applied
-/// when the key held `expected` (`c:<token>:<attempt>:<slack>`); lease
-/// lost when it held nothing or a record that is not the caller's claim
-/// (any claim of this lease starts as `expected` does, up to its last
-/// `:`). `None` (the script decides) for the caller's claim with another
-/// slack, and for anything that is not a record, or not a string.
-fn read_settled_if_equal(reply: &Value, expected: &[u8]) -> Option<Fenced> {
+/// when the key held `expected` (`c:<token>:<attempt>:<slack>`), or held
+/// the record this settlement writes (`<state>:<token>:<attempt>:0`: the
+/// same lease settled it before and the answer was lost); lease lost when
+/// it held nothing or a record that is not the caller's claim (any claim
+/// of this lease starts as `expected` does, up to its last `:`). `None`
+/// (the script decides) for the caller's claim with another slack, and
+/// for anything that is not a record, or not a string.
+fn read_settled_if_equal(reply: &Value, expected: &[u8], state: &str) -> Option<Fenced> {
     let mine = expected
         .iter()
         .rposition(|&b| b == b':')
         .map_or(expected, |colon| &expected[..=colon]);
+    // `<state>:<token>:<attempt>:0`, compared piece by piece.
+    let settled = |old: &[u8]| {
+        mine.len() > 1
+            && old.len() == state.len() + mine.len()
+            && old.starts_with(state.as_bytes())
+            && old[state.len()..].starts_with(&mine[1..])
+            && old.ends_with(b"0")
+    };
     match reply {
         Value::Nil => Some(Fenced::LeaseLost),
         Value::BulkString(old) if old == expected => Some(Fenced::Applied),
         Value::BulkString(old) if old.starts_with(mine) => None,
+        Value::BulkString(old) if settled(old) => Some(Fenced::Applied),
         Value::BulkString(old) => record_state(old).map(|_| Fenced::LeaseLost),
         _ => None,
     }
@@ -1348,15 +1391,20 @@ mod tests {
     #[test]
     fn a_set_ifeq_decides_only_what_it_can() {
         let expected = "c:0000000000000007:2:540000";
-        let read = |v: Value| read_settled_if_equal(&v, expected.as_bytes());
+        let read = |v: Value| read_settled_if_equal(&v, expected.as_bytes(), "d");
         let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
         assert_eq!(read(bulk(expected)), Some(Fenced::Applied));
+        // This lease's own done record: a completion retried.
+        assert_eq!(read(bulk("d:0000000000000007:2:0")), Some(Fenced::Applied));
         assert_eq!(read(Value::Nil), Some(Fenced::LeaseLost));
         for other in [
             "c:0000000000000008:3:540000",
             "c:0000000000000007:1:540000",
             "r:0000000000000007:2:540000",
-            "d:0000000000000007:2:0",
+            "d:0000000000000007:1:0",
+            "d:0000000000000007:2:00",
+            "d:0000000000000008:2:0",
+            "x:0000000000000007:2:0",
             "x:0000000000000009:5:0",
         ] {
             assert_eq!(read(bulk(other)), Some(Fenced::LeaseLost), "{other}");

@@ -314,7 +314,8 @@ async fn a_settle_that_misses_leaves_the_record_exactly_as_it_was() {
     );
     assert_eq!(snapshot(&mut conn, &key).await, held);
 
-    // A done record stays done, with its own expiry, when completed again.
+    // A done record stays done, with its own expiry, when completed again:
+    // the same lease's retry is applied and changes nothing.
     assert_eq!(
         store
             .complete(&second, 20 * SECOND)
@@ -327,7 +328,7 @@ async fn a_settle_that_misses_leaves_the_record_exactly_as_it_was() {
     assert_ne!(done.1, held.1, "complete sets keep_for");
     assert_eq!(
         store.complete(&second, 5 * SECOND).await.expect("again"),
-        Fenced::LeaseLost
+        Fenced::Applied
     );
     assert_eq!(
         store.bury(&second, 5 * SECOND).await.expect("bury"),
@@ -335,14 +336,15 @@ async fn a_settle_that_misses_leaves_the_record_exactly_as_it_was() {
     );
     assert_eq!(snapshot(&mut conn, &key).await, done);
 
-    // In a batch, the miss is put back and the hit applies.
+    // In a batch, the retried one changes nothing and the new one applies;
+    // the stale lease misses.
     let other = must_claim(&store, "s", "other", ttl(30 * SECOND, 30 * SECOND)).await;
     assert_eq!(
         store
-            .complete_many(&[second.clone(), other.clone()], 5 * SECOND)
+            .complete_many(&[second.clone(), first.clone(), other.clone()], 5 * SECOND)
             .await
             .expect("complete_many"),
-        vec![Fenced::LeaseLost, Fenced::Applied]
+        vec![Fenced::Applied, Fenced::LeaseLost, Fenced::Applied]
     );
     assert_eq!(snapshot(&mut conn, &key).await, done);
     let record = store.get("s", "other").await.expect("get").expect("kept");

@@ -180,7 +180,7 @@ fn parse_scan(reply: Value) -> Result<(Vec<u8>, Vec<Vec<u8>>), Error> {
 /// while the TTL is above its slack. Answers false, counting nothing, for
 /// a value that is not a record, or a key gone by the time of its `PTTL`.
 fn tally(counts: &mut RecordCounts, value: &[u8], pttl: i64) -> bool {
-    let Some((state, slack)) = record_fields(value) else {
+    let Some((state, _, slack)) = record_fields(value) else {
         return false;
     };
     if pttl == -2 {
