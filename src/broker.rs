@@ -35,8 +35,21 @@ pub trait Broker: Send + Sync + 'static {
     }
 
     /// Waits for the next delivery of the work queue. `Ok(None)` means the
-    /// broker is closed for good and no delivery will ever come.
+    /// broker is closed for good and no delivery will ever come. After
+    /// [`Broker::pause`], the first call resumes the flow of deliveries.
     async fn next(&self) -> Result<Option<Delivery>, Error>;
+
+    /// Stops the flow of deliveries to this consumer until the next call
+    /// of [`Broker::next`], and gives back (requeued, for other consumers)
+    /// what the client holds that `next` has not handed out yet. The
+    /// engine calls it when its dedup store fails (fail closed), so a
+    /// consumer cut off from its store does not sit on messages others
+    /// could handle. Answers whether the broker paused; the default does
+    /// nothing and answers `false` (nothing is held ahead: the in-memory
+    /// broker hands out only what `next` returns).
+    async fn pause(&self) -> Result<bool, Error> {
+        Ok(false)
+    }
 
     /// Acknowledges a delivery: the broker forgets the message.
     async fn ack(&self, delivery: &Delivery) -> Result<(), Error>;
@@ -81,6 +94,9 @@ impl<T: Broker + ?Sized> Broker for Arc<T> {
     }
     async fn next(&self) -> Result<Option<Delivery>, Error> {
         (**self).next().await
+    }
+    async fn pause(&self) -> Result<bool, Error> {
+        (**self).pause().await
     }
     async fn ack(&self, delivery: &Delivery) -> Result<(), Error> {
         (**self).ack(delivery).await

@@ -70,7 +70,7 @@ pub mod testing;
 
 pub use broker::Broker;
 pub use coalesce::Coalescing;
-pub use engine::{Config, Engine, EngineBuilder, Report, Stopped};
+pub use engine::{Config, Engine, EngineBuilder, RELEASE_BOUND, Report, Stopped};
 pub use error::{BoxError, Error};
 pub use handler::{Completion, Handler, HandlerError, JsonHandler, Message, json};
 pub use key::KeyStrategy;

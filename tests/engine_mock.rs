@@ -83,6 +83,9 @@ async fn store_down_means_no_handler_call_no_ack_and_a_pause() {
         .collect();
     let mut broker = broker_with(deliveries, &mut seq);
     broker.expect_ack().never();
+    // The consumer is asked to pause (give back what it holds) while the
+    // store is down; this one cannot, so the engine backs off instead.
+    broker.expect_pause().times(1..).returning(|| Ok(false));
     broker
         .expect_nack()
         .times(3)
@@ -152,6 +155,7 @@ async fn complete_failing_keeps_the_lease_and_requeues() {
     let mut seq = Sequence::new();
     let mut broker = broker_with(vec![Delivery::new(1, "x").with_message_id("k")], &mut seq);
     broker.expect_ack().never();
+    broker.expect_pause().returning(|| Ok(false));
     broker
         .expect_nack()
         .times(1)

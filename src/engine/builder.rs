@@ -160,8 +160,11 @@ impl<B: Broker, S: DedupStore, H: Handler> EngineBuilder<B, S, H> {
         self
     }
 
-    /// How long in-flight handlers may run on after shutdown is asked for;
-    /// the claims of those still running then are released. Default 30 s.
+    /// How long in-flight handlers (and their settlements) may run on after
+    /// shutdown is asked for; the claims of those still running then are
+    /// released, within [`crate::engine::RELEASE_BOUND`] more. So
+    /// [`Engine::run`] returns at most this plus that bound after shutdown,
+    /// whatever the store and the broker do. Default 30 s.
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.config.shutdown_grace = grace;
         self

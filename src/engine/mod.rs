@@ -8,10 +8,10 @@ mod process;
 mod report;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,6 +21,13 @@ pub use report::{Report, Stopped};
 
 use crate::{Broker, DedupStore, Handler};
 use report::Counters;
+
+/// How long, after the shutdown grace, the engine waits for the deliveries
+/// still in flight to be released (claim given back, delivery requeued)
+/// before it returns anyway. Deliveries not settled by then are left to
+/// the broker (it redelivers what a closed consumer held) and their claims
+/// to their leases: as after a crash, nothing is lost.
+pub const RELEASE_BOUND: Duration = Duration::from_secs(2);
 
 /// A consumer that makes message handling idempotent.
 ///
@@ -61,6 +68,10 @@ pub(crate) struct Shared<B, S, H> {
     pub(crate) cfg: Config,
     pub(crate) counters: Counters,
     gate: StoreGate,
+    /// Set once the broker paused on request ([`Broker::pause`]): a
+    /// delivery the store failed for is then given back at once, for
+    /// consumers that reach the store, instead of after a backoff.
+    pub(crate) pausable: AtomicBool,
 }
 
 /// Fail-closed bookkeeping: consecutive store failures and the instant
@@ -69,6 +80,9 @@ struct StoreGate {
     epoch: Instant,
     failures: AtomicU32,
     paused_until_us: AtomicU64,
+    /// Woken when the gate closes (the first failure after a success), so
+    /// the intake loop notices while it waits for a slot or a delivery.
+    closed: Notify,
 }
 
 impl StoreGate {
@@ -91,6 +105,9 @@ impl<B: Broker, S: DedupStore, H: Handler> Shared<B, S, H> {
             .failures
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1);
+        if n == 1 {
+            self.gate.closed.notify_waiters();
+        }
         let delay = self.cfg.store_backoff.delay(n);
         let until = (Instant::now() + delay).duration_since(self.gate.epoch);
         self.gate.paused_until_us.fetch_max(
@@ -128,7 +145,9 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                     epoch: Instant::now(),
                     failures: AtomicU32::new(0),
                     paused_until_us: AtomicU64::new(0),
+                    closed: Notify::new(),
                 },
+                pausable: AtomicBool::new(false),
             }),
         }
     }
@@ -144,7 +163,9 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
     /// On shutdown it stops taking deliveries, lets in-flight handlers
     /// finish for up to the grace period, then releases the claims of
     /// those still running (their attempt refunded) and requeues their
-    /// deliveries. It returns what it did. A transient broker error is
+    /// deliveries. It returns what it did, at most the grace period plus
+    /// [`RELEASE_BOUND`] after `shutdown`, even while the store or the
+    /// broker hangs. A transient broker error is
     /// retried with backoff; a permanent one ends the run
     /// ([`Stopped::BrokerFailed`]) after in-flight work is settled.
     pub async fn run(self, shutdown: CancellationToken) -> Report {
@@ -164,37 +185,68 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
         let slots = Arc::new(Semaphore::new(sh.cfg.concurrency));
         let tracker = TaskTracker::new();
         let abort = CancellationToken::new();
+        let stop = CancellationToken::new();
         let mut broker_failures = 0u32;
+        let mut paused = false;
         let stopped = loop {
             if let Some(until) = sh.gate.paused_until() {
+                // Fail closed without hoarding: stop the flow and give back
+                // what the broker client holds, for consumers that reach
+                // the store; `next` resumes it after the backoff.
+                if !paused {
+                    paused = true;
+                    match sh.broker.pause().await {
+                        Ok(true) => {
+                            sh.pausable.store(true, Ordering::Relaxed);
+                            tracing::warn!(
+                                "dedup store unreachable: consumption paused, deliveries held \
+                                 ahead given back to the broker"
+                            );
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(error = %e, "could not pause the consumer"),
+                    }
+                }
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break Stopped::Shutdown,
                     _ = tokio::time::sleep_until(until) => {}
                 }
+                continue;
             }
+            paused = false;
+            let gate_closed = sh.gate.closed.notified();
+            tokio::pin!(gate_closed);
             let slot = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Stopped::Shutdown,
+                _ = &mut gate_closed => continue,
                 slot = slots.clone().acquire_owned() => match slot {
                     Ok(slot) => slot,
                     Err(_) => break Stopped::Shutdown, // never closed; no panic path
                 },
             };
+            // `next` is cancel safe: a delivery it was about to return stays
+            // with the broker.
             let next = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Stopped::Shutdown,
+                _ = &mut gate_closed => continue,
                 next = sh.broker.next() => next,
             };
             match next {
                 Ok(Some(delivery)) => {
                     broker_failures = 0;
                     sh.counters.received.inc();
-                    let (sh, abort) = (sh.clone(), abort.clone());
+                    let (sh, abort, stop) = (sh.clone(), abort.clone(), stop.clone());
                     // Boxed: tokio moves a spawned future several times, and
                     // the state machine is over a kilobyte; a box is 8 bytes.
                     tracker.spawn(Box::pin(async move {
-                        process::process(&sh, delivery, &abort).await;
+                        tokio::select! {
+                            biased;
+                            _ = process::process(&sh, delivery, &abort) => {}
+                            _ = stop.cancelled() => {}
+                        }
                         drop(slot);
                     }));
                 }
@@ -224,7 +276,16 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
             tracing::warn!(grace = ?sh.cfg.shutdown_grace, in_flight = tracker.len(),
                 "grace period over; releasing the claims of unfinished handlers");
             abort.cancel();
-            tracker.wait().await;
+            if tokio::time::timeout(RELEASE_BOUND, tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(bound = ?RELEASE_BOUND, unsettled = tracker.len(),
+                    "deliveries still unsettled after the release bound (store or broker hung); \
+                     leaving them to the broker's redelivery and their claims to their leases");
+                stop.cancel();
+                tracker.wait().await;
+            }
         }
         sh.counters.report(stopped)
     }

@@ -15,7 +15,7 @@ use super::Shared;
 use crate::handler::{Completion, HandlerError, Message};
 use crate::message::{DeadLetter, DeadReason, Delivery, headers};
 use crate::policy::OnDead;
-use crate::store::{Claim, ClaimTtl, Fenced, Lease, Release};
+use crate::store::{Claim, ClaimTtl, Fenced, Lease, RecordState, Release};
 use crate::{Broker, DedupStore, Error, Handler};
 
 /// How often a failing publish-and-ack settlement is retried before the
@@ -62,12 +62,16 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
             claim
         }
         Err(e) => {
-            // 6. Store unreachable: fail closed. No handler, no ack: back off,
-            //    then hand the delivery back to the broker.
+            // 6. Store unreachable: fail closed. No handler, no ack: hand the
+            //    delivery back to the broker, at once when the consumer is
+            //    paused (others that reach the store take it), else after
+            //    the backoff (it would come straight back to this one).
             let delay = sh.store_failed("claim", &e);
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = abort.cancelled() => {}
+            if !sh.pausable.load(Ordering::Relaxed) {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = abort.cancelled() => {}
+                }
             }
             sh.counters.requeued.inc();
             nack_requeue(sh, &d).await;
@@ -171,13 +175,42 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
         }
         Some(Ok(result)) => result,
     };
+    let in_handler = sh.handler.completion() == Completion::InHandler;
+    if in_handler && matches!(result, Err(HandlerError::Retry(_))) {
+        // A handler that commits its own done mark failed transiently: its
+        // COMMIT may have landed with the answer lost. Find out first.
+        match commit_outcome(sh, &lease).await {
+            Outcome::Committed => {
+                tracing::info!(
+                    "the handler's commit landed though it reported a failure (its answer was \
+                     lost): the message is handled; acking"
+                );
+                sh.counters.handled.inc();
+                ack(sh, &d).await;
+                return;
+            }
+            Outcome::NotCommitted => {}
+            Outcome::Unknown => {
+                // Keep the lease: a redelivery waits for it to lapse, then
+                // finds the key done (committed) or takes it over (not).
+                tracing::error!(
+                    "could not find out whether the handler's commit landed; requeueing (a \
+                     redelivery waits for the lease to lapse, then finds the key done or \
+                     retries it)"
+                );
+                sh.counters.requeued.inc();
+                nack_requeue(sh, &d).await;
+                return;
+            }
+        }
+    }
     match result {
         // 3. Success: fenced completion, then ack.
-        Ok(()) if sh.handler.completion() == Completion::InHandler => {
+        Ok(()) if in_handler => {
             sh.counters.handled.inc();
             ack(sh, &d).await;
         }
-        Ok(()) => complete(sh, &d, &lease).await,
+        Ok(()) => complete(sh, &d, &lease, abort).await,
         Err(HandlerError::LeaseLost) => lease_lost(sh, &d, "handler").await,
         // 4. Retryable: release (the attempt was counted at claim) and retry
         //    with backoff, or bury and dead-letter at the limit.
@@ -247,10 +280,54 @@ async fn renew_while_running<B: Broker, S: DedupStore, H: Handler>(
     }
 }
 
+/// What became of a transactional handler's commit that reported a failure.
+enum Outcome {
+    /// The key is done under this lease: the commit landed.
+    Committed,
+    /// The lease still holds the claim (or lost it): it did not.
+    NotCommitted,
+    /// The store could not be read.
+    Unknown,
+}
+
+/// Reads the record as the lease sees it (a fenced read), retried like a
+/// settlement while the store fails transiently.
+async fn commit_outcome<B: Broker, S: DedupStore, H: Handler>(
+    sh: &Shared<B, S, H>,
+    lease: &Lease,
+) -> Outcome {
+    for attempt in 1..=SETTLE_TRIES {
+        match sh.store.lease_state(lease).await {
+            Ok(Some(RecordState::Done)) => {
+                sh.store_ok();
+                return Outcome::Committed;
+            }
+            Ok(_) => {
+                sh.store_ok();
+                return Outcome::NotCommitted;
+            }
+            Err(e) => {
+                let delay = sh.store_failed("lease_state", &e);
+                if attempt < SETTLE_TRIES && e.is_transient() {
+                    tokio::time::sleep(delay).await;
+                } else {
+                    break;
+                }
+            }
+        }
+    }
+    Outcome::Unknown
+}
+
+/// Marks the key done and acks. A completion that fails is retried: the
+/// store answers a retry that finds this lease's own done record with
+/// `Applied`, so an answer lost on the way is not mistaken for a lost
+/// lease. Retries stop when the shutdown grace is over.
 async fn complete<B: Broker, S: DedupStore, H: Handler>(
     sh: &Shared<B, S, H>,
     d: &Delivery,
     lease: &Lease,
+    abort: &CancellationToken,
 ) {
     for attempt in 1..=SETTLE_TRIES {
         match sh.store.complete(lease, sh.cfg.keep_for).await {
@@ -263,8 +340,12 @@ async fn complete<B: Broker, S: DedupStore, H: Handler>(
             Ok(Fenced::LeaseLost) => return lease_lost(sh, d, "complete").await,
             Err(e) => {
                 let delay = sh.store_failed("complete", &e);
-                if attempt < SETTLE_TRIES {
-                    tokio::time::sleep(delay).await;
+                if attempt == SETTLE_TRIES || abort.is_cancelled() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = abort.cancelled() => break,
                 }
             }
         }

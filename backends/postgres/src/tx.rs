@@ -2,15 +2,18 @@
 //! commit together or not at all.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use sqlx::{AssertSqlSafe, PgConnection, PgPool};
+use sqlx::pool::PoolConnection;
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres};
 
-use idemq::{Completion, Handler, HandlerError, Message};
+use idemq::{Completion, Error, Handler, HandlerError, Message};
 
-use crate::error::{from_sqlx, retry};
+use crate::error::{BACKEND, from_sqlx, retry};
 use crate::store::{PostgresDedupStore, Statements};
 
 /// A [`Handler`] that runs a closure inside a Postgres transaction and
@@ -32,8 +35,16 @@ use crate::store::{PostgresDedupStore, Statements};
 /// 4. on `Err`, rolls back and returns the closure's error.
 ///
 /// A failed `BEGIN`, done mark or `COMMIT` is a [`HandlerError::Retry`]. A
-/// `COMMIT` whose answer was lost may still have committed; the retry then
-/// finds the key done, so the effect still happens once.
+/// `COMMIT` whose answer was lost may still have committed: the engine
+/// reads the record before it retries ([`idemq::DedupStore::lease_state`])
+/// and, finding the key done by this lease, acks it as handled.
+///
+/// Acquiring the connection, `BEGIN`, the done mark, `ROLLBACK` and
+/// `COMMIT` are each bounded by the store's operation timeout
+/// ([`PostgresDedupStore::with_op_timeout`]); the closure's own statements
+/// are yours to bound. A connection on which one of them timed out or
+/// failed is closed, not returned to the pool, so a hung socket never
+/// holds a pool slot or serves the next message.
 ///
 /// Its [`Handler::completion`] is [`Completion::InHandler`]: the engine does
 /// not call `complete` for it. The lease row is only locked by the final
@@ -49,6 +60,7 @@ pub struct Transactional<F> {
     pool: PgPool,
     sql: Arc<Statements>,
     table: String,
+    op_timeout: Option<Duration>,
     f: F,
 }
 
@@ -97,6 +109,7 @@ where
         pool: store.pool().clone(),
         sql: store.statements().clone(),
         table: store.table(),
+        op_timeout: store.op_timeout(),
         f,
     }
 }
@@ -123,35 +136,88 @@ where
         + 'static,
 {
     async fn handle(&self, msg: Message) -> Result<(), HandlerError> {
+        let mut conn = self
+            .bounded("begin", self.pool.acquire())
+            .await
+            .map_err(retry)?;
+        let (result, healthy) = self.run(&mut conn, msg).await;
+        if !healthy {
+            // Closed at once (dropped, not returned): its state is unknown.
+            drop(conn.detach());
+        }
+        result
+    }
+
+    fn completion(&self) -> Completion {
+        Completion::InHandler
+    }
+}
+
+impl<F> Transactional<F>
+where
+    F: for<'c> Fn(&'c mut PgConnection, Message) -> BoxFuture<'c, Result<(), HandlerError>>
+        + Send
+        + Sync
+        + 'static,
+{
+    /// `fut` under the operation timeout, its error mapped.
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, Error> {
+        match self.op_timeout {
+            None => fut.await.map_err(|e| from_sqlx(op, e)),
+            Some(after) => match tokio::time::timeout(after, fut).await {
+                Ok(r) => r.map_err(|e| from_sqlx(op, e)),
+                Err(_) => Err(Error::Timeout {
+                    backend: BACKEND,
+                    op,
+                    after,
+                }),
+            },
+        }
+    }
+
+    /// The transaction on `conn`; answers the handler's result and whether
+    /// the connection is fit to go back to the pool.
+    async fn run(
+        &self,
+        conn: &mut PoolConnection<Postgres>,
+        msg: Message,
+    ) -> (Result<(), HandlerError>, bool) {
         let lease = msg.lease().clone();
         let keep_for = msg.keep_for();
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| retry(from_sqlx("begin", e)))?;
-
+        let mut tx = match self.bounded("begin", conn.begin()).await {
+            Ok(tx) => tx,
+            Err(e) => return (Err(retry(e)), false),
+        };
         if let Err(e) = (self.f)(&mut tx, msg).await {
-            if let Err(rb) = tx.rollback().await {
+            let rolled_back = self.bounded("rollback", tx.rollback()).await;
+            if let Err(rb) = &rolled_back {
                 tracing::debug!(error = %rb, "rollback after a failed handler failed");
             }
-            return Err(e);
+            return (Err(e), rolled_back.is_ok());
         }
-
-        let marked = sqlx::query(AssertSqlSafe(self.sql.done_in_tx.clone()))
-            .bind(&lease.scope)
-            .bind(&lease.key)
-            .bind(i64::from_ne_bytes(lease.token.0.to_ne_bytes()))
-            .bind(crate::store::interval(keep_for))
-            .execute(&mut *tx)
+        let marked = self
+            .bounded(
+                "complete",
+                sqlx::query(AssertSqlSafe(self.sql.done_in_tx.clone()))
+                    .bind(&lease.scope)
+                    .bind(&lease.key)
+                    .bind(i64::from_ne_bytes(lease.token.0.to_ne_bytes()))
+                    .bind(crate::store::interval(keep_for))
+                    .execute(&mut *tx),
+            )
             .await;
         match marked {
             Err(e) => {
-                let _ = tx.rollback().await;
-                Err(retry(from_sqlx("complete", e)))
+                let _ = self.bounded("rollback", tx.rollback()).await;
+                (Err(retry(e)), false)
             }
             Ok(r) if r.rows_affected() == 0 => {
-                if let Err(rb) = tx.rollback().await {
+                let rolled_back = self.bounded("rollback", tx.rollback()).await;
+                if let Err(rb) = &rolled_back {
                     tracing::debug!(error = %rb, "rollback after a lost lease failed");
                 }
                 tracing::warn!(
@@ -160,13 +226,14 @@ where
                     token = %lease.token,
                     "lease lost before commit: the handler's writes were rolled back"
                 );
-                Err(HandlerError::LeaseLost)
+                (Err(HandlerError::LeaseLost), rolled_back.is_ok())
             }
-            Ok(_) => tx.commit().await.map_err(|e| retry(from_sqlx("commit", e))),
+            // A failed or timed-out COMMIT has an unknown outcome: the
+            // engine reads the record before it retries.
+            Ok(_) => match self.bounded("commit", tx.commit()).await {
+                Ok(()) => (Ok(()), true),
+                Err(e) => (Err(retry(e)), false),
+            },
         }
-    }
-
-    fn completion(&self) -> Completion {
-        Completion::InHandler
     }
 }

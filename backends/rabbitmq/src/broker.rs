@@ -150,6 +150,13 @@ impl Broker for RabbitBroker {
         self.link.shared.next().await
     }
 
+    /// Cancels the consumer (`basic.cancel`) and requeues what it had
+    /// prefetched but not handed out; the next [`Broker::next`] starts it
+    /// again.
+    async fn pause(&self) -> Result<bool, Error> {
+        self.link.shared.pause().await
+    }
+
     async fn ack(&self, delivery: &Delivery) -> Result<(), Error> {
         self.link.shared.settle(delivery, None, "ack").await
     }

@@ -106,36 +106,54 @@ struct ConsumerSlot {
     prefetch: AtomicU16,
     /// Deliveries a replaced consumer had read ahead: handed out first.
     backlog: StdMutex<VecDeque<LapinDelivery>>,
+    /// Cancelled by `pause`; `next` starts it again.
+    paused: AtomicBool,
 }
 
 impl ConsumerSlot {
     /// Restarts the consumer with a larger prefetch (RabbitMQ applies a
     /// `basic.qos` to consumers started after it): the old one is
     /// cancelled, what it had read ahead stays ours and is handed out
-    /// first, in order.
+    /// first, in order. A paused consumer only gets the new `basic.qos`.
     async fn grow(&self, queue: &str, prefetch: u16) -> Result<(), Error> {
         let mut consumer = self.consumer.lock().await;
         if self.prefetch.load(Ordering::SeqCst) >= prefetch {
             return Ok(());
         }
-        self.channel
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await
-            .map_err(|e| map("basic.cancel", e))?;
-        // After cancel-ok the stream ends once what was read is handed out.
-        let mut read = Vec::new();
-        while let Ok(Some(Ok(d))) = timeout(POLL * 4, consumer.next()).await {
-            read.push(d);
-        }
-        if let Ok(mut backlog) = self.backlog.lock() {
-            backlog.extend(read);
+        let paused = self.paused.load(Ordering::SeqCst);
+        if !paused {
+            let read = self.cancel_and_drain(&mut consumer).await?;
+            if let Ok(mut backlog) = self.backlog.lock() {
+                backlog.extend(read);
+            }
         }
         self.channel
             .basic_qos(prefetch, BasicQosOptions { global: false })
             .await
             .map_err(|e| map("basic.qos", e))?;
-        *consumer = self
-            .channel
+        if !paused {
+            *consumer = self.consume(queue).await?;
+        }
+        self.prefetch.store(prefetch, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Cancels the consumer and answers what it had read ahead: after
+    /// cancel-ok the stream ends once what was read is handed out.
+    async fn cancel_and_drain(&self, consumer: &mut Consumer) -> Result<Vec<LapinDelivery>, Error> {
+        self.channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await
+            .map_err(|e| map("basic.cancel", e))?;
+        let mut read = Vec::new();
+        while let Ok(Some(Ok(d))) = timeout(POLL * 4, consumer.next()).await {
+            read.push(d);
+        }
+        Ok(read)
+    }
+
+    async fn consume(&self, queue: &str) -> Result<Consumer, Error> {
+        self.channel
             .basic_consume(
                 short_string("queue name", queue)?,
                 consumer_tag(queue),
@@ -143,8 +161,52 @@ impl ConsumerSlot {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| map("basic.consume", e))?;
-        self.prefetch.store(prefetch, Ordering::SeqCst);
+            .map_err(|e| map("basic.consume", e))
+    }
+
+    /// Cancels the consumer and requeues what it (and the backlog) held
+    /// ahead, so that other consumers take it; answers how many. A second
+    /// call before `resume` does nothing.
+    async fn pause(&self) -> Result<usize, Error> {
+        let mut consumer = self.consumer.lock().await;
+        if self.paused.load(Ordering::SeqCst) {
+            return Ok(0);
+        }
+        let mut held: Vec<LapinDelivery> = self
+            .backlog
+            .lock()
+            .map(|mut b| b.drain(..).collect())
+            .unwrap_or_default();
+        held.extend(self.cancel_and_drain(&mut consumer).await?);
+        self.paused.store(true, Ordering::SeqCst);
+        let mut given_back = 0;
+        for d in held {
+            if d.acker.poisoned() {
+                continue; // of a lost channel: the broker has it back already
+            }
+            let requeue = BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            };
+            match d.acker.nack(requeue).await {
+                Ok(_) => given_back += 1,
+                // Unsettled, it returns to the queue when the channel closes.
+                Err(e) => {
+                    debug!(error = %e, tag = d.delivery_tag, "could not give a delivery back")
+                }
+            }
+        }
+        Ok(given_back)
+    }
+
+    /// Starts the consumer again after `pause`.
+    async fn resume(&self, queue: &str) -> Result<(), Error> {
+        let mut consumer = self.consumer.lock().await;
+        if !self.paused.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        *consumer = self.consume(queue).await?;
+        self.paused.store(false, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -642,6 +704,7 @@ impl Shared {
             consumer: Mutex::new(consumer),
             prefetch: AtomicU16::new(prefetch),
             backlog: StdMutex::new(VecDeque::new()),
+            paused: AtomicBool::new(false),
         }))
     }
 
@@ -791,6 +854,21 @@ impl Shared {
         }
     }
 
+    /// Pauses the current consumer (see [`ConsumerSlot::pause`]); answers
+    /// whether there was one to pause.
+    pub async fn pause(&self) -> Result<bool, Error> {
+        let current = self.current.borrow().clone();
+        let Some(slot) = current.as_ref().and_then(|g| g.consumer.as_ref()) else {
+            return Ok(false);
+        };
+        let given_back = slot.pause().await?;
+        info!(
+            queue = self.cfg.queue(),
+            given_back, "consumer paused; deliveries held ahead given back"
+        );
+        Ok(true)
+    }
+
     /// The next delivery of the consumer; waits across recovery and
     /// rebuilds. Cancel safe: lapin keeps a delivery until it is returned.
     pub async fn next(&self) -> Result<Option<Delivery>, Error> {
@@ -804,6 +882,10 @@ impl Shared {
                     op: "next on a publisher",
                 });
             };
+            if slot.paused.load(Ordering::SeqCst) {
+                slot.resume(self.cfg.queue()).await?;
+                info!(queue = self.cfg.queue(), "consumer resumed");
+            }
             let mut consumer = tokio::select! {
                 _ = self.closed.cancelled() => return Ok(None),
                 _ = generation.retired.cancelled() => continue,
