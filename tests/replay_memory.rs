@@ -604,3 +604,44 @@ async fn peek_reads_and_leaves_the_queue_as_it_was() {
     assert_eq!(idemq::replay::peek(&broker, 100).await.unwrap().len(), 5);
     assert_eq!(broker.stats().unacked, 0);
 }
+
+/// A dead-letter queue whose takes and removals take a while (a broker
+/// over a network): the limit still holds exactly, however moves, takes
+/// and removals interleave.
+struct SlowRemove(MemoryBroker);
+
+#[async_trait]
+impl DeadLetterQueue for SlowRemove {
+    async fn depth(&self) -> Result<u64, Error> {
+        self.0.depth().await
+    }
+    async fn take(&self) -> Result<Option<Delivery>, Error> {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        self.0.take().await
+    }
+    async fn republish(&self, letter: &Delivery, headers: Headers) -> Result<Confirm, Error> {
+        self.0.republish(letter, headers).await
+    }
+    async fn remove(&self, letter: &Delivery) -> Result<(), Error> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        self.0.remove(letter).await
+    }
+    async fn put_back(&self, letters: Vec<Delivery>) -> Result<(), Error> {
+        self.0.put_back(letters).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limit_holds_while_removals_are_slow() {
+    let (broker, store, _world) = dead_lettered(40).await;
+    for limit in [1, 5, 17] {
+        let before = broker.dead_letters().len();
+        let report = Replay::new(&SlowRemove(broker.clone()), &store)
+            .limit(limit)
+            .run(&CancellationToken::new())
+            .await;
+        assert!(matches!(report.end, ReplayEnd::LimitReached), "{report}");
+        assert_eq!(report.moved, limit, "{report}");
+        assert_eq!(broker.dead_letters().len(), before - limit as usize);
+    }
+}

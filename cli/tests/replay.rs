@@ -443,7 +443,17 @@ async fn interrupted_replays_never_lose_or_double_a_message() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
-        let wait = Duration::from_millis(60 + rand::random::<u64>() % 300);
+        // Kill once the replay is under way (copies reach the work queue),
+        // a random moment later: a fixed delay from the spawn would land
+        // before the process even connects on a loaded machine.
+        let started = tokio::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(30)
+            && depths(&config).await.0 == 0
+            && matches!(child.try_wait(), Ok(None))
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let wait = Duration::from_millis(rand::random::<u64>() % 150);
         tokio::time::sleep(wait).await;
         if round == 2 {
             let _ = std::process::Command::new("kill")

@@ -389,13 +389,15 @@ where
                 )
                 .buffered(self.window);
             while let Some((letter, info, action, result)) = confirmed.next().await {
-                if action.is_move() {
-                    release(run, 1);
-                }
+                // A move's reservation is released in the same step that
+                // counts it moved (or left), so the limit never sees it
+                // in neither.
+                let reserved = u64::from(action.is_move());
                 match result {
                     Ok(()) => {
                         let removed = self.queue.remove(&letter).await;
                         let mut r = lock(run);
+                        r.reserved = r.reserved.saturating_sub(reserved);
                         // The copy is in the work queue either way.
                         r.note(&letter, &info, &action);
                         if let Err(e) = removed {
@@ -405,6 +407,7 @@ where
                     }
                     Err(e) => {
                         let mut r = lock(run);
+                        r.reserved = r.reserved.saturating_sub(reserved);
                         r.fail(e);
                         r.leave(letter, &info, Action::Unhandled);
                         halt.cancel();
