@@ -847,3 +847,65 @@ async fn a_prefetch_below_the_concurrency_is_warned_about_at_start() {
         );
     }
 }
+
+#[tokio::test]
+async fn risky_settings_are_warned_about_at_build() {
+    let logs = idemq::testing::LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let build = |keep_for: Duration, lease: Duration| {
+        Engine::builder(
+            MemoryBroker::new("q"),
+            MemoryDedupStore::new(),
+            Calls::default().ok_handler(),
+        )
+        .keep_for(keep_for)
+        .lease(lease)
+        .max_attempts(5)
+        .retry_backoff(Backoff::new(
+            Duration::from_secs(60),
+            Duration::from_secs(600),
+        ))
+        .build()
+        .expect("engine")
+    };
+    let window = "the dedup window (keep_for) is shorter";
+    let lease = "the lease is longer than RabbitMQ's default delivery acknowledgement timeout";
+    // Retries of 60+120+240+480 s and five 60 s leases: 20 min to come back.
+    for (keep_for, lease_for, warn_window, warn_lease) in [
+        (
+            Duration::from_secs(600),
+            Duration::from_secs(60),
+            true,
+            false,
+        ),
+        (
+            Duration::from_secs(1200),
+            Duration::from_secs(60),
+            false,
+            false,
+        ),
+        (
+            Duration::from_secs(24 * 3600),
+            Duration::from_secs(3600),
+            false,
+            true,
+        ),
+        (
+            Duration::from_secs(24 * 3600),
+            Duration::from_secs(300),
+            false,
+            false,
+        ),
+    ] {
+        logs.clear();
+        drop(build(keep_for, lease_for));
+        let text = logs.text();
+        assert_eq!(text.contains(window), warn_window, "{keep_for:?}: {text}");
+        assert_eq!(text.contains(lease), warn_lease, "{lease_for:?}: {text}");
+    }
+}

@@ -192,11 +192,53 @@ impl<B: Broker, S: DedupStore, H: Handler> EngineBuilder<B, S, H> {
         if c.min_defer > c.max_defer {
             return Err(Error::Config("defer_bounds: min is above max".into()));
         }
+        warn_on_risky_settings(c);
         Ok(Engine::from_parts(
             self.broker,
             self.store,
             self.handler,
             self.config,
         ))
+    }
+}
+
+/// RabbitMQ's default delivery acknowledgement timeout (`consumer_timeout`):
+/// a delivery unacked for longer makes the broker close the channel.
+pub const BROKER_ACK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// How long after its first delivery a message may still come back: every
+/// retry delay up to the attempt limit (at their longest, without jitter)
+/// plus a lapsed lease per attempt (a consumer that died mid-handler).
+/// Brokers with delay tiers round each delay up to a tier, which this does
+/// not see.
+pub(crate) fn redelivery_horizon(c: &Config) -> Duration {
+    let exact = c.retry_backoff.without_jitter();
+    (1..c.max_attempts)
+        .map(|n| exact.delay(n))
+        .fold(Duration::ZERO, Duration::saturating_add)
+        .saturating_add(c.lease.saturating_mul(c.max_attempts))
+}
+
+/// Warns (once, at build) about settings that work but defeat what the
+/// engine promises.
+fn warn_on_risky_settings(c: &Config) {
+    let horizon = redelivery_horizon(c);
+    if c.keep_for < horizon {
+        tracing::warn!(
+            keep_for = ?c.keep_for,
+            redelivery_horizon = ?horizon,
+            "the dedup window (keep_for) is shorter than the longest a message can take to come \
+             back (retry delays up to max_attempts plus a lapsed lease per attempt): a duplicate \
+             arriving after the window is handled again; raise keep_for"
+        );
+    }
+    if c.lease > BROKER_ACK_TIMEOUT {
+        tracing::warn!(
+            lease = ?c.lease,
+            broker_ack_timeout = ?BROKER_ACK_TIMEOUT,
+            "the lease is longer than RabbitMQ's default delivery acknowledgement timeout: a \
+             handler that runs that long has its channel closed and its message redelivered \
+             while it still holds the lease; shorten the lease or raise consumer_timeout"
+        );
     }
 }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use builder::{Config, EngineBuilder};
+pub use builder::{BROKER_ACK_TIMEOUT, Config, EngineBuilder};
 pub use report::{Report, Stopped};
 
 use crate::{Broker, DedupStore, Handler};
