@@ -1,5 +1,12 @@
-//! Connection cuts through `idemq::testing::FaultProxy`: lapin's recovery,
-//! the supervisor's rebuild, stale settlements, and no message lost.
+//! Connection cuts through `idemq::testing::FaultProxy`: consumption
+//! resumes within a bound, nothing is lost, and settlements of a lost
+//! connection fail as stale.
+//!
+//! lapin's recovery and the supervisor's rebuild are both correct ways
+//! back, and which one runs after a cut is up to timing (lapin's recovery
+//! can stall, and is then replaced by a rebuild): the tests check what
+//! users rely on, not which of the two ran, except where a test forces
+//! the rebuild.
 
 mod common;
 
@@ -13,10 +20,16 @@ use idemq::{Broker, DeadLetter, DeadReason, Error, OutgoingMessage};
 use idemq_rabbitmq::{RabbitBroker, RabbitConfig, RabbitPublisher, RecoveryConfig, queue_depths};
 use tokio::time::timeout;
 
-/// Deliveries due after a reconnection may take a few backoff steps.
+/// How soon consumption must resume once the network is back: a few of
+/// lapin's backoff steps or a rebuild, with room for a loaded machine, and
+/// well under the 15 s `max_recovery_time`, so a recovery that stalls
+/// unnoticed fails the test.
+const RESUME_WITHIN: Duration = Duration::from_secs(10);
+
+/// Deliveries due after a reconnection arrive within [`RESUME_WITHIN`].
 fn caps() -> BrokerCaps {
     BrokerCaps {
-        arrival: Duration::from_secs(20),
+        arrival: RESUME_WITHIN,
         ..BrokerCaps::default()
     }
 }
@@ -75,9 +88,9 @@ async fn cut_until_noticed(proxy: &FaultProxy, broker: &RabbitBroker) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lapin_recovery_resumes_consumption_and_stale_settles_fail() {
+async fn a_cut_resumes_consumption_and_stale_settles_fail() {
     let Some(proxy) = proxy().await else { return };
-    let broker = common::connect(via(&proxy, "lapin-recovery", patient()))
+    let broker = common::connect(via(&proxy, "cut-resumes", patient()))
         .await
         .expect("connect through the proxy");
     for id in ["a", "b"] {
@@ -88,7 +101,6 @@ async fn lapin_recovery_resumes_consumption_and_stale_settles_fail() {
     }
     let a = must_next(&broker, &caps()).await;
     let b = must_next(&broker, &caps()).await;
-    let generation = broker.generation();
     let accepted = proxy.connections_accepted();
 
     cut_until_noticed(&proxy, &broker).await;
@@ -117,12 +129,8 @@ async fn lapin_recovery_resumes_consumption_and_stale_settles_fail() {
         ["a", "b", "c"]
     );
     assert!(back["a"].redelivered && back["b"].redelivered);
-    assert_eq!(
-        broker.generation(),
-        generation,
-        "lapin recovered; no rebuild"
-    );
     assert!(proxy.connections_accepted() > accepted);
+    assert!(broker.is_connected());
 
     // The deliveries of the lost channel cannot be settled any more.
     assert!(matches!(
@@ -223,6 +231,9 @@ fn consume_all(
     })
 }
 
+/// A consumer acks a stream of messages while the connection is cut once;
+/// with `rebuild`, the supervisor's rebuild is awaited before the network
+/// comes back (lapin's recovery is set up to give up).
 async fn no_message_lost(recovery: RecoveryConfig, name: &str, rebuild: bool) {
     const N: usize = 600;
     let Some(proxy) = proxy().await else { return };
@@ -267,6 +278,7 @@ async fn no_message_lost(recovery: RecoveryConfig, name: &str, rebuild: bool) {
     }
     let during = count();
     proxy.restore();
+    common::wait_until("consumption to resume", RESUME_WITHIN, || count() > during).await;
     producing.await.expect("producer");
     common::wait_until("everything acked", Duration::from_secs(60), || count() == N).await;
 
@@ -274,12 +286,6 @@ async fn no_message_lost(recovery: RecoveryConfig, name: &str, rebuild: bool) {
     assert!(proxy.connections_accepted() > accepted, "no reconnection");
     if rebuild {
         assert!(broker.generation() > generation, "no rebuild");
-    } else {
-        assert_eq!(
-            broker.generation(),
-            generation,
-            "lapin recovered; no rebuild"
-        );
     }
     let acked: BTreeSet<String> = acked.lock().map(|a| a.clone()).unwrap_or_default();
     assert_eq!(acked, ids.into_iter().collect::<BTreeSet<_>>());
@@ -304,8 +310,8 @@ async fn no_message_lost(recovery: RecoveryConfig, name: &str, rebuild: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_message_lost_across_lapin_recovery() {
-    no_message_lost(patient(), "lost-lapin", false).await;
+async fn no_message_lost_across_a_cut() {
+    no_message_lost(patient(), "lost-cut", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,8 +412,9 @@ async fn a_recovery_that_takes_too_long_is_abandoned_and_reaped() {
         Err(Error::StaleDelivery { .. })
     ));
     broker.ack(&again).await.expect("ack");
-    // lapin still recovers the abandoned connection, consumer and all; it
-    // is closed as soon as it is up, so no message is held by it for long.
+    // Unless it stalled, lapin still recovers the abandoned connection,
+    // consumer and all; it is closed as soon as it is up, so no message is
+    // held by it for long.
     for i in 0..20 {
         let id = format!("after-{i}");
         broker
