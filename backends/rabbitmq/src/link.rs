@@ -17,6 +17,10 @@
 //! Deliveries carry their generation number, so a settle on an older one
 //! is reported as [`Error::StaleDelivery`].
 //!
+//! Closing takes at most [`CLOSE_TIMEOUT`]: a connection that is up gets
+//! its held acks and `connection.close` within it; one lapin is still
+//! recovering is not waited for (it is closed should it come back).
+//!
 //! A message lapin cannot parse (a short string that is not UTF-8, such as
 //! a `message_id` of `b"\xff\xfe..."`) fails the whole connection: lapin's
 //! I/O loop logs `parse error`, reports [`lapin::ErrorKind::ParsingError`]
@@ -89,6 +93,10 @@ const RECOVERY_POLL: Duration = Duration::from_millis(100);
 /// started to reconnect counts as stalled (scheduling of lapin's thread
 /// and tasks on a busy machine).
 const STALL_SLACK: Duration = Duration::from_secs(1);
+/// The longest closing takes: writing the held acks and `connection.close`
+/// on a connection that is up. One that is down or being recovered is not
+/// waited for.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 type Events = std::pin::Pin<Box<dyn Stream<Item = Event> + Send>>;
 
@@ -202,6 +210,14 @@ impl Generation {
         s.errored() || s.closed() || s.closing()
     }
 
+    /// Closed or failed for good: lapin will not bring it back. (A
+    /// connection whose `connection.close` went unanswered stays
+    /// `Closing`, and lapin recovers it should its socket fail then.)
+    fn conn_finished(&self) -> bool {
+        let s = self.conn.status();
+        s.errored() || s.closed()
+    }
+
     /// Neither up nor given up: lapin is reconnecting (its state then
     /// alternates between `Reconnecting` and `Connecting`).
     fn recovering(&self) -> bool {
@@ -235,25 +251,25 @@ impl Generation {
         }
     }
 
-    /// Closes the connection, waiting (bounded) for a recovery under way to
-    /// end first: a connection left recovering would come back as a zombie
-    /// consumer holding prefetched messages.
-    async fn close(&self, wait: Duration, wait_for_recovery: bool) {
-        let deadline = Instant::now() + wait;
-        while wait_for_recovery && self.recovering() && Instant::now() < deadline {
-            sleep(POLL).await;
+    /// Closes the connection if it is up, within `wait`: the acks held for
+    /// batching first (closing would send their messages back to the
+    /// queue), then `connection.close`. A connection that is down or being
+    /// recovered is left as it is: the caller hands it to [`reap`], which
+    /// closes it should lapin ever bring it back.
+    async fn close(&self, wait: Duration) {
+        if !self.conn.status().connected() {
+            return;
         }
-        if self.conn.status().connected() {
-            // Acks confirmed to their callers but still held go out first;
-            // closing would send their messages back to the queue.
-            if let Some(acks) = &self.acks {
-                acks.drain(deadline).await;
-            }
-            match timeout(wait, self.conn.close(200, "idemq: closing".into())).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!(error = %e, "closing the RabbitMQ connection failed"),
-                Err(_) => debug!("closing the RabbitMQ connection timed out"),
-            }
+        let deadline = Instant::now() + wait;
+        if let Some(acks) = &self.acks
+            && timeout_at(deadline, acks.drain(deadline)).await.is_err()
+        {
+            debug!("writing the held acks timed out; the broker redelivers their messages");
+        }
+        match timeout_at(deadline, self.conn.close(200, "idemq: closing".into())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(error = %e, "closing the RabbitMQ connection failed"),
+            Err(_) => debug!("closing the RabbitMQ connection timed out"),
         }
     }
 }
@@ -349,7 +365,8 @@ impl Link {
         })
     }
 
-    /// Stops the supervisor and closes the connection. Idempotent.
+    /// Stops the supervisor and closes the connection, within
+    /// [`CLOSE_TIMEOUT`] (see [`Generation::close`]). Idempotent.
     pub async fn close(&self) {
         self.shared.closed.cancel();
         let handle = self.supervisor.lock().await.take();
@@ -1374,28 +1391,24 @@ async fn watch_generation(shared: &Shared, generation: &Generation, events: &mut
 async fn supervise(shared: Arc<Shared>, mut generation: Arc<Generation>, mut events: Events) {
     let url = shared.cfg.redacted_url();
     let rec = shared.cfg.recovery().clone();
-    let grace = shared.cfg.connect_timeout();
     loop {
         let ending = watch_generation(&shared, &generation, &mut events).await;
         shared.current.send_replace(None);
         generation.retired.cancel();
         match ending {
             Ending::Closing => {
-                generation.close(grace, true).await;
-                if !generation.conn_dead() {
-                    reap(generation.clone());
-                }
+                // A connection lapin is recovering is not waited for: the
+                // reaper closes it should it come back.
+                generation.close(CLOSE_TIMEOUT).await;
+                reap(generation.clone());
                 info!(%url, generation = generation.id, "RabbitMQ connection closed");
                 return;
             }
             Ending::Lost(reason) => {
                 warn!(%url, generation = generation.id, %reason,
                     "RabbitMQ connection lost for good; rebuilding connection, topology and consumer");
-                // Any recovery under way was waited for already.
-                generation.close(grace, false).await;
-                if !generation.conn_dead() {
-                    reap(generation.clone());
-                }
+                generation.close(CLOSE_TIMEOUT).await;
+                reap(generation.clone());
             }
         }
         // A parse error the watch did not see may still be queued, or
@@ -1409,13 +1422,16 @@ async fn supervise(shared: Arc<Shared>, mut generation: Arc<Generation>, mut eve
                 }
             }
         }
-        if !error_seen
-            && generation.parse_error().is_none()
-            && generation.conn.status().errored()
-            && let Ok(Some(e)) = timeout(ERROR_EVENT_WAIT, first_error(&mut events)).await
-            && is_parse_error(&e)
-        {
-            generation.note_parse_error(&e);
+        if !error_seen && generation.parse_error().is_none() && generation.conn.status().errored() {
+            let waited = tokio::select! {
+                _ = shared.closed.cancelled() => return,
+                waited = timeout(ERROR_EVENT_WAIT, first_error(&mut events)) => waited,
+            };
+            if let Ok(Some(e)) = waited
+                && is_parse_error(&e)
+            {
+                generation.note_parse_error(&e);
+            }
         }
         let mut malformed = generation.parse_error();
         let mut failures: u32 = 0;
@@ -1468,25 +1484,31 @@ async fn supervise(shared: Arc<Shared>, mut generation: Arc<Generation>, mut eve
     }
 }
 
-/// Watches an abandoned connection that lapin is still recovering: should
+/// Watches an abandoned connection that lapin may still recover: should
 /// the recovery ever complete, it would bring back a consumer nobody reads
 /// (holding prefetched messages), so it is closed as soon as it is up.
+/// Nothing to watch when it is closed or failed for good.
 fn reap(generation: Arc<Generation>) {
     const REAP_FOR: Duration = Duration::from_secs(3600);
+    if generation.conn_finished() {
+        return;
+    }
     debug!(
         generation = generation.id,
         "watching an abandoned RabbitMQ connection"
     );
     tokio::spawn(async move {
         let until = Instant::now() + REAP_FOR;
-        while Instant::now() < until && !generation.conn_dead() {
+        while Instant::now() < until && !generation.conn_finished() {
             if generation.conn.status().connected() {
                 warn!(
                     generation = generation.id,
                     "an abandoned RabbitMQ connection was recovered by lapin; closing it"
                 );
-                generation.close(Duration::from_secs(10), false).await;
-                return;
+                generation.close(CLOSE_TIMEOUT).await;
+                if generation.conn_finished() {
+                    return;
+                }
             }
             sleep(Duration::from_secs(1)).await;
         }
