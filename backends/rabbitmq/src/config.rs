@@ -113,7 +113,8 @@ pub struct RecoveryConfig {
     /// A recovery that has not started to reconnect twice `min_delay` plus
     /// a second after the loss is given up on at once: lapin 4.12.3 can
     /// stall there for good (when a write fails on the lost socket, its
-    /// I/O loop goes on waiting to write).
+    /// I/O loop goes on waiting to write). So is a reconnection attempt
+    /// still under way after 5 s (some of lapin's hang in the handshake).
     pub max_recovery_time: Duration,
     /// The supervisor's first delay between rebuild attempts.
     pub rebuild_min_delay: Duration,

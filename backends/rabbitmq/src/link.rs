@@ -93,6 +93,12 @@ const RECOVERY_POLL: Duration = Duration::from_millis(100);
 /// started to reconnect counts as stalled (scheduling of lapin's thread
 /// and tasks on a busy machine).
 const STALL_SLACK: Duration = Duration::from_secs(1);
+/// How long lapin may stay `Connecting` before the attempt counts as hung:
+/// a handshake with a server that answers takes milliseconds, and lapin's
+/// can hang until the server's own handshake timeout (10 s for RabbitMQ).
+/// Longer only while the server refuses connections, when a rebuild (with
+/// its own backoff) does as well.
+const ATTEMPT_HANG: Duration = Duration::from_secs(5);
 /// The longest closing takes: writing the held acks and `connection.close`
 /// on a connection that is up. One that is down or being recovered is not
 /// waited for.
@@ -1253,9 +1259,13 @@ enum RecoveryVerdict {
 /// lost.) A recovery that is on its way leaves `Reconnecting` after
 /// lapin's first backoff step, at most twice `min_delay` with its jitter;
 /// still `Reconnecting` after that (plus [`STALL_SLACK`]), without having
-/// made an attempt, it has stalled. Every recovery is also bounded by
-/// `max_recovery_time`, whatever its state: a reconnection attempt can
-/// hang as well (lapin's TCP connect has no timeout).
+/// made an attempt, it has stalled.
+///
+/// A reconnection attempt can hang too: some of lapin's hang in the AMQP
+/// handshake until the server gives up on it (RabbitMQ, after 10 s), and
+/// its TCP connect has no timeout. One still `Connecting` after
+/// [`ATTEMPT_HANG`] is given up on. Every recovery is also bounded by
+/// `max_recovery_time`, whatever its state.
 #[derive(Debug)]
 struct RecoveryWatch {
     /// When lapin must have made its first attempt.
@@ -1265,6 +1275,8 @@ struct RecoveryWatch {
     lost_at: Option<Instant>,
     /// lapin made a reconnection attempt since.
     attempted: bool,
+    /// Since when lapin is `Connecting`, without a break seen.
+    connecting_since: Option<Instant>,
 }
 
 impl RecoveryWatch {
@@ -1274,6 +1286,7 @@ impl RecoveryWatch {
             max_recovery,
             lost_at: None,
             attempted: false,
+            connecting_since: None,
         }
     }
 
@@ -1282,6 +1295,7 @@ impl RecoveryWatch {
     fn connected(&mut self) {
         self.lost_at = None;
         self.attempted = false;
+        self.connecting_since = None;
     }
 
     fn observe(&mut self, state: ConnState, now: Instant) -> RecoveryVerdict {
@@ -1290,8 +1304,17 @@ impl RecoveryWatch {
                 self.connected();
                 return RecoveryVerdict::Quiet;
             }
-            ConnState::Connecting => self.attempted = true,
-            ConnState::Reconnecting => {}
+            ConnState::Connecting => {
+                self.attempted = true;
+                let since = *self.connecting_since.get_or_insert(now);
+                let hung = now.saturating_duration_since(since);
+                if hung > ATTEMPT_HANG {
+                    return RecoveryVerdict::GiveUp(format!(
+                        "a reconnection attempt of lapin's hung for {hung:?}"
+                    ));
+                }
+            }
+            ConnState::Reconnecting => self.connecting_since = None,
         }
         let Some(lost_at) = self.lost_at else {
             self.lost_at = Some(now);
@@ -1602,7 +1625,7 @@ mod tests {
     }
 
     #[test]
-    fn a_recovery_that_attempts_is_bounded_by_max_recovery_time_only() {
+    fn a_recovery_that_attempts_is_bounded_by_max_recovery_time() {
         let (mut w, t0) = watch();
         assert_eq!(
             w.observe(ConnState::Reconnecting, t0),
@@ -1617,9 +1640,31 @@ mod tests {
             w.observe(ConnState::Reconnecting, at(t0, 9_000)),
             RecoveryVerdict::Recovering
         );
+        assert_eq!(
+            w.observe(ConnState::Connecting, at(t0, 11_000)),
+            RecoveryVerdict::Recovering
+        );
+        assert_eq!(
+            w.observe(ConnState::Reconnecting, at(t0, 14_000)),
+            RecoveryVerdict::Recovering
+        );
         assert!(matches!(
             w.observe(ConnState::Connecting, at(t0, 15_100)),
             RecoveryVerdict::GiveUp(r) if r.contains("within 15s")
+        ));
+    }
+
+    #[test]
+    fn a_reconnection_attempt_that_hangs_is_given_up() {
+        let (mut w, t0) = watch();
+        assert_eq!(w.observe(ConnState::Connecting, t0), RecoveryVerdict::Lost);
+        assert_eq!(
+            w.observe(ConnState::Connecting, at(t0, 5_000)),
+            RecoveryVerdict::Recovering
+        );
+        assert!(matches!(
+            w.observe(ConnState::Connecting, at(t0, 5_100)),
+            RecoveryVerdict::GiveUp(r) if r.contains("hung")
         ));
     }
 
