@@ -60,6 +60,12 @@ impl RabbitBroker {
 
     /// Stops consuming and closes the connection; [`Broker::next`] returns
     /// `Ok(None)` from then on. Unsettled deliveries go back to the queue.
+    ///
+    /// Returns within about 2 seconds, however the connection fares: on a
+    /// connection that is up, the acks held for batching and
+    /// `connection.close` are written within that; a connection that is
+    /// lost or being recovered is not waited for (should lapin's recovery
+    /// bring it back later, it is closed then).
     pub async fn close(&self) {
         self.link.close().await;
     }

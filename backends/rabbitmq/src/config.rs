@@ -107,9 +107,14 @@ pub struct RecoveryConfig {
     /// lapin's longest delay between reconnection attempts.
     pub max_delay: Duration,
     /// How long lapin may spend recovering a connection before the
-    /// supervisor gives up on it and rebuilds. A bound, because lapin's
-    /// recovery can stall (seen with lapin 4.12.3 when a write fails while
-    /// frames are queued: its I/O loop then waits on the dead socket).
+    /// supervisor gives up on it and rebuilds, whatever the recovery is
+    /// doing (a reconnection attempt to an unresponsive host can hang).
+    ///
+    /// A recovery that has not started to reconnect twice `min_delay` plus
+    /// a second after the loss is given up on at once: lapin 4.12.3 can
+    /// stall there for good (when a write fails on the lost socket, its
+    /// I/O loop goes on waiting to write). So is a reconnection attempt
+    /// still under way after 5 s (some of lapin's hang in the handshake).
     pub max_recovery_time: Duration,
     /// The supervisor's first delay between rebuild attempts.
     pub rebuild_min_delay: Duration,

@@ -20,11 +20,13 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{Acker, BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use tokio::sync::Mutex;
 use tokio::time::timeout;
+use tracing::debug;
 
 use crate::broker::copy_properties;
 use crate::config::RabbitConfig;
 use crate::errors::{BACKEND, map};
 use crate::headers::{broker_death, from_field_table, short_string};
+use crate::link::CLOSE_TIMEOUT;
 
 /// Dead letters read ahead by default (see [`RabbitDeadLetters::with_read_ahead`]).
 pub const DEFAULT_READ_AHEAD: u16 = 512;
@@ -177,18 +179,23 @@ impl RabbitDeadLetters {
     }
 
     /// Closes the connection; unsettled dead letters go back to the queue.
+    /// Returns within about 2 seconds, answered or not (a hung network).
     pub async fn close(&self) {
-        // Closed before the connection: a channel lapin closes by itself
-        // while the connection closes logs a spurious error.
-        let reader = self.reader.lock().await.channel.clone();
-        for channel in [&self.publisher, &reader] {
-            if channel.status().connected() {
-                let _ = channel.close(200, "idemq: done".into()).await;
+        let closing = async {
+            // Closed before the connection: a channel lapin closes by itself
+            // while the connection closes logs a spurious error.
+            let reader = self.reader.lock().await.channel.clone();
+            for channel in [&self.publisher, &reader] {
+                if channel.status().connected() {
+                    let _ = channel.close(200, "idemq: done".into()).await;
+                }
             }
-        }
-        if self.conn.status().connected() {
-            let after = self.cfg.connect_timeout();
-            let _ = timeout(after, self.conn.close(200, "idemq: done".into())).await;
+            if self.conn.status().connected() {
+                let _ = self.conn.close(200, "idemq: done".into()).await;
+            }
+        };
+        if timeout(CLOSE_TIMEOUT, closing).await.is_err() {
+            debug!("closing the dead-letter connection timed out");
         }
     }
 

@@ -10,11 +10,16 @@
 //! declarations and the consumer, and poisons the ackers of every delivery
 //! of the old incarnation (an ack on them reports `Ok(false)`). When lapin
 //! gives up (its backoff is exhausted: the connection turns `Error` and an
-//! [`lapin::Event::Error`] is emitted), or a channel is closed for good, or
-//! recovery is disabled, the supervisor task retires the generation and
-//! builds a new one with exponential backoff. Deliveries carry their
-//! generation number, so a settle on an older one is reported as
-//! [`Error::StaleDelivery`].
+//! [`lapin::Event::Error`] is emitted), or its recovery stalls or takes
+//! longer than `max_recovery_time` (see [`RecoveryWatch`]), or a channel
+//! is closed for good, or recovery is disabled, the supervisor task
+//! retires the generation and builds a new one with exponential backoff.
+//! Deliveries carry their generation number, so a settle on an older one
+//! is reported as [`Error::StaleDelivery`].
+//!
+//! Closing takes at most [`CLOSE_TIMEOUT`]: a connection that is up gets
+//! its held acks and `connection.close` within it; one lapin is still
+//! recovering is not waited for (it is closed should it come back).
 //!
 //! A message lapin cannot parse (a short string that is not UTF-8, such as
 //! a `message_id` of `b"\xff\xfe..."`) fails the whole connection: lapin's
@@ -81,6 +86,23 @@ const QUARANTINE_SETTLE: Duration = Duration::from_millis(250);
 /// How long a failed build waits for lapin's error event once the
 /// connection is marked errored (it follows at once).
 const ERROR_EVENT_WAIT: Duration = Duration::from_secs(1);
+/// How often the supervisor looks at the connection's state, to see a
+/// stalled recovery early (a read of lapin's state: cheap).
+const RECOVERY_POLL: Duration = Duration::from_millis(100);
+/// Slack beyond lapin's first backoff step before a recovery that has not
+/// started to reconnect counts as stalled (scheduling of lapin's thread
+/// and tasks on a busy machine).
+const STALL_SLACK: Duration = Duration::from_secs(1);
+/// How long lapin may stay `Connecting` before the attempt counts as hung:
+/// a handshake with a server that answers takes milliseconds, and lapin's
+/// can hang until the server's own handshake timeout (10 s for RabbitMQ).
+/// Longer only while the server refuses connections, when a rebuild (with
+/// its own backoff) does as well.
+const ATTEMPT_HANG: Duration = Duration::from_secs(5);
+/// The longest closing takes: writing the held acks and `connection.close`
+/// on a connection that is up. One that is down or being recovered is not
+/// waited for.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 type Events = std::pin::Pin<Box<dyn Stream<Item = Event> + Send>>;
 
@@ -256,6 +278,14 @@ impl Generation {
         s.errored() || s.closed() || s.closing()
     }
 
+    /// Closed or failed for good: lapin will not bring it back. (A
+    /// connection whose `connection.close` went unanswered stays
+    /// `Closing`, and lapin recovers it should its socket fail then.)
+    fn conn_finished(&self) -> bool {
+        let s = self.conn.status();
+        s.errored() || s.closed()
+    }
+
     /// Neither up nor given up: lapin is reconnecting (its state then
     /// alternates between `Reconnecting` and `Connecting`).
     fn recovering(&self) -> bool {
@@ -289,25 +319,25 @@ impl Generation {
         }
     }
 
-    /// Closes the connection, waiting (bounded) for a recovery under way to
-    /// end first: a connection left recovering would come back as a zombie
-    /// consumer holding prefetched messages.
-    async fn close(&self, wait: Duration, wait_for_recovery: bool) {
-        let deadline = Instant::now() + wait;
-        while wait_for_recovery && self.recovering() && Instant::now() < deadline {
-            sleep(POLL).await;
+    /// Closes the connection if it is up, within `wait`: the acks held for
+    /// batching first (closing would send their messages back to the
+    /// queue), then `connection.close`. A connection that is down or being
+    /// recovered is left as it is: the caller hands it to [`reap`], which
+    /// closes it should lapin ever bring it back.
+    async fn close(&self, wait: Duration) {
+        if !self.conn.status().connected() {
+            return;
         }
-        if self.conn.status().connected() {
-            // Acks confirmed to their callers but still held go out first;
-            // closing would send their messages back to the queue.
-            if let Some(acks) = &self.acks {
-                acks.drain(deadline).await;
-            }
-            match timeout(wait, self.conn.close(200, "idemq: closing".into())).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!(error = %e, "closing the RabbitMQ connection failed"),
-                Err(_) => debug!("closing the RabbitMQ connection timed out"),
-            }
+        let deadline = Instant::now() + wait;
+        if let Some(acks) = &self.acks
+            && timeout_at(deadline, acks.drain(deadline)).await.is_err()
+        {
+            debug!("writing the held acks timed out; the broker redelivers their messages");
+        }
+        match timeout_at(deadline, self.conn.close(200, "idemq: closing".into())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(error = %e, "closing the RabbitMQ connection failed"),
+            Err(_) => debug!("closing the RabbitMQ connection timed out"),
         }
     }
 }
@@ -403,7 +433,8 @@ impl Link {
         })
     }
 
-    /// Stops the supervisor and closes the connection. Idempotent.
+    /// Stops the supervisor and closes the connection, within
+    /// [`CLOSE_TIMEOUT`] (see [`Generation::close`]). Idempotent.
     pub async fn close(&self) {
         self.shared.closed.cancel();
         let handle = self.supervisor.lock().await.take();
@@ -1256,35 +1287,156 @@ enum Ending {
     Lost(String),
 }
 
+/// Where lapin's recovery of a connection stands, as the supervisor polls
+/// it ([`RecoveryWatch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ConnState {
+    Up,
+    /// Lost; lapin waits out a backoff step before it reconnects.
+    Reconnecting,
+    /// lapin is making a reconnection attempt.
+    Connecting,
+    /// Closing, closed or failed: not lapin's recovery any more.
+    Other,
+}
+
+impl ConnState {
+    fn of(conn: &Connection) -> ConnState {
+        let s = conn.status();
+        if s.connected() {
+            ConnState::Up
+        } else if s.reconnecting() {
+            ConnState::Reconnecting
+        } else if s.connecting() {
+            ConnState::Connecting
+        } else {
+            ConnState::Other
+        }
+    }
+}
+
+/// What [`RecoveryWatch::observe`] concludes.
+#[derive(Debug, PartialEq, Eq)]
+enum RecoveryVerdict {
+    /// Up, or not lapin's recovery (closing, failed: seen elsewhere).
+    Quiet,
+    /// The connection was just found lost; lapin is recovering it.
+    Lost,
+    /// lapin is recovering it, within bounds.
+    Recovering,
+    /// lapin's recovery will not finish: rebuild (the reason).
+    GiveUp(String),
+}
+
+/// Tells a lapin recovery under way from one that will never finish.
+///
+/// lapin 4.12.3 can stall at the very start of a recovery: when a write
+/// fails (a broken pipe, a reset) after frames were serialized, its I/O
+/// loop goes on waiting to write them to the dead socket. It only clears
+/// them once that loop ends, and the loop does not end while they are
+/// there (`IoLoop::should_continue` in its `io_loop.rs`), so it never
+/// reconnects: the connection stays `Reconnecting` for good, with no error
+/// event. (The same happens when a command it waits for is dropped without
+/// waking it: `InternalRPC::run` skips its wake-up for a channel already
+/// lost.) A recovery that is on its way leaves `Reconnecting` after
+/// lapin's first backoff step, at most twice `min_delay` with its jitter;
+/// still `Reconnecting` after that (plus [`STALL_SLACK`]), without having
+/// made an attempt, it has stalled.
+///
+/// A reconnection attempt can hang too: some of lapin's hang in the AMQP
+/// handshake until the server gives up on it (RabbitMQ, after 10 s), and
+/// its TCP connect has no timeout. One still `Connecting` after
+/// [`ATTEMPT_HANG`] is given up on. Every recovery is also bounded by
+/// `max_recovery_time`, whatever its state.
+#[derive(Debug)]
+struct RecoveryWatch {
+    /// When lapin must have made its first attempt.
+    first_attempt_within: Duration,
+    max_recovery: Duration,
+    /// When the connection was found lost.
+    lost_at: Option<Instant>,
+    /// lapin made a reconnection attempt since.
+    attempted: bool,
+    /// Since when lapin is `Connecting`, without a break seen.
+    connecting_since: Option<Instant>,
+}
+
+impl RecoveryWatch {
+    fn new(min_delay: Duration, max_recovery: Duration) -> RecoveryWatch {
+        RecoveryWatch {
+            first_attempt_within: min_delay.saturating_mul(2).saturating_add(STALL_SLACK),
+            max_recovery,
+            lost_at: None,
+            attempted: false,
+            connecting_since: None,
+        }
+    }
+
+    /// lapin reported the connection up again (its `Connected` event): a
+    /// later loss is a new recovery, even when no poll saw it up.
+    fn connected(&mut self) {
+        self.lost_at = None;
+        self.attempted = false;
+        self.connecting_since = None;
+    }
+
+    fn observe(&mut self, state: ConnState, now: Instant) -> RecoveryVerdict {
+        match state {
+            ConnState::Up | ConnState::Other => {
+                self.connected();
+                return RecoveryVerdict::Quiet;
+            }
+            ConnState::Connecting => {
+                self.attempted = true;
+                let since = *self.connecting_since.get_or_insert(now);
+                let hung = now.saturating_duration_since(since);
+                if hung > ATTEMPT_HANG {
+                    return RecoveryVerdict::GiveUp(format!(
+                        "a reconnection attempt of lapin's hung for {hung:?}"
+                    ));
+                }
+            }
+            ConnState::Reconnecting => self.connecting_since = None,
+        }
+        let Some(lost_at) = self.lost_at else {
+            self.lost_at = Some(now);
+            return RecoveryVerdict::Lost;
+        };
+        let spent = now.saturating_duration_since(lost_at);
+        if !self.attempted && spent > self.first_attempt_within {
+            return RecoveryVerdict::GiveUp(format!(
+                "lapin's recovery stalled: no reconnection attempt after {spent:?}"
+            ));
+        }
+        if spent > self.max_recovery {
+            return RecoveryVerdict::GiveUp(format!(
+                "lapin's recovery did not finish within {:?}",
+                self.max_recovery
+            ));
+        }
+        RecoveryVerdict::Recovering
+    }
+}
+
 /// Watches the current generation until it must be replaced.
 async fn watch_generation(shared: &Shared, generation: &Generation, events: &mut Events) -> Ending {
     let url = shared.cfg.redacted_url();
-    let mut tick = tokio::time::interval(shared.cfg.recovery().health_check);
+    let rec = shared.cfg.recovery();
+    let mut tick = tokio::time::interval(rec.health_check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let max_recovery = shared.cfg.recovery().max_recovery_time;
-    let mut reconnecting_since: Option<Instant> = None;
+    let mut poll = tokio::time::interval(RECOVERY_POLL.min(rec.health_check));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut recovery = RecoveryWatch::new(rec.min_delay, rec.max_recovery_time);
+    // The consumer failed (see `Shared::next`): rebuild once lapin's
+    // recovery under way, if any, has finished or given up.
+    let mut broken = false;
     loop {
         tokio::select! {
             _ = shared.closed.cancelled() => return Ending::Closing,
-            _ = generation.broken.cancelled() => {
-                // Let a recovery under way finish (or give up) first.
-                let until = Instant::now() + max_recovery;
-                while generation.recovering() && Instant::now() < until {
-                    tokio::select! {
-                        _ = shared.closed.cancelled() => return Ending::Closing,
-                        _ = sleep(POLL) => {}
-                    }
-                }
-                let reason = generation
-                    .broken_reason
-                    .lock()
-                    .ok()
-                    .and_then(|r| r.clone())
-                    .unwrap_or_default();
-                return Ending::Lost(reason);
-            }
+            _ = generation.broken.cancelled(), if !broken => broken = true,
             event = events.next() => match event {
                 Some(Event::Connected) => {
+                    recovery.connected();
                     info!(%url, generation = generation.id, "RabbitMQ connection recovered by lapin");
                 }
                 Some(Event::Error(e)) => {
@@ -1305,26 +1457,29 @@ async fn watch_generation(shared: &Shared, generation: &Generation, events: &mut
                 Some(_) => {}
                 None => return Ending::Lost("lapin's event stream ended".into()),
             },
-            _ = tick.tick() => {
-                let reconnecting = generation.recovering();
-                match (reconnecting, reconnecting_since) {
-                    (true, None) => {
+            _ = poll.tick() => {
+                match recovery.observe(ConnState::of(&generation.conn), Instant::now()) {
+                    RecoveryVerdict::Lost => {
                         warn!(%url, generation = generation.id, "RabbitMQ connection lost; lapin is recovering it");
-                        reconnecting_since = Some(Instant::now());
                     }
-                    (true, Some(since)) if since.elapsed() > max_recovery => {
-                        return Ending::Lost(format!(
-                            "lapin's recovery did not finish within {max_recovery:?}"
-                        ));
-                    }
-                    (false, _) => reconnecting_since = None,
-                    (true, Some(_)) => {}
+                    RecoveryVerdict::GiveUp(reason) => return Ending::Lost(reason),
+                    RecoveryVerdict::Quiet | RecoveryVerdict::Recovering => {}
                 }
+                if broken && !generation.recovering() {
+                    let reason = generation
+                        .broken_reason
+                        .lock()
+                        .ok()
+                        .and_then(|r| r.clone())
+                        .unwrap_or_default();
+                    return Ending::Lost(reason);
+                }
+            }
+            _ = tick.tick() => {
                 if generation.conn_dead() {
                     return Ending::Lost("the connection is closed".into());
                 }
-                if !reconnecting
-                    && generation.conn.status().connected()
+                if generation.conn.status().connected()
                     && let Some(slot) = generation.consumer.as_ref()
                 {
                     let s = slot.channel.status();
@@ -1341,28 +1496,24 @@ async fn watch_generation(shared: &Shared, generation: &Generation, events: &mut
 async fn supervise(shared: Arc<Shared>, mut generation: Arc<Generation>, mut events: Events) {
     let url = shared.cfg.redacted_url();
     let rec = shared.cfg.recovery().clone();
-    let grace = shared.cfg.connect_timeout();
     loop {
         let ending = watch_generation(&shared, &generation, &mut events).await;
         shared.current.send_replace(None);
         generation.retired.cancel();
         match ending {
             Ending::Closing => {
-                generation.close(grace, true).await;
-                if !generation.conn_dead() {
-                    reap(generation.clone());
-                }
+                // A connection lapin is recovering is not waited for: the
+                // reaper closes it should it come back.
+                generation.close(CLOSE_TIMEOUT).await;
+                reap(generation.clone());
                 info!(%url, generation = generation.id, "RabbitMQ connection closed");
                 return;
             }
             Ending::Lost(reason) => {
                 warn!(%url, generation = generation.id, %reason,
                     "RabbitMQ connection lost for good; rebuilding connection, topology and consumer");
-                // Any recovery under way was waited for already.
-                generation.close(grace, false).await;
-                if !generation.conn_dead() {
-                    reap(generation.clone());
-                }
+                generation.close(CLOSE_TIMEOUT).await;
+                reap(generation.clone());
             }
         }
         // A parse error the watch did not see may still be queued, or
@@ -1376,13 +1527,16 @@ async fn supervise(shared: Arc<Shared>, mut generation: Arc<Generation>, mut eve
                 }
             }
         }
-        if !error_seen
-            && generation.parse_error().is_none()
-            && generation.conn.status().errored()
-            && let Ok(Some(e)) = timeout(ERROR_EVENT_WAIT, first_error(&mut events)).await
-            && is_parse_error(&e)
-        {
-            generation.note_parse_error(&e);
+        if !error_seen && generation.parse_error().is_none() && generation.conn.status().errored() {
+            let waited = tokio::select! {
+                _ = shared.closed.cancelled() => return,
+                waited = timeout(ERROR_EVENT_WAIT, first_error(&mut events)) => waited,
+            };
+            if let Ok(Some(e)) = waited
+                && is_parse_error(&e)
+            {
+                generation.note_parse_error(&e);
+            }
         }
         let mut malformed = generation.parse_error();
         let mut failures: u32 = 0;
@@ -1435,25 +1589,31 @@ async fn supervise(shared: Arc<Shared>, mut generation: Arc<Generation>, mut eve
     }
 }
 
-/// Watches an abandoned connection that lapin is still recovering: should
+/// Watches an abandoned connection that lapin may still recover: should
 /// the recovery ever complete, it would bring back a consumer nobody reads
 /// (holding prefetched messages), so it is closed as soon as it is up.
+/// Nothing to watch when it is closed or failed for good.
 fn reap(generation: Arc<Generation>) {
     const REAP_FOR: Duration = Duration::from_secs(3600);
+    if generation.conn_finished() {
+        return;
+    }
     debug!(
         generation = generation.id,
         "watching an abandoned RabbitMQ connection"
     );
     tokio::spawn(async move {
         let until = Instant::now() + REAP_FOR;
-        while Instant::now() < until && !generation.conn_dead() {
+        while Instant::now() < until && !generation.conn_finished() {
             if generation.conn.status().connected() {
                 warn!(
                     generation = generation.id,
                     "an abandoned RabbitMQ connection was recovered by lapin; closing it"
                 );
-                generation.close(Duration::from_secs(10), false).await;
-                return;
+                generation.close(CLOSE_TIMEOUT).await;
+                if generation.conn_finished() {
+                    return;
+                }
             }
             sleep(Duration::from_secs(1)).await;
         }
@@ -1516,6 +1676,111 @@ mod tests {
             .map(|s| s.to_string())
             .unwrap_or_default();
         assert!(text.contains("`q`") && text.contains("`q.dlq`"), "{text}");
+    }
+
+    fn watch() -> (RecoveryWatch, Instant) {
+        // First attempt due within 2 x 200 ms + STALL_SLACK = 1.4 s.
+        let w = RecoveryWatch::new(Duration::from_millis(200), Duration::from_secs(15));
+        (w, Instant::now())
+    }
+
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_recovery_stuck_before_its_first_attempt_is_given_up_early() {
+        let (mut w, t0) = watch();
+        assert_eq!(w.observe(ConnState::Up, t0), RecoveryVerdict::Quiet);
+        assert_eq!(
+            w.observe(ConnState::Reconnecting, at(t0, 100)),
+            RecoveryVerdict::Lost
+        );
+        assert_eq!(
+            w.observe(ConnState::Reconnecting, at(t0, 1400)),
+            RecoveryVerdict::Recovering
+        );
+        assert!(matches!(
+            w.observe(ConnState::Reconnecting, at(t0, 1600)),
+            RecoveryVerdict::GiveUp(r) if r.contains("stalled")
+        ));
+    }
+
+    #[test]
+    fn a_recovery_that_attempts_is_bounded_by_max_recovery_time() {
+        let (mut w, t0) = watch();
+        assert_eq!(
+            w.observe(ConnState::Reconnecting, t0),
+            RecoveryVerdict::Lost
+        );
+        assert_eq!(
+            w.observe(ConnState::Connecting, at(t0, 300)),
+            RecoveryVerdict::Recovering
+        );
+        // Longer backoff steps between later attempts are lapin's right.
+        assert_eq!(
+            w.observe(ConnState::Reconnecting, at(t0, 9_000)),
+            RecoveryVerdict::Recovering
+        );
+        assert_eq!(
+            w.observe(ConnState::Connecting, at(t0, 11_000)),
+            RecoveryVerdict::Recovering
+        );
+        assert_eq!(
+            w.observe(ConnState::Reconnecting, at(t0, 14_000)),
+            RecoveryVerdict::Recovering
+        );
+        assert!(matches!(
+            w.observe(ConnState::Connecting, at(t0, 15_100)),
+            RecoveryVerdict::GiveUp(r) if r.contains("within 15s")
+        ));
+    }
+
+    #[test]
+    fn a_reconnection_attempt_that_hangs_is_given_up() {
+        let (mut w, t0) = watch();
+        assert_eq!(w.observe(ConnState::Connecting, t0), RecoveryVerdict::Lost);
+        assert_eq!(
+            w.observe(ConnState::Connecting, at(t0, 5_000)),
+            RecoveryVerdict::Recovering
+        );
+        assert!(matches!(
+            w.observe(ConnState::Connecting, at(t0, 5_100)),
+            RecoveryVerdict::GiveUp(r) if r.contains("hung")
+        ));
+    }
+
+    #[test]
+    fn every_loss_is_a_new_recovery() {
+        let (mut w, t0) = watch();
+        w.observe(ConnState::Reconnecting, t0);
+        w.observe(ConnState::Connecting, at(t0, 300));
+        // Back up (seen, or only reported by lapin's event), then lost again.
+        w.connected();
+        assert_eq!(
+            w.observe(ConnState::Reconnecting, at(t0, 10_000)),
+            RecoveryVerdict::Lost
+        );
+        assert!(matches!(
+            w.observe(ConnState::Reconnecting, at(t0, 11_500)),
+            RecoveryVerdict::GiveUp(_)
+        ));
+        assert_eq!(
+            w.observe(ConnState::Up, at(t0, 12_000)),
+            RecoveryVerdict::Quiet
+        );
+        assert_eq!(
+            w.observe(ConnState::Connecting, at(t0, 20_000)),
+            RecoveryVerdict::Lost
+        );
+        assert_eq!(
+            w.observe(ConnState::Reconnecting, at(t0, 25_000)),
+            RecoveryVerdict::Recovering
+        );
+        assert_eq!(
+            w.observe(ConnState::Other, at(t0, 40_000)),
+            RecoveryVerdict::Quiet
+        );
     }
 
     #[test]

@@ -102,7 +102,9 @@ impl RabbitPublisher {
             .await
     }
 
-    /// Closes the connection. Publishing afterwards fails with [`Error::Closed`].
+    /// Closes the connection, within about 2 seconds whatever its state
+    /// (as [`crate::RabbitBroker::close`]). Publishing afterwards fails with
+    /// [`Error::Closed`].
     pub async fn close(&self) {
         self.link.close().await;
     }

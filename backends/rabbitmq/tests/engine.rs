@@ -100,6 +100,12 @@ async fn exactly_once_across_a_cut(name: &str, recovery: RecoveryConfig, rebuild
     }
     let during = handled();
     proxy.restore();
+    // Well under the 15 s `max_recovery_time`: a recovery that stalls
+    // unnoticed fails here.
+    common::wait_until("handling to resume", Duration::from_secs(10), || {
+        handled() > during
+    })
+    .await;
     producing.await.expect("producer");
     common::wait_until("every message handled", Duration::from_secs(120), || {
         handled() == UNIQUE
@@ -123,12 +129,11 @@ async fn exactly_once_across_a_cut(name: &str, recovery: RecoveryConfig, rebuild
     let report = running.await.expect("engine task");
 
     assert!(during < UNIQUE, "the cut came after the stream");
+    // Without `rebuild`, lapin's recovery or a rebuild may have resumed
+    // consumption (a stalled recovery is replaced by a rebuild): both are
+    // correct, so only what the engine promises is checked.
     if rebuild {
         assert!(broker.generation() > generation, "no rebuild happened");
-    } else {
-        // Normally lapin recovers (same generation); when its recovery
-        // stalls, the supervisor rebuilds after `max_recovery_time`.
-        assert!(broker.generation() >= generation);
     }
     let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
     assert_eq!(seen.len(), UNIQUE);
