@@ -161,11 +161,20 @@ pub fn to_field_table_keeping(
         let key = short_string("header name", name)?;
         let kept = original
             .and_then(|o| o.inner().get(name.as_str()))
-            .filter(|orig| from_amqp(orig) == *value)
+            .filter(|orig| unchanged(&from_amqp(orig), value))
             .cloned();
         table.insert(key, kept.unwrap_or_else(|| to_amqp(value)));
     }
     Ok(table)
+}
+
+/// Whether a header still has the value it was delivered with: floats
+/// compared bit for bit, so that a NaN is unchanged (and -0.0 is not 0.0).
+fn unchanged(delivered: &HeaderValue, now: &HeaderValue) -> bool {
+    match (delivered, now) {
+        (HeaderValue::Float(a), HeaderValue::Float(b)) => a.to_bits() == b.to_bits(),
+        _ => delivered == now,
+    }
 }
 
 /// An AMQP short string, or `InvalidInput` when `s` is longer than 255 bytes.
@@ -292,5 +301,27 @@ mod tests {
         let mut h = Headers::new();
         h.insert("n".repeat(256), HeaderValue::Int(1));
         assert!(to_field_table(&h).is_err());
+    }
+
+    #[test]
+    fn unchanged_nan_and_signed_zero_headers_keep_their_amqp_value() {
+        // Found by fuzzing (fuzz/, target amqp_properties): the properties
+        // of a message with one header, "A", a 32-bit float NaN. Unchanged,
+        // it went back as a 64-bit double, since NaN != NaN.
+        let bytes = [0x20, 0x00, 0, 0, 0, 7, 1, b'A', b'f', 0x7f, 0xc0, 0, 0];
+        let (rest, props) = lapin::protocol::basic::parse_properties(&bytes[..]).expect("parse");
+        assert!(rest.is_empty());
+        let original = props.headers().clone().expect("headers");
+        let headers = from_field_table(&original);
+        let back = to_field_table_keeping(&headers, Some(&original)).expect("table");
+        assert!(matches!(back.inner()["A"], AMQPValue::Float(f) if f.is_nan()));
+
+        // -0.0 changed to 0.0 is a change.
+        let mut original = FieldTable::default();
+        original.insert("z".into(), AMQPValue::Float(-0.0));
+        let mut headers = from_field_table(&original);
+        headers.insert("z".into(), HeaderValue::Float(0.0));
+        let back = to_field_table_keeping(&headers, Some(&original)).expect("table");
+        assert!(matches!(back.inner()["z"], AMQPValue::Double(f) if f.to_bits() == 0));
     }
 }

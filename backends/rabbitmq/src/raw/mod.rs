@@ -12,6 +12,8 @@
 
 pub(crate) mod client;
 pub(crate) mod codec;
+#[cfg(feature = "testing")]
+pub mod fuzz;
 pub(crate) mod props;
 pub(crate) mod quarantine;
 #[cfg(feature = "testing")]

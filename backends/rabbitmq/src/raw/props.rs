@@ -223,12 +223,11 @@ impl RawProperties {
     /// property are ignored. Fails only when a length runs past the end.
     pub fn decode(bytes: &[u8]) -> Result<RawProperties, CodecError> {
         let mut c = Cursor::new(bytes);
+        // Bits 1 and 0 (0 is the spec's continuation flag) are ignored, as
+        // RabbitMQ and lapin ignore them: basic has 14 properties, and
+        // neither reads a second flag word. Reading one would take the
+        // first property's bytes for flags.
         let flags = c.u16("property flags")?;
-        // Continuation words (bit 0): basic has no properties past 14.
-        let mut more = flags & 1 != 0;
-        while more {
-            more = c.u16("property flags")? & 1 != 0;
-        }
         let has = |i: usize| flags & (1 << (15 - i)) != 0;
         let mut p = RawProperties::default();
         let short = |c: &mut Cursor<'_>, i: usize| -> Result<Option<Vec<u8>>, CodecError> {
@@ -704,12 +703,20 @@ mod tests {
     }
 
     #[test]
-    fn continuation_flags_are_skipped() {
-        // Flags with the continuation bit, a second flag word, then a
-        // message id.
-        let mut bytes = vec![0x00, 0x81, 0x00, 0x00];
-        put_short_str(&mut bytes, "m", b"id").expect("short");
+    fn flag_bits_0_and_1_are_ignored_as_rabbitmq_and_lapin_do() {
+        // Found by fuzzing (fuzz/, target raw_properties): correlation-id
+        // and expiration, both empty, with the continuation bit set. lapin
+        // reads them; reading a continuation word made this `Truncated`.
+        let bytes = [0x05, 0x01, 0x00, 0x00];
+        assert_eq!(lapin_rejects(&bytes), None);
         let p = RawProperties::decode(&bytes).expect("decode");
-        assert_eq!(p.message_id.as_deref(), Some(&b"id"[..]));
+        assert_eq!(p.correlation_id.as_deref(), Some(&b""[..]));
+        assert_eq!(p.expiration.as_deref(), Some(&b""[..]));
+        // The continuation bit and a message id: the id follows the one
+        // flag word, as RabbitMQ and lapin read it.
+        let mut bytes = vec![0x00, 0x83];
+        put_short_str(&mut bytes, "m", b"\xffid").expect("short");
+        let p = RawProperties::decode(&bytes).expect("decode");
+        assert_eq!(p.message_id.as_deref(), Some(&b"\xffid"[..]));
     }
 }

@@ -284,21 +284,25 @@ pub(crate) fn dead_letter_copy(
         })
         .collect();
     table.retain(|(k, _)| !kept.iter().any(|(n, _)| n == k));
-    let failure = [
-        (names::REASON, RawValue::text(REASON)),
-        (names::DETAIL, RawValue::text(verdict.detail.clone())),
-        (names::ATTEMPTS, RawValue::long_long(0)),
-        (names::ORIGINAL_QUEUE, RawValue::text(original_queue)),
-        (
-            names::FIRST_FAILURE_MS,
-            first_failure.unwrap_or_else(|| RawValue::long_long(now)),
-        ),
-        (names::DEAD_AT_MS, RawValue::long_long(now)),
-    ];
-    let failure: Vec<(Vec<u8>, RawValue)> = failure
+    let failure_table = |detail: &str, first_failure: RawValue| -> Vec<(Vec<u8>, RawValue)> {
+        [
+            (names::REASON, RawValue::text(REASON)),
+            (names::DETAIL, RawValue::text(detail)),
+            (names::ATTEMPTS, RawValue::long_long(0)),
+            (names::ORIGINAL_QUEUE, RawValue::text(original_queue)),
+            (names::FIRST_FAILURE_MS, first_failure),
+            (names::DEAD_AT_MS, RawValue::long_long(now)),
+        ]
         .into_iter()
         .map(|(k, v)| (k.as_bytes().to_vec(), v))
-        .collect();
+        .collect()
+    };
+    let failure = failure_table(
+        &verdict.detail,
+        first_failure
+            .clone()
+            .unwrap_or_else(|| RawValue::long_long(now)),
+    );
 
     let mut full = table;
     full.extend(kept.iter().cloned());
@@ -309,15 +313,35 @@ pub(crate) fn dead_letter_copy(
     }
     // Too large for one frame with the original headers (or, impossibly,
     // not parseable): idemq's headers and the bad fields' bytes only.
-    copy.headers = RawValue::encode_table(&[kept, failure.clone()].concat()).ok();
+    copy.headers = RawValue::encode_table(&[kept, failure].concat()).ok();
     if fits(&copy, frame_max) {
         return copy;
     }
-    RawProperties {
+    // Still too large: idemq's headers alone, the first-failure time kept
+    // only when it is a plain value (the original's could be as large as
+    // its frame), and the detail (up to MAX_DETAIL bytes) cut to what the
+    // frame has room for. Frames are at least 4096 bytes: the rest fits.
+    let first_failure = first_failure
+        .filter(|v| matches!(v, RawValue::Scalar { .. }))
+        .unwrap_or_else(|| RawValue::long_long(now));
+    let bare = |detail: &str| RawProperties {
         delivery_mode: Some(2),
-        headers: RawValue::encode_table(&failure).ok(),
+        headers: RawValue::encode_table(&failure_table(detail, first_failure.clone())).ok(),
         ..RawProperties::default()
+    };
+    let copy = bare(&verdict.detail);
+    if fits(&copy, frame_max) {
+        return copy;
     }
+    let room = frame_max.saturating_sub(header_size(&bare("")).unwrap_or(frame_max));
+    bare(&truncate(verdict.detail.clone(), room))
+}
+
+/// The size of a content-header frame with these properties.
+fn header_size(p: &RawProperties) -> Option<usize> {
+    p.encode()
+        .ok()
+        .map(|bytes| bytes.len() + 12 + FRAME_OVERHEAD)
 }
 
 /// Whether lapin parses `p` and its content header fits in one frame.
@@ -486,5 +510,69 @@ mod tests {
             Some(RawValue::text("malformed"))
         );
         assert!(header(&copy, "x-idemq-malformed-message-id").is_some());
+    }
+
+    /// Whether lapin reads the copy and its content header fits the frame.
+    fn assert_fits(copy: &RawProperties, frame_max: usize) {
+        let bytes = copy.encode().expect("encode");
+        assert_eq!(lapin_rejects(&bytes), None);
+        let size = bytes.len() + 12 + FRAME_OVERHEAD;
+        assert!(size <= frame_max, "a content header of {size} bytes");
+        assert_eq!(
+            header(copy, "x-idemq-reason"),
+            Some(RawValue::text("malformed"))
+        );
+    }
+
+    #[test]
+    fn the_last_resort_copy_fits_the_smallest_frame() {
+        // Found by fuzzing (fuzz/, target raw_properties): bad short
+        // strings enough for a detail of MAX_DETAIL bytes, with a frame of
+        // 4096 bytes (the least AMQP allows): idemq's headers alone took
+        // more, so the copy could never be published.
+        let bad = Some(vec![0xff; 255]);
+        let p = RawProperties {
+            content_type: bad.clone(),
+            content_encoding: bad.clone(),
+            correlation_id: bad.clone(),
+            reply_to: bad.clone(),
+            message_id: bad.clone(),
+            kind: bad.clone(),
+            app_id: bad.clone(),
+            cluster_id: bad,
+            ..RawProperties::default()
+        };
+        let msg = got(&p);
+        let verdict = inspect(&msg).expect("malformed");
+        assert_eq!(verdict.detail.len(), MAX_DETAIL);
+        let copy = dead_letter_copy(&msg, &verdict, "q", 4096);
+        assert_fits(&copy, 4096);
+        let detail = header(&copy, names::DETAIL).expect("detail");
+        assert!(matches!(detail, RawValue::LongString(d) if d.starts_with(b"not parseable")));
+    }
+
+    #[test]
+    fn a_huge_first_failure_header_is_not_kept_past_the_frame() {
+        // A first-failure "time" of almost a frame: the last resort kept
+        // it, and overflowed the frame with idemq's headers.
+        let table = RawValue::encode_table(&[(
+            names::FIRST_FAILURE_MS.as_bytes().to_vec(),
+            RawValue::LongString(vec![b'1'; 130_800]),
+        )])
+        .expect("table");
+        let p = RawProperties {
+            message_id: Some(vec![0xff]),
+            headers: Some(table),
+            ..RawProperties::default()
+        };
+        let msg = got(&p);
+        assert!(msg.properties.len() + 12 + FRAME_OVERHEAD <= 131_072);
+        let verdict = inspect(&msg).expect("malformed");
+        let copy = dead_letter_copy(&msg, &verdict, "q", 131_072);
+        assert_fits(&copy, 131_072);
+        assert!(matches!(
+            header(&copy, names::FIRST_FAILURE_MS),
+            Some(RawValue::Scalar { tag: b'l', .. })
+        ));
     }
 }

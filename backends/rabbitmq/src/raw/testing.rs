@@ -9,6 +9,9 @@ use lapin::uri::AMQPUri;
 
 use super::client::RawClient;
 pub use super::client::RawError;
+/// Entry points for the fuzz targets (`fuzz/`); not an API.
+#[doc(hidden)]
+pub use super::fuzz;
 pub use super::props::{RawProperties, RawValue};
 use crate::errors::BACKEND;
 
