@@ -30,6 +30,8 @@ use tokio::time::{Instant, sleep};
 
 /// Longest a round may take before the run fails.
 const ROUND_LIMIT: Duration = Duration::from_secs(60);
+/// How far the producer may run ahead of the acks.
+const MAX_AHEAD: u64 = 500;
 
 fn recovery() -> RecoveryConfig {
     match std::env::var("IDEMQ_RECOVERY").as_deref() {
@@ -74,14 +76,25 @@ async fn time_to_resume_after_cuts() {
     let direct = RabbitConfig::new(common::url(), broker.config().queue());
     let publisher = RabbitPublisher::connect(direct).await.expect("publisher");
 
-    // Producer: one message every 2 ms, until told to stop.
+    // Producer: one message every 2 ms, until told to stop, and never
+    // more than MAX_AHEAD beyond what was acked (a consumer slowed by a
+    // loaded machine is not what is measured).
     let stop = Arc::new(AtomicBool::new(false));
     let published = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let acked_count = {
+        let acked = acked.clone();
+        move || acked.lock().map(|a| a.len() as u64).unwrap_or(0)
+    };
     let producing = {
-        let (stop, published) = (stop.clone(), published.clone());
+        let (stop, published, acked_count) = (stop.clone(), published.clone(), acked_count.clone());
         tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::SeqCst) {
+                if i > acked_count() + MAX_AHEAD {
+                    sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
                 let id = format!("m{i:08}");
                 publisher
                     .publish(OutgoingMessage::new(id.clone()).with_message_id(id))
@@ -96,7 +109,6 @@ async fn time_to_resume_after_cuts() {
     };
     // Consumer: acks everything; counts deliveries.
     let received = Arc::new(AtomicU64::new(0));
-    let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let consuming = {
         let (broker, received, acked) = (broker.clone(), received.clone(), acked.clone());
         tokio::spawn(async move {
@@ -172,10 +184,7 @@ async fn time_to_resume_after_cuts() {
         rebuilds,
         slow.len(),
     );
-    common::wait_until("everything acked", Duration::from_secs(120), || {
-        acked.lock().map(|a| a.len() as u64).unwrap_or(0) == total
-    })
-    .await;
+    common::wait_until("everything acked", ROUND_LIMIT, || acked_count() == total).await;
     eprintln!("{total} messages published, every one acked");
     let closing = broker.clone();
     common::cleanup(closing).await;
