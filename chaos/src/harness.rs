@@ -141,6 +141,7 @@ async fn monitor(ctx: Arc<Ctx>, views: Views, stop: CancellationToken) -> Watch 
     let mut watch = Watch::default();
     let mut empty_since: Option<Instant> = None;
     let mut consumers = 0;
+    let mut retrying = 0u32;
     // Per engine: (incarnation, down since) of an ongoing disconnection.
     let mut down: Vec<Option<(u32, Instant, bool)>> = vec![None; s.engines];
     loop {
@@ -149,14 +150,19 @@ async fn monitor(ctx: Arc<Ctx>, views: Views, stop: CancellationToken) -> Watch 
             _ = sleep(Duration::from_millis(500)) => {}
         }
         let now = Instant::now();
-        let work = idemq_rabbitmq::queue_stats(&config)
-            .await
-            .ok()
-            .and_then(|stats| {
-                stats
-                    .into_iter()
-                    .find(|q| q.role == idemq_rabbitmq::QueueRole::Work)
-            });
+        let stats = idemq_rabbitmq::queue_stats(&config).await.ok();
+        if let Some(stats) = &stats {
+            retrying = stats
+                .iter()
+                .filter(|q| matches!(q.role, idemq_rabbitmq::QueueRole::Retry(_)))
+                .map(|q| q.messages)
+                .sum();
+        }
+        let work = stats.and_then(|stats| {
+            stats
+                .into_iter()
+                .find(|q| q.role == idemq_rabbitmq::QueueRole::Work)
+        });
         if let Some(work) = work {
             consumers = work.consumers;
             watch.max_work_depth = watch.max_work_depth.max(work.messages);
@@ -200,7 +206,8 @@ async fn monitor(ctx: Arc<Ctx>, views: Views, stop: CancellationToken) -> Watch 
                      handler while the work queue was empty: held back by a consumer (in its \
                      prefetch, or taken and kept while it backs off from its store) while \
                      others could have handled them, or lost; e.g. {}; engines then: {}; \
-                     consumers on the work queue: {consumers}",
+                     consumers on the work queue: {consumers}, messages in the retry \
+                     queues: {retrying}",
                     ctx.epoch.elapsed().as_secs_f64(),
                     stuck.len(),
                     s.stuck_after,
