@@ -205,9 +205,10 @@ async fn monitor(ctx: Arc<Ctx>, views: Views, stop: CancellationToken) -> Watch 
                     "at {:.1}s, {} message copies sat unsettled, untouched for over {:?} and in no \
                      handler while the work queue was empty: held back by a consumer (in its \
                      prefetch, or taken and kept while it backs off from its store) while \
-                     others could have handled them, or lost; e.g. {}; engines then: {}; \
-                     consumers on the work queue: {consumers}, messages in the retry \
-                     queues: {retrying}",
+                     others could have handled them, or lost, or (if the retry queues hold \
+                     any) kept in a retry queue far past its 1 s TTL; e.g. {}; engines \
+                     then: {}; consumers on the work queue: {consumers} (one per running \
+                     engine expected); messages in the retry queues: {retrying}",
                     ctx.epoch.elapsed().as_secs_f64(),
                     stuck.len(),
                     s.stuck_after,
@@ -488,13 +489,24 @@ async fn exercise(ctx: &Arc<Ctx>, failures: &mut Vec<String>) -> Option<String> 
                 .take(10)
                 .map(|(copy, id)| format!("copy {copy} (id {id}, {:?})", kind(*id)))
                 .collect();
+            let consumers = idemq_rabbitmq::queue_stats(&config)
+                .await
+                .ok()
+                .and_then(|stats| {
+                    stats
+                        .into_iter()
+                        .find(|q| q.role == idemq_rabbitmq::QueueRole::Work)
+                })
+                .map(|q| q.consumers);
             failures.push(format!(
                 "not drained {:?} after the chaos ended: queues {depths:?}, {} copies not \
-                 settled for good (e.g. {}), {held} deliveries in engines' hands; engines: {}",
+                 settled for good (e.g. {}), {held} deliveries in engines' hands; engines: {}; \
+                 consumers on the work queue: {consumers:?} ({} engines)",
                 s.drain_timeout,
                 live.len(),
                 sample.join(", "),
-                describe(&driver.views)
+                describe(&driver.views),
+                s.engines
             ));
             break;
         }
@@ -506,7 +518,32 @@ async fn exercise(ctx: &Arc<Ctx>, failures: &mut Vec<String>) -> Option<String> 
     let watch = watcher.await.unwrap_or_default();
     failures.extend(driver.exits.iter().map(|e| format!("engine exited: {e}")));
 
-    // Judge.
+    // Judge. Every engine is stopped and its broker closed: no consumer
+    // may be left on the work queue (a connection the backend abandoned
+    // but did not close would hold deliveries for good).
+    let mut leftover = None;
+    for _ in 0..10 {
+        leftover = idemq_rabbitmq::queue_stats(&config)
+            .await
+            .ok()
+            .and_then(|stats| {
+                stats
+                    .into_iter()
+                    .find(|q| q.role == idemq_rabbitmq::QueueRole::Work)
+            })
+            .map(|q| q.consumers);
+        if leftover == Some(0) {
+            break;
+        }
+        sleep(Duration::from_millis(500)).await;
+    }
+    if let Some(n @ 1..) = leftover {
+        failures.push(format!(
+            "ZOMBIE CONSUMER: {n} consumer(s) still on the work queue 5 s after every engine \
+             was stopped and its broker closed: a broker connection the backend abandoned \
+             (lapin recovered it after a rebuild, say) kept consuming, holding its deliveries"
+        ));
+    }
     let final_depths = queue_depths(&config).await;
     match &final_depths {
         Ok(d) if d.work == 0 && d.retry.iter().all(|(_, n)| *n == 0) => {}
