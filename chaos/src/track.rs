@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use idemq::{
     Broker, Claim, ClaimTtl, Completion, DeadLetter, DedupStore, Delivery, Error, Fenced, Handler,
-    HandlerError, Lease, Message, OutgoingMessage, Record, Release, Revival,
+    HandlerError, Lease, Message, OutgoingMessage, Record, RecordState, Release, Revival,
 };
 use idemq_rabbitmq::RabbitBroker;
 use tokio::time::Instant;
@@ -441,6 +441,9 @@ impl DedupStore for RecordedStore {
     }
     async fn get(&self, scope: &str, key: &str) -> Result<Option<Record>, Error> {
         self.inner.get(scope, key).await
+    }
+    async fn lease_state(&self, lease: &Lease) -> Result<Option<RecordState>, Error> {
+        self.inner.lease_state(lease).await
     }
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
         self.inner.forget(scope, key).await
