@@ -400,6 +400,26 @@ impl fmt::Debug for PostgresDedupStore {
     }
 }
 
+/// `fut` within `limit` (when there is one), its error mapped: a
+/// timeout is [`Error::Timeout`] (transient).
+pub(crate) async fn bounded<T>(
+    limit: Option<Duration>,
+    op: &'static str,
+    fut: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, Error> {
+    match limit {
+        None => fut.await.map_err(|e| from_sqlx(op, e)),
+        Some(after) => match tokio::time::timeout(after, fut).await {
+            Ok(r) => r.map_err(|e| from_sqlx(op, e)),
+            Err(_) => Err(Error::Timeout {
+                backend: BACKEND,
+                op,
+                after,
+            }),
+        },
+    }
+}
+
 /// `postgres://user@host:port/db`, built from the options: no password.
 fn describe(o: &PgConnectOptions) -> String {
     let db = o.get_database().unwrap_or("");
@@ -573,17 +593,7 @@ impl PostgresDedupStore {
         op: &'static str,
         fut: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, Error> {
-        match self.op_timeout {
-            None => fut.await.map_err(|e| from_sqlx(op, e)),
-            Some(after) => match tokio::time::timeout(after, fut).await {
-                Ok(r) => r.map_err(|e| from_sqlx(op, e)),
-                Err(_) => Err(Error::Timeout {
-                    backend: BACKEND,
-                    op,
-                    after,
-                }),
-            },
-        }
+        bounded(self.op_timeout, op, fut).await
     }
 
     /// Connects a pool to `url` (`postgres://user:password@host:port/db`)

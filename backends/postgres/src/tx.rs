@@ -13,7 +13,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres};
 
 use idemq::{Completion, Error, Handler, HandlerError, Message};
 
-use crate::error::{BACKEND, from_sqlx, retry};
+use crate::error::retry;
 use crate::store::{PostgresDedupStore, Statements};
 
 /// A [`Handler`] that runs a closure inside a Postgres transaction and
@@ -160,23 +160,13 @@ where
         + Sync
         + 'static,
 {
-    /// `fut` under the operation timeout, its error mapped.
+    /// `fut` under the store's operation timeout, its error mapped.
     async fn bounded<T>(
         &self,
         op: &'static str,
         fut: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, Error> {
-        match self.op_timeout {
-            None => fut.await.map_err(|e| from_sqlx(op, e)),
-            Some(after) => match tokio::time::timeout(after, fut).await {
-                Ok(r) => r.map_err(|e| from_sqlx(op, e)),
-                Err(_) => Err(Error::Timeout {
-                    backend: BACKEND,
-                    op,
-                    after,
-                }),
-            },
-        }
+        crate::store::bounded(self.op_timeout, op, fut).await
     }
 
     /// The transaction on `conn`; answers the handler's result and whether
