@@ -35,6 +35,10 @@ fn engine<S: DedupStore, H: Handler>(
 ) -> Engine<MemoryBroker, S, H> {
     Engine::builder(broker.clone(), store, handler)
         .scope(SCOPE)
+        .retry_backoff(Backoff::new(
+            Duration::from_millis(5),
+            Duration::from_millis(5),
+        ))
         .store_backoff(Backoff::new(
             Duration::from_millis(5),
             Duration::from_millis(20),
@@ -101,14 +105,7 @@ async fn a_release_whose_answer_was_lost_is_retried_not_lost() {
             }
         }
     };
-    let report = Engine::builder(broker.clone(), store.clone(), handler)
-        .scope(SCOPE)
-        .retry_backoff(Backoff::new(
-            Duration::from_millis(5),
-            Duration::from_millis(5),
-        ))
-        .build()
-        .unwrap()
+    let report = engine(&broker, store.clone(), handler)
         .run(CancellationToken::new())
         .await;
     assert_eq!(
@@ -200,14 +197,7 @@ async fn a_commit_that_did_not_land_is_retried() {
         commit: false,
         runs: runs.clone(),
     };
-    let report = Engine::builder(broker.clone(), store.clone(), handler)
-        .scope(SCOPE)
-        .retry_backoff(Backoff::new(
-            Duration::from_millis(5),
-            Duration::from_millis(5),
-        ))
-        .build()
-        .unwrap()
+    let report = engine(&broker, store.clone(), handler)
         .run(CancellationToken::new())
         .await;
     assert_eq!(
