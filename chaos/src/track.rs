@@ -370,6 +370,9 @@ impl Broker for TrackedBroker {
         }
         next
     }
+    async fn pause(&self) -> Result<bool, Error> {
+        self.inner.pause().await
+    }
     async fn ack(&self, delivery: &Delivery) -> Result<(), Error> {
         self.tracker.settling(self.inc, delivery, "ack");
         let r = self.inner.ack(delivery).await;
