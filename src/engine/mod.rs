@@ -195,7 +195,14 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                 // the store; `next` resumes it after the backoff.
                 if !paused {
                     paused = true;
-                    match sh.broker.pause().await {
+                    // A pause may wait on a broker that is being recovered;
+                    // shutdown does not wait for it.
+                    let pause = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => break Stopped::Shutdown,
+                        pause = sh.broker.pause() => pause,
+                    };
+                    match pause {
                         Ok(true) => {
                             sh.pausable.store(true, Ordering::Relaxed);
                             tracing::warn!(

@@ -16,6 +16,12 @@
 //!   out one by one, as without batching.
 //! - Nacks and rejects go out alone at once; their tag stays open until
 //!   the frame is written, so no multiple ack can cover it first.
+//! - A multiple ack covers every unacked delivery of the channel, not only
+//!   the ones the batcher knows: a tag that was never handed out (skipped
+//!   between two handed-out tags) is *unseen*, and no multiple ack passes
+//!   the lowest unseen tag for the rest of the channel incarnation. Such a
+//!   delivery sits in some client buffer; acking it would drop a message
+//!   nobody handled.
 //! - One task at a time writes ack frames (the others' acks are held and
 //!   picked up by its next round), so multiple acks go out in rising order.
 //!
@@ -28,6 +34,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,6 +68,8 @@ pub(crate) struct AckBatcher<A = Acker> {
 struct State<A> {
     last_tag: u64,
     open: BTreeSet<u64>,
+    /// The lowest tag of this incarnation never handed out, if any.
+    unseen: Option<u64>,
     held: BTreeMap<u64, A>,
     /// A task is writing ack frames.
     flushing: bool,
@@ -73,6 +82,7 @@ impl<A> Default for State<A> {
         State {
             last_tag: 0,
             open: BTreeSet::new(),
+            unseen: None,
             held: BTreeMap::new(),
             flushing: false,
             timer: false,
@@ -103,17 +113,30 @@ impl<A: AckFrame> AckBatcher<A> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Notes a delivery handed out.
-    pub(crate) fn opened(&self, tag: u64) {
+    /// Notes a delivery handed out (or about to be given back with a
+    /// nack of its own, then [`closed`](Self::closed)). Tags are noted in
+    /// the order the channel delivered them; answers the tags this one
+    /// skipped, which are never covered by a multiple ack (see the module
+    /// docs).
+    pub(crate) fn opened(&self, tag: u64) -> Option<RangeInclusive<u64>> {
         let mut st = self.lock();
         if tag <= st.last_tag {
             // A new channel incarnation (lapin recovery): the old tags are
             // gone with the old channel.
             st.open.clear();
             st.held.clear();
+            st.unseen = None;
+            st.last_tag = 0;
+        }
+        let skipped = (tag > st.last_tag + 1).then(|| st.last_tag + 1..=tag - 1);
+        if let Some(skipped) = &skipped
+            && st.unseen.is_none()
+        {
+            st.unseen = Some(*skipped.start());
         }
         st.last_tag = tag;
         st.open.insert(tag);
+        skipped
     }
 
     /// Notes a delivery settled otherwise (nacked, rejected, or given up):
@@ -196,7 +219,14 @@ impl<A: AckFrame> AckBatcher<A> {
     }
 
     fn next_job(&self, st: &mut State<A>, force: bool) -> Option<Job<A>> {
-        let floor = st.open.first().copied().unwrap_or(u64::MAX);
+        let floor = st
+            .open
+            .first()
+            .copied()
+            .into_iter()
+            .chain(st.unseen)
+            .min()
+            .unwrap_or(u64::MAX);
         if let Some(upto) = st.held.range(..floor).next_back().map(|(t, _)| *t) {
             let above = st.held.split_off(&(upto + 1));
             let below = std::mem::replace(&mut st.held, above);
@@ -323,11 +353,11 @@ mod tests {
     async fn only_open_tags_are_acked_and_only_once() {
         let wire = Wire::new(true);
         let acks = AckBatcher::new(NEVER, 100);
-        assert!(!acks.ack(7, Frame(7, wire.clone())).await.unwrap());
-        acks.opened(7);
-        assert!(acks.ack(7, Frame(7, wire.clone())).await.unwrap());
-        assert!(!acks.ack(7, Frame(7, wire.clone())).await.unwrap());
-        assert_eq!(wire.written(), [(7, true)]);
+        assert!(!acks.ack(1, Frame(1, wire.clone())).await.unwrap());
+        acks.opened(1);
+        assert!(acks.ack(1, Frame(1, wire.clone())).await.unwrap());
+        assert!(!acks.ack(1, Frame(1, wire.clone())).await.unwrap());
+        assert_eq!(wire.written(), [(1, true)]);
         // A new channel incarnation starts its tags at 1 again: the old
         // incarnation's open tags are gone with it.
         acks.opened(9);
@@ -350,6 +380,30 @@ mod tests {
         // the multiple ack pass it.
         acks.closed(1).await;
         assert_eq!(wire.written(), [(3, true)]);
+    }
+
+    /// A delivery the channel delivered but nobody handed out (a consumer
+    /// left unread, say) is unacked at the broker: a multiple ack past it
+    /// would drop a message that was never handled.
+    #[tokio::test]
+    async fn a_tag_never_handed_out_is_never_covered_by_a_multiple_ack() {
+        let wire = Wire::new(true);
+        let acks = AckBatcher::new(NEVER, 100);
+        assert_eq!(acks.opened(1), None);
+        assert_eq!(acks.opened(4), Some(2..=3), "2 and 3 were skipped");
+        assert_eq!(acks.opened(5), None);
+        assert!(acks.ack(1, Frame(1, wire.clone())).await.unwrap());
+        assert!(acks.ack(5, Frame(5, wire.clone())).await.unwrap());
+        assert!(acks.ack(4, Frame(4, wire.clone())).await.unwrap());
+        assert_eq!(wire.written(), [(1, true)], "4 and 5 wait: 2 is unseen");
+        acks.drain(deadline()).await;
+        assert_eq!(wire.written(), [(1, true), (4, false), (5, false)]);
+        // A new channel incarnation forgets the unseen tags of the old one.
+        acks.opened(1);
+        acks.opened(2);
+        assert!(acks.ack(2, Frame(2, wire.clone())).await.unwrap());
+        assert!(acks.ack(1, Frame(1, wire.clone())).await.unwrap());
+        assert_eq!(wire.written()[3..], [(2, true)]);
     }
 
     #[tokio::test]

@@ -123,12 +123,14 @@ pub(crate) struct Handle {
 
 struct ConsumerSlot {
     channel: Channel,
-    consumer: Mutex<Consumer>,
+    /// The running consumer: `None` until the first `next` (a broker only
+    /// used to publish holds no prefetch nobody reads) and while paused.
+    consumer: Mutex<Option<Consumer>>,
     /// The prefetch the current consumer was started with.
     prefetch: AtomicU16,
     /// Deliveries a replaced consumer had read ahead: handed out first.
     backlog: StdMutex<VecDeque<LapinDelivery>>,
-    /// Cancelled by `pause`; `next` starts it again.
+    /// No consumer runs (not started yet, or paused): `next` starts one.
     paused: AtomicBool,
 }
 
@@ -136,15 +138,19 @@ impl ConsumerSlot {
     /// Restarts the consumer with a larger prefetch (RabbitMQ applies a
     /// `basic.qos` to consumers started after it): the old one is
     /// cancelled, what it had read ahead stays ours and is handed out
-    /// first, in order. A paused consumer only gets the new `basic.qos`.
+    /// first, in order. A stopped consumer only gets the new `basic.qos`.
     async fn grow(&self, queue: &str, prefetch: u16) -> Result<(), Error> {
         let mut consumer = self.consumer.lock().await;
         if self.prefetch.load(Ordering::SeqCst) >= prefetch {
             return Ok(());
         }
-        let paused = self.paused.load(Ordering::SeqCst);
-        if !paused {
-            let read = self.cancel_and_drain(&mut consumer).await?;
+        let running = consumer.is_some();
+        if let Some(old) = consumer.as_mut() {
+            let read = self.cancel_and_drain(old).await?;
+            // Stopped until the new one runs: should starting it fail,
+            // `next` starts one.
+            *consumer = None;
+            self.paused.store(true, Ordering::SeqCst);
             if let Ok(mut backlog) = self.backlog.lock() {
                 backlog.extend(read);
             }
@@ -153,15 +159,18 @@ impl ConsumerSlot {
             .basic_qos(prefetch, BasicQosOptions { global: false })
             .await
             .map_err(|e| map("basic.qos", e))?;
-        if !paused {
-            *consumer = self.consume(queue).await?;
-        }
         self.prefetch.store(prefetch, Ordering::SeqCst);
+        if running {
+            *consumer = Some(self.consume(queue).await?);
+            self.paused.store(false, Ordering::SeqCst);
+        }
         Ok(())
     }
 
     /// Cancels the consumer and answers what it had read ahead: after
-    /// cancel-ok the stream ends once what was read is handed out.
+    /// cancel-ok the stream ends once what was read is handed out. On an
+    /// error the caller keeps the consumer: lapin's recovery may restart
+    /// it, and its deliveries must still be read.
     async fn cancel_and_drain(&self, consumer: &mut Consumer) -> Result<Vec<LapinDelivery>, Error> {
         self.channel
             .basic_cancel(consumer.tag(), BasicCancelOptions::default())
@@ -189,22 +198,32 @@ impl ConsumerSlot {
     /// Cancels the consumer and requeues what it (and the backlog) held
     /// ahead, so that other consumers take it; answers how many. A second
     /// call before `resume` does nothing.
-    async fn pause(&self) -> Result<usize, Error> {
+    ///
+    /// Each delivery given back is noted open in `acks` until its nack is
+    /// written, so no multiple ack covers it first.
+    async fn pause(&self, acks: Option<&Arc<AckBatcher>>) -> Result<usize, Error> {
         let mut consumer = self.consumer.lock().await;
         if self.paused.load(Ordering::SeqCst) {
             return Ok(0);
         }
-        let mut held: Vec<LapinDelivery> = self
-            .backlog
-            .lock()
-            .map(|mut b| b.drain(..).collect())
-            .unwrap_or_default();
-        held.extend(self.cancel_and_drain(&mut consumer).await?);
+        let mut held = Vec::new();
+        if let Some(running) = consumer.as_mut() {
+            // On an error nothing changed: the consumer and the backlog
+            // stay, and `next` goes on handing them out.
+            held = self.cancel_and_drain(running).await?;
+            *consumer = None;
+        }
         self.paused.store(true, Ordering::SeqCst);
+        if let Ok(mut backlog) = self.backlog.lock() {
+            held.splice(0..0, backlog.drain(..));
+        }
         let mut given_back = 0;
         for d in held {
             if d.acker.poisoned() {
                 continue; // of a lost channel: the broker has it back already
+            }
+            if let Some(acks) = acks {
+                acks.opened(d.delivery_tag);
             }
             let requeue = BasicNackOptions {
                 requeue: true,
@@ -217,19 +236,42 @@ impl ConsumerSlot {
                     debug!(error = %e, tag = d.delivery_tag, "could not give a delivery back")
                 }
             }
+            if let Some(acks) = acks {
+                acks.closed(d.delivery_tag).await;
+            }
         }
         Ok(given_back)
     }
 
-    /// Starts the consumer again after `pause`.
+    /// Starts the consumer (the first time, or after `pause`).
     async fn resume(&self, queue: &str) -> Result<(), Error> {
         let mut consumer = self.consumer.lock().await;
         if !self.paused.load(Ordering::SeqCst) {
             return Ok(());
         }
-        *consumer = self.consume(queue).await?;
+        *consumer = Some(self.consume(queue).await?);
         self.paused.store(false, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+/// Runs a change of the consumer (start, pause, new prefetch) in a task of
+/// its own, so that it completes even when the caller stops waiting: a
+/// cancelled `next` must not leave a consumer started at the broker but
+/// not recorded here (its deliveries would sit unread, and a multiple ack
+/// could cover them), nor deliveries taken from the backlog and not given
+/// back.
+async fn detached<T: Send + 'static>(
+    change: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Error> {
+    match tokio::spawn(change).await {
+        Ok(result) => result,
+        Err(e) => Err(Error::Backend {
+            backend: BACKEND,
+            op: "consumer change",
+            transient: true,
+            source: Box::new(e),
+        }),
     }
 }
 
@@ -468,8 +510,17 @@ impl Shared {
             return before;
         }
         let current = self.current.borrow().clone();
-        if let Some(slot) = current.as_ref().and_then(|g| g.consumer.as_ref())
-            && let Err(e) = slot.grow(self.cfg.queue(), want).await
+        if let Some(generation) = current.filter(|g| g.consumer.is_some())
+            && let Err(e) = detached({
+                let queue = self.cfg.queue().to_owned();
+                async move {
+                    match &generation.consumer {
+                        Some(slot) => slot.grow(&queue, want).await,
+                        None => Ok(()),
+                    }
+                }
+            })
+            .await
         {
             // The next generation starts with it anyway.
             warn!(error = %e, prefetch = want, "could not raise the consumer's prefetch now");
@@ -720,22 +771,13 @@ impl Shared {
             .basic_qos(prefetch, BasicQosOptions { global: false })
             .await
             .map_err(|e| map("basic.qos", e))?;
-        let queue = short_string("queue name", self.cfg.queue())?;
-        let consumer = channel
-            .basic_consume(
-                queue,
-                consumer_tag(self.cfg.queue()),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| map("basic.consume", e))?;
+        // The consumer itself starts at the first `next`.
         Ok(Some(ConsumerSlot {
             channel,
-            consumer: Mutex::new(consumer),
+            consumer: Mutex::new(None),
             prefetch: AtomicU16::new(prefetch),
             backlog: StdMutex::new(VecDeque::new()),
-            paused: AtomicBool::new(false),
+            paused: AtomicBool::new(true),
         }))
     }
 
@@ -889,10 +931,16 @@ impl Shared {
     /// whether there was one to pause.
     pub async fn pause(&self) -> Result<bool, Error> {
         let current = self.current.borrow().clone();
-        let Some(slot) = current.as_ref().and_then(|g| g.consumer.as_ref()) else {
+        let Some(generation) = current.filter(|g| g.consumer.is_some()) else {
             return Ok(false);
         };
-        let given_back = slot.pause().await?;
+        let given_back = detached(async move {
+            match &generation.consumer {
+                Some(slot) => slot.pause(generation.acks.as_ref()).await,
+                None => Ok(0),
+            }
+        })
+        .await?;
         info!(
             queue = self.cfg.queue(),
             given_back, "consumer paused; deliveries held ahead given back"
@@ -914,8 +962,15 @@ impl Shared {
                 });
             };
             if slot.paused.load(Ordering::SeqCst) {
-                slot.resume(self.cfg.queue()).await?;
-                info!(queue = self.cfg.queue(), "consumer resumed");
+                let (g, queue) = (generation.clone(), self.cfg.queue().to_owned());
+                detached(async move {
+                    match &g.consumer {
+                        Some(slot) => slot.resume(&queue).await,
+                        None => Ok(()),
+                    }
+                })
+                .await?;
+                debug!(queue = self.cfg.queue(), "consumer started");
             }
             let mut consumer = tokio::select! {
                 _ = self.closed.cancelled() => return Ok(None),
@@ -923,12 +978,14 @@ impl Shared {
                 c = slot.consumer.lock() => c,
             };
             let read_ahead = slot.backlog.lock().ok().and_then(|mut b| b.pop_front());
-            let item = match read_ahead {
-                Some(d) => Some(Ok(d)),
-                None => tokio::select! {
+            let item = match (read_ahead, consumer.as_mut()) {
+                (Some(d), _) => Some(Ok(d)),
+                // Paused again since it was started: start it again.
+                (None, None) => continue,
+                (None, Some(running)) => tokio::select! {
                     _ = self.closed.cancelled() => return Ok(None),
                     _ = generation.retired.cancelled() => continue,
-                    item = consumer.next() => item,
+                    item = running.next() => item,
                 },
             };
             drop(consumer);
@@ -943,8 +1000,14 @@ impl Shared {
                         );
                         continue;
                     }
-                    if let Some(acks) = &generation.acks {
-                        acks.opened(d.delivery_tag);
+                    if let Some(acks) = &generation.acks
+                        && let Some(skipped) = acks.opened(d.delivery_tag)
+                    {
+                        // Not expected: delivered to this channel, never
+                        // handed out. Multiple acks stop short of them.
+                        warn!(generation = generation.id, tags = ?skipped,
+                            "deliveries of the consumer channel were never handed out; \
+                             its acks go out one by one until the channel is replaced");
                     }
                     let batched = generation.acks.is_some();
                     return Ok(Some(self.to_delivery(d, generation.id, batched)));
