@@ -280,3 +280,107 @@ async fn shutdown_is_bounded_while_the_store_hangs() {
     assert_eq!(stats.acked, 0);
     assert_eq!(broker.requeue_unacked() + stats.ready, 6);
 }
+
+/// A broker stuck in a reconnection: `prepare` (when `in_prepare`) and
+/// `pause` never answer; the rest is the memory broker's.
+struct StuckBroker {
+    inner: MemoryBroker,
+    in_prepare: bool,
+}
+
+#[async_trait]
+impl Broker for StuckBroker {
+    async fn prepare(&self, concurrency: usize) -> Option<usize> {
+        if self.in_prepare {
+            std::future::pending::<()>().await;
+        }
+        self.inner.prepare(concurrency).await
+    }
+    async fn next(&self) -> Result<Option<idemq::Delivery>, Error> {
+        self.inner.next().await
+    }
+    async fn pause(&self) -> Result<bool, Error> {
+        std::future::pending().await
+    }
+    async fn ack(&self, d: &idemq::Delivery) -> Result<(), Error> {
+        self.inner.ack(d).await
+    }
+    async fn nack(&self, d: &idemq::Delivery, requeue: bool) -> Result<(), Error> {
+        self.inner.nack(d, requeue).await
+    }
+    async fn retry_later(
+        &self,
+        d: &idemq::Delivery,
+        delay: Duration,
+        attempt: u32,
+    ) -> Result<(), Error> {
+        self.inner.retry_later(d, delay, attempt).await
+    }
+    async fn dead_letter(&self, d: &idemq::Delivery, l: &idemq::DeadLetter) -> Result<(), Error> {
+        self.inner.dead_letter(d, l).await
+    }
+    async fn publish(&self, m: OutgoingMessage) -> Result<(), Error> {
+        self.inner.publish(m).await
+    }
+    async fn next_dead_letter(&self) -> Result<Option<idemq::Delivery>, Error> {
+        self.inner.next_dead_letter().await
+    }
+}
+
+/// Shutdown while the broker hangs in `prepare` (at start) or in `pause`
+/// (the store is unreachable, so the engine pauses its consumer): `run`
+/// returns within the grace period plus [`RELEASE_BOUND`] and nothing is
+/// acked or lost.
+#[tokio::test(start_paused = true)]
+async fn shutdown_does_not_wait_for_a_broker_stuck_in_prepare_or_pause() {
+    for in_prepare in [true, false] {
+        let inner = MemoryBroker::new("q");
+        publish(&inner, 4).await;
+        // Every claim fails transiently: the store gate closes.
+        let store = CrashingStore::new(MemoryDedupStore::new());
+        store.crash_at(CrashPoint::AfterClaim, 1_000);
+        let runs = Arc::new(AtomicU32::new(0));
+        let grace = Duration::from_secs(3);
+        let broker = StuckBroker {
+            inner: inner.clone(),
+            in_prepare,
+        };
+        let engine = Engine::builder(broker, store.clone(), counting(&runs))
+            .scope(SCOPE)
+            .shutdown_grace(grace)
+            .build()
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(engine.run(shutdown.clone()));
+        if !in_prepare {
+            while store.crashes() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let asked = tokio::time::Instant::now();
+        shutdown.cancel();
+        let report = tokio::time::timeout(Duration::from_secs(3600), run)
+            .await
+            .expect("run must return while the broker hangs")
+            .unwrap();
+        let took = asked.elapsed();
+        assert!(
+            took <= grace + RELEASE_BOUND,
+            "in_prepare={in_prepare}: {took:?}"
+        );
+        assert_eq!(report.stopped, Stopped::Shutdown);
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            0,
+            "no handler runs without the store"
+        );
+        let stats = inner.stats();
+        assert_eq!(stats.acked, 0);
+        assert_eq!(
+            inner.requeue_unacked() + stats.ready,
+            4,
+            "in_prepare={in_prepare}"
+        );
+    }
+}

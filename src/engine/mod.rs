@@ -170,7 +170,14 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
     /// ([`Stopped::BrokerFailed`]) after in-flight work is settled.
     pub async fn run(self, shutdown: CancellationToken) -> Report {
         let sh = self.shared;
-        if let Some(limit) = sh.broker.prepare(sh.cfg.concurrency).await
+        // Preparing may wait on a broker that is being recovered; shutdown
+        // does not wait for it.
+        let prepared = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return sh.counters.report(Stopped::Shutdown),
+            prepared = sh.broker.prepare(sh.cfg.concurrency) => prepared,
+        };
+        if let Some(limit) = prepared
             && limit < sh.cfg.concurrency
         {
             tracing::warn!(
