@@ -139,17 +139,18 @@ impl ConsumerSlot {
     /// `basic.qos` to consumers started after it): the old one is
     /// cancelled, what it had read ahead stays ours and is handed out
     /// first, in order. A stopped consumer only gets the new `basic.qos`.
-    async fn grow(&self, queue: &str, prefetch: u16) -> Result<(), Error> {
+    /// Answers the cancelled consumer, to be watched ([`watch_cancelled`]).
+    async fn grow(&self, queue: &str, prefetch: u16) -> Result<Option<Consumer>, Error> {
         let mut consumer = self.consumer.lock().await;
         if self.prefetch.load(Ordering::SeqCst) >= prefetch {
-            return Ok(());
+            return Ok(None);
         }
-        let running = consumer.is_some();
+        let mut cancelled = None;
         if let Some(old) = consumer.as_mut() {
             let read = self.cancel_and_drain(old).await?;
             // Stopped until the new one runs: should starting it fail,
             // `next` starts one.
-            *consumer = None;
+            cancelled = consumer.take();
             self.paused.store(true, Ordering::SeqCst);
             if let Ok(mut backlog) = self.backlog.lock() {
                 backlog.extend(read);
@@ -160,11 +161,11 @@ impl ConsumerSlot {
             .await
             .map_err(|e| map("basic.qos", e))?;
         self.prefetch.store(prefetch, Ordering::SeqCst);
-        if running {
+        if cancelled.is_some() {
             *consumer = Some(self.consume(queue).await?);
             self.paused.store(false, Ordering::SeqCst);
         }
-        Ok(())
+        Ok(cancelled)
     }
 
     /// Cancels the consumer and answers what it had read ahead: after
@@ -200,19 +201,23 @@ impl ConsumerSlot {
     /// call before `resume` does nothing.
     ///
     /// Each delivery given back is noted open in `acks` until its nack is
-    /// written, so no multiple ack covers it first.
-    async fn pause(&self, acks: Option<&Arc<AckBatcher>>) -> Result<usize, Error> {
+    /// written, so no multiple ack covers it first. Answers also the
+    /// cancelled consumer, to be watched ([`watch_cancelled`]).
+    async fn pause(
+        &self,
+        acks: Option<&Arc<AckBatcher>>,
+    ) -> Result<(usize, Option<Consumer>), Error> {
         let mut consumer = self.consumer.lock().await;
         if self.paused.load(Ordering::SeqCst) {
-            return Ok(0);
+            return Ok((0, None));
         }
         let mut held = Vec::new();
         if let Some(running) = consumer.as_mut() {
             // On an error nothing changed: the consumer and the backlog
             // stay, and `next` goes on handing them out.
             held = self.cancel_and_drain(running).await?;
-            *consumer = None;
         }
+        let cancelled = consumer.take();
         self.paused.store(true, Ordering::SeqCst);
         if let Ok(mut backlog) = self.backlog.lock() {
             held.splice(0..0, backlog.drain(..));
@@ -240,7 +245,7 @@ impl ConsumerSlot {
                 acks.closed(d.delivery_tag).await;
             }
         }
-        Ok(given_back)
+        Ok((given_back, cancelled))
     }
 
     /// Starts the consumer (the first time, or after `pause`).
@@ -253,6 +258,40 @@ impl ConsumerSlot {
         self.paused.store(false, Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// Watches a consumer cancelled with `basic.cancel`, for `within`. lapin's
+/// recovery restarts the consumers it knew when the connection was lost,
+/// so one whose cancel-ok arrived while that recovery ran comes back to
+/// life, delivering to a handle nobody reads: its messages would sit
+/// unacked until the channel closes. A delivery on it marks the generation
+/// broken; the rebuild closes the channel and the broker hands those
+/// messages to live consumers.
+fn watch_cancelled(generation: &Arc<Generation>, mut consumer: Consumer, within: Duration) {
+    let generation = generation.clone();
+    tokio::spawn(async move {
+        let until = tokio::time::sleep(within);
+        tokio::pin!(until);
+        loop {
+            tokio::select! {
+                _ = generation.retired.cancelled() => return,
+                _ = &mut until => return,
+                item = consumer.next() => {
+                    // The end of its stream, an error, or a delivery of a
+                    // lost channel: nothing to do.
+                    if let Some(Ok(d)) = item && !d.acker.poisoned() {
+                        warn!(generation = generation.id, tag = d.delivery_tag,
+                            consumer = consumer.tag().as_str(),
+                            "a cancelled consumer was restarted by lapin's recovery; rebuilding");
+                        generation.mark_broken(
+                            "a cancelled consumer was restarted by lapin's recovery".to_owned(),
+                        );
+                        return;
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Runs a change of the consumer (start, pause, new prefetch) in a task of
@@ -512,12 +551,14 @@ impl Shared {
         let current = self.current.borrow().clone();
         if let Some(generation) = current.filter(|g| g.consumer.is_some())
             && let Err(e) = detached({
-                let queue = self.cfg.queue().to_owned();
+                let (queue, watch) = (self.cfg.queue().to_owned(), self.cancelled_watch());
                 async move {
-                    match &generation.consumer {
-                        Some(slot) => slot.grow(&queue, want).await,
-                        None => Ok(()),
+                    if let Some(slot) = &generation.consumer
+                        && let Some(cancelled) = slot.grow(&queue, want).await?
+                    {
+                        watch_cancelled(&generation, cancelled, watch);
                     }
+                    Ok(())
                 }
             })
             .await
@@ -526,6 +567,14 @@ impl Shared {
             warn!(error = %e, prefetch = want, "could not raise the consumer's prefetch now");
         }
         want
+    }
+
+    /// How long a cancelled consumer is watched for a restart by lapin's
+    /// recovery: a recovery under way when it was cancelled ends within
+    /// `max_recovery_time` (or the generation is rebuilt), twice that
+    /// leaves room for restoring the channel's consumers.
+    fn cancelled_watch(&self) -> Duration {
+        self.cfg.recovery().max_recovery_time * 2 + Duration::from_secs(5)
     }
 
     /// The current generation's number, `None` while it is being rebuilt.
@@ -934,11 +983,16 @@ impl Shared {
         let Some(generation) = current.filter(|g| g.consumer.is_some()) else {
             return Ok(false);
         };
+        let watch = self.cancelled_watch();
         let given_back = detached(async move {
-            match &generation.consumer {
-                Some(slot) => slot.pause(generation.acks.as_ref()).await,
-                None => Ok(0),
+            let Some(slot) = &generation.consumer else {
+                return Ok(0);
+            };
+            let (given_back, cancelled) = slot.pause(generation.acks.as_ref()).await?;
+            if let Some(cancelled) = cancelled {
+                watch_cancelled(&generation, cancelled, watch);
             }
+            Ok(given_back)
         })
         .await?;
         info!(
@@ -963,13 +1017,23 @@ impl Shared {
             };
             if slot.paused.load(Ordering::SeqCst) {
                 let (g, queue) = (generation.clone(), self.cfg.queue().to_owned());
-                detached(async move {
-                    match &g.consumer {
-                        Some(slot) => slot.resume(&queue).await,
-                        None => Ok(()),
-                    }
-                })
-                .await?;
+                let started = tokio::select! {
+                    _ = self.closed.cancelled() => return Ok(None),
+                    _ = generation.retired.cancelled() => continue,
+                    started = detached(async move {
+                        match &g.consumer {
+                            Some(slot) => slot.resume(&queue).await,
+                            None => Ok(()),
+                        }
+                    }) => started,
+                };
+                match started {
+                    Ok(()) => {}
+                    // Closed or replaced while it started.
+                    Err(_) if self.closed.is_cancelled() => return Ok(None),
+                    Err(_) if generation.retired.is_cancelled() => continue,
+                    Err(e) => return Err(e),
+                }
                 debug!(queue = self.cfg.queue(), "consumer started");
             }
             let mut consumer = tokio::select! {
@@ -1003,11 +1067,14 @@ impl Shared {
                     if let Some(acks) = &generation.acks
                         && let Some(skipped) = acks.opened(d.delivery_tag)
                     {
-                        // Not expected: delivered to this channel, never
-                        // handed out. Multiple acks stop short of them.
+                        // Delivered to this channel and never handed out: a
+                        // consumer nobody reads. Multiple acks stop short of
+                        // them, and the rebuild gives them back.
                         warn!(generation = generation.id, tags = ?skipped,
-                            "deliveries of the consumer channel were never handed out; \
-                             its acks go out one by one until the channel is replaced");
+                            "deliveries of the consumer channel were never handed out; rebuilding");
+                        generation.mark_broken(format!(
+                            "deliveries {skipped:?} of the consumer channel were never handed out"
+                        ));
                     }
                     let batched = generation.acks.is_some();
                     return Ok(Some(self.to_delivery(d, generation.id, batched)));
