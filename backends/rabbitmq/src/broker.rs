@@ -30,7 +30,9 @@ pub struct RabbitBroker {
 }
 
 impl RabbitBroker {
-    /// Connects, declares the topology and starts consuming. One attempt,
+    /// Connects and declares the topology; consuming starts at the first
+    /// [`Broker::next`], so a broker used only to publish holds no
+    /// prefetched messages. One attempt,
     /// bounded by the connect timeout: an unreachable server, bad
     /// credentials or a queue declared with other arguments are reported
     /// here (the last one as [`Error::Config`]).
@@ -39,6 +41,11 @@ impl RabbitBroker {
         Ok(RabbitBroker {
             link: Arc::new(link),
         })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn link(&self) -> &Link {
+        &self.link
     }
 
     /// The configuration.

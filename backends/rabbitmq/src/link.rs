@@ -1779,6 +1779,67 @@ mod tests {
         assert!(tag.as_str().len() <= 255);
     }
 
+    /// A consumer on the consumer channel that nobody reads (as lapin's
+    /// recovery can leave one) takes every other delivery: its messages
+    /// must come back, not sit unacked until the connection ends. The
+    /// skipped tags mark the generation broken, and the rebuild returns
+    /// them to the queue.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deliveries_to_a_consumer_nobody_reads_come_back() {
+        use idemq::{Broker, OutgoingMessage};
+        const N: usize = 40;
+        let url = std::env::var(crate::URL_ENV).unwrap_or_else(|_| crate::DEFAULT_URL.to_owned());
+        let queue = format!("idemq-test.{}", idemq::testing::unique_scope("orphan"));
+        let cfg = RabbitConfig::new(url, queue.clone()).with_prefetch(4);
+        let broker = match crate::RabbitBroker::connect(cfg.clone()).await {
+            Ok(b) => b,
+            Err(e) => return idemq::testing::service_unavailable("rabbitmq", e).unwrap_or(()),
+        };
+        for i in 0..N {
+            broker
+                .publish(OutgoingMessage::new("m").with_message_id(format!("m-{i}")))
+                .await
+                .expect("publish");
+        }
+        let first = broker.next().await.expect("next").expect("open");
+        let mut handed_out = std::collections::HashSet::from([first.message_id.clone()]);
+        broker.ack(&first).await.expect("ack");
+        let generation = broker
+            .link()
+            .shared
+            .current
+            .borrow()
+            .clone()
+            .expect("generation");
+        let channel = &generation.consumer.as_ref().expect("consumer").channel;
+        let _unread = channel
+            .basic_consume(
+                short_string("queue", &queue).expect("queue"),
+                "nobody-reads".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("a second consumer");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while handed_out.len() < N && Instant::now() < deadline {
+            let Ok(next) = timeout_at(deadline, broker.next()).await else {
+                break;
+            };
+            let d = next.expect("next").expect("open");
+            handed_out.insert(d.message_id.clone());
+            // A delivery of the replaced generation is stale: it comes back.
+            let _ = broker.ack(&d).await;
+        }
+        assert_eq!(handed_out.len(), N, "messages held by the unread consumer");
+        assert!(
+            generation.retired.is_cancelled(),
+            "the generation was replaced"
+        );
+        broker.close().await;
+        crate::delete_topology(&cfg).await.expect("delete");
+    }
+
     #[tokio::test]
     async fn quarantine_over_tls_fails_fast_and_says_so_once() {
         let _ = tracing_subscriber::fmt().with_test_writer().try_init();
