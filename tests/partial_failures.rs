@@ -281,17 +281,32 @@ async fn shutdown_is_bounded_while_the_store_hangs() {
     assert_eq!(broker.requeue_unacked() + stats.ready, 6);
 }
 
-/// A broker stuck in a reconnection: `prepare` (when `in_prepare`) and
-/// `pause` never answer; the rest is the memory broker's.
-struct StuckBroker {
+/// The memory broker, with `prepare` and `pause` as a client that is
+/// reconnecting sees them: hanging, or failing a number of times.
+struct Reconnecting {
     inner: MemoryBroker,
-    in_prepare: bool,
+    prepare_hangs: bool,
+    pause_hangs: bool,
+    pause_failures_left: AtomicU32,
+    pauses: AtomicU32,
+}
+
+impl Reconnecting {
+    fn new(inner: &MemoryBroker) -> Reconnecting {
+        Reconnecting {
+            inner: inner.clone(),
+            prepare_hangs: false,
+            pause_hangs: false,
+            pause_failures_left: AtomicU32::new(0),
+            pauses: AtomicU32::new(0),
+        }
+    }
 }
 
 #[async_trait]
-impl Broker for StuckBroker {
+impl Broker for Reconnecting {
     async fn prepare(&self, concurrency: usize) -> Option<usize> {
-        if self.in_prepare {
+        if self.prepare_hangs {
             std::future::pending::<()>().await;
         }
         self.inner.prepare(concurrency).await
@@ -300,7 +315,21 @@ impl Broker for StuckBroker {
         self.inner.next().await
     }
     async fn pause(&self) -> Result<bool, Error> {
-        std::future::pending().await
+        self.pauses.fetch_add(1, Ordering::SeqCst);
+        if self.pause_hangs {
+            std::future::pending::<()>().await;
+        }
+        let failing =
+            self.pause_failures_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(Error::Unavailable {
+                backend: "test",
+                op: "basic.cancel",
+                source: "the channel is reconnecting".into(),
+            });
+        }
+        self.inner.pause().await
     }
     async fn ack(&self, d: &idemq::Delivery) -> Result<(), Error> {
         self.inner.ack(d).await
@@ -327,6 +356,13 @@ impl Broker for StuckBroker {
     }
 }
 
+/// A store whose every claim fails transiently: the engine's gate closes.
+fn unreachable_store() -> CrashingStore<MemoryDedupStore> {
+    let store = CrashingStore::new(MemoryDedupStore::new());
+    store.crash_at(CrashPoint::AfterClaim, 1_000);
+    store
+}
+
 /// Shutdown while the broker hangs in `prepare` (at start) or in `pause`
 /// (the store is unreachable, so the engine pauses its consumer): `run`
 /// returns within the grace period plus [`RELEASE_BOUND`] and nothing is
@@ -336,15 +372,12 @@ async fn shutdown_does_not_wait_for_a_broker_stuck_in_prepare_or_pause() {
     for in_prepare in [true, false] {
         let inner = MemoryBroker::new("q");
         publish(&inner, 4).await;
-        // Every claim fails transiently: the store gate closes.
-        let store = CrashingStore::new(MemoryDedupStore::new());
-        store.crash_at(CrashPoint::AfterClaim, 1_000);
+        let store = unreachable_store();
         let runs = Arc::new(AtomicU32::new(0));
         let grace = Duration::from_secs(3);
-        let broker = StuckBroker {
-            inner: inner.clone(),
-            in_prepare,
-        };
+        let mut broker = Reconnecting::new(&inner);
+        broker.prepare_hangs = in_prepare;
+        broker.pause_hangs = true;
         let engine = Engine::builder(broker, store.clone(), counting(&runs))
             .scope(SCOPE)
             .shutdown_grace(grace)
@@ -383,4 +416,42 @@ async fn shutdown_does_not_wait_for_a_broker_stuck_in_prepare_or_pause() {
             "in_prepare={in_prepare}"
         );
     }
+}
+
+/// A pause that fails (the broker client is reconnecting, and will hold a
+/// fresh prefetch once it is back) is tried again within a second, not
+/// after the store backoff: the consumer does not sit on deliveries other
+/// consumers could take.
+#[tokio::test(start_paused = true)]
+async fn a_failed_pause_is_tried_again_before_the_store_backoff_ends() {
+    let inner = MemoryBroker::new("q");
+    publish(&inner, 4).await;
+    let store = unreachable_store();
+    let broker = Arc::new(Reconnecting::new(&inner));
+    broker.pause_failures_left.store(3, Ordering::SeqCst);
+    let runs = Arc::new(AtomicU32::new(0));
+    let engine = Engine::builder(broker.clone(), store.clone(), counting(&runs))
+        .scope(SCOPE)
+        .store_backoff(Backoff::new(
+            Duration::from_secs(30),
+            Duration::from_secs(30),
+        ))
+        .build()
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(engine.run(shutdown.clone()));
+    while store.crashes() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        broker.pauses.load(Ordering::SeqCst),
+        4,
+        "three failed pauses, then one that went through, within 2 s of a 30 s backoff"
+    );
+    assert_eq!(inner.stats().acked, 0);
+    shutdown.cancel();
+    let report = run.await.unwrap();
+    assert_eq!(report.stopped, Stopped::Shutdown);
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
 }

@@ -29,6 +29,10 @@ use report::Counters;
 /// to their leases: as after a crash, nothing is lost.
 pub const RELEASE_BOUND: Duration = Duration::from_secs(2);
 
+/// How soon a pause that failed (a broker client reconnecting) is tried
+/// again while the store stays unreachable.
+const PAUSE_RETRY: Duration = Duration::from_millis(200);
+
 /// A consumer that makes message handling idempotent.
 ///
 /// ```
@@ -195,13 +199,14 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
         let stop = CancellationToken::new();
         let mut broker_failures = 0u32;
         let mut paused = false;
+        let mut pause_failures = 0u32;
         let stopped = loop {
             if let Some(until) = sh.gate.paused_until() {
                 // Fail closed without hoarding: stop the flow and give back
                 // what the broker client holds, for consumers that reach
                 // the store; `next` resumes it after the backoff.
+                let mut wake = until;
                 if !paused {
-                    paused = true;
                     // A pause may wait on a broker that is being recovered;
                     // shutdown does not wait for it.
                     let pause = tokio::select! {
@@ -211,24 +216,38 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                     };
                     match pause {
                         Ok(true) => {
+                            paused = true;
                             sh.pausable.store(true, Ordering::Relaxed);
                             tracing::warn!(
                                 "dedup store unreachable: consumption paused, deliveries held \
                                  ahead given back to the broker"
                             );
                         }
-                        Ok(false) => {}
-                        Err(e) => tracing::warn!(error = %e, "could not pause the consumer"),
+                        Ok(false) => paused = true,
+                        // Typically a broker client that is reconnecting:
+                        // once it is back it holds a fresh prefetch, so the
+                        // pause is tried again soon, not after the backoff.
+                        Err(e) => {
+                            if pause_failures == 0 {
+                                tracing::warn!(error = %e,
+                                    "could not pause the consumer; trying again shortly");
+                            } else {
+                                tracing::debug!(error = %e, "could not pause the consumer");
+                            }
+                            pause_failures = pause_failures.saturating_add(1);
+                            wake = wake.min(Instant::now() + PAUSE_RETRY);
+                        }
                     }
                 }
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break Stopped::Shutdown,
-                    _ = tokio::time::sleep_until(until) => {}
+                    _ = tokio::time::sleep_until(wake) => {}
                 }
                 continue;
             }
             paused = false;
+            pause_failures = 0;
             let gate_closed = sh.gate.closed.notified();
             tokio::pin!(gate_closed);
             let slot = tokio::select! {
