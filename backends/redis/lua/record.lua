@@ -1,23 +1,8 @@
 -- idemq record: what every script starts with (scripts.rs puts this file in
--- front of each of them).
---
--- A record is one string per message key:
---
---   <state>:<token>:<attempts>:<slack>
---
--- state     one letter: c claimed, r released, d done, x dead (buried)
--- token     the fencing token of the last claim, hex digits
--- attempts  how many claims were won, decimal (at most 10 digits)
--- slack     how long the record outlives its lease, ms, decimal: the lease
---           holds while the key's own TTL (PTTL) is above it. 0 in a done
---           or dead record (it holds no lease)
---
--- e.g. c:5f0e1d2c3b4a5968:1:30000. The key's TTL is the record's life, and
--- no script needs the clock: a claim is live while PTTL > slack, so a
--- fresh claim is one SET NX PX GET. Every field but the first is digits,
--- so ':' never appears inside one and the first bytes
--- 'c:<token>:<attempts>:' tell a claim held by that lease without parsing
--- the rest.
+-- front of each of them): the record pattern, and the helpers that read a
+-- record and refuse what is not one. What a record is (layout, life,
+-- slack): src/record.rs, its one description; RECORD matches what
+-- record::fields there accepts.
 --
 -- A key holding anything else (another type, such as the hashes of an
 -- earlier layout, or a string of another form) is refused with a

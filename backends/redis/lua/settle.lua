@@ -1,7 +1,6 @@
 -- idemq settle (complete and bury): mark the callers' records done or
 -- dead, each fenced by its lease; n keys in one call, answered as n calls
--- one after the other. Records: 'state:token:attempts:slack' strings, see
--- record.lua.
+-- one after the other. Records: see src/record.rs.
 --
 -- KEYS[1..n]    the records
 -- ARGV[1]       keep_for, ms: how long claims answer done / dead; below 1

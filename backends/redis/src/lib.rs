@@ -5,7 +5,8 @@
 //! lease, every operation atomic (a claim of an absent key is a plain
 //! `SET NX PX GET`; the rest are Lua scripts; leases are timed by the
 //! server's clock, through the record's own TTL). Records expire by
-//! themselves; a lapsed lease keeps its attempt count. Records of earlier versions (hashes, or strings of an
+//! themselves; a lapsed lease keeps its attempt count. The layout of a
+//! record: [`record`]. Records of earlier versions (hashes, or strings of an
 //! earlier layout) are refused with an error: upgrade onto an empty or a
 //! new key prefix.
 //! `claim_many` and `complete_many` send many keys per round trip (up to
@@ -54,6 +55,7 @@ mod command;
 mod config;
 mod connect;
 mod error;
+pub mod record;
 mod scripts;
 mod store;
 

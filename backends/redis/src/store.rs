@@ -22,6 +22,7 @@ use crate::command;
 use crate::config::RedisConfig;
 use crate::connect;
 use crate::error;
+use crate::record::{self, DEAD, DONE};
 use crate::scripts::{self, Lua};
 
 mod scan;
@@ -37,43 +38,22 @@ const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 /// into calls of this many keys, sent together in one pipeline, so no
 /// single call holds Redis for long.
 pub const MAX_KEYS_PER_CALL: usize = 256;
-/// The state `settle.lua` writes for `complete`.
-const DONE: &str = "d";
-/// The state `settle.lua` writes for `bury`.
-const DEAD: &str = "x";
 
 /// A [`DedupStore`] keeping one Redis string per message key.
 ///
-/// The record of `(scope, key)` lives at `<prefix>{<scope>:<key>}` (the
-/// `{...}` hash tag keeps a record in one cluster slot) as the string
-/// `<state>:<token>:<attempts>:<slack>`, for instance
-/// `c:5f0e1d2c3b4a5968:1:30000`:
-///
-/// - `state`, one letter: `c` claimed, `r` released, `d` done, `x` dead;
-/// - `token`, the fencing token of the last claim (16 hex digits, as
-///   [`LeaseToken`] displays);
-/// - `attempts`, how many claims were won (decimal);
-/// - `slack`, how long the record outlives its lease, ms (decimal): the
-///   lease holds while the key's TTL is above it; `0` in a done or dead
-///   record, which holds no lease.
-///
-/// The key's own TTL is the record's life. It covers the longer of the
-/// lease and [`ClaimTtl::retain`], so a lapsed lease keeps its attempt
-/// count; `complete` and `bury` set it to their `keep_for` (a `keep_for`
-/// under 1 ms deletes the record). Since the lease is measured against the
-/// TTL, nothing reads the clock, and a claim of an absent key needs no
-/// script: `claim` sends `SET <key> c:<token>:1:<slack> NX PX <life> GET`,
-/// one atomic command that claims the key when it is absent and otherwise
-/// answers what it holds, untouched. A done or dead record answers the
-/// claim from that reply. A claimed or released record (whose lease may
-/// have lapsed), or anything that is not a record, goes to the claim
-/// script in a second round trip, which decides atomically (takeover,
-/// attempt count, in progress, or the error). `complete` and `bury` read
-/// the record first and write only when it is the caller's claim (its
-/// token and attempt): a `GET`, then a `SET PX` (or a `DEL`), in one
-/// script, so a record that is not theirs is never touched. The store
-/// needs Redis 7.0 or later (`SET` with both `NX` and `GET`, and
-/// `PEXPIRETIME`); `connect` refuses older servers.
+/// What a record holds, where it lives and how long: [`crate::record`].
+/// A claim of an absent key needs no script: `claim` sends `SET <key>
+/// <fresh claim> NX PX <life> GET`, one atomic command that claims the key
+/// when it is absent and otherwise answers what it holds, untouched. A
+/// done or dead record answers the claim from that reply. A claimed or
+/// released record (whose lease may have lapsed), or anything that is not
+/// a record, goes to the claim script in a second round trip, which
+/// decides atomically (takeover, attempt count, in progress, or the
+/// error). `complete` and `bury` read the record first and write only
+/// when it is the caller's claim (its token and attempt): a `GET`, then a
+/// `SET PX` (or a `DEL`), in one script, so a record that is not theirs is
+/// never touched. The store needs Redis 7.0 or later (`SET` with both `NX`
+/// and `GET`, and `PEXPIRETIME`); `connect` refuses older servers.
 ///
 /// On a server that takes `SET ... IFEQ` (Valkey 8.1 and later, Redis 8.4
 /// and later; [`RedisDedupStore::uses_set_ifeq`], read by `connect` and
@@ -418,7 +398,7 @@ impl RedisDedupStore {
     }
 
     fn key_unchecked(&self, scope: &str, key: &str) -> String {
-        command::record_key_parts(self.inner.config.prefix(), scope, key).concat()
+        record::key_parts(self.inner.config.prefix(), scope, key).concat()
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -817,7 +797,7 @@ impl DedupStore for RedisDedupStore {
         match self.server_reply("lease_state", reply)? {
             Value::Nil => Ok(None),
             Value::BulkString(old) => {
-                let Some((state, token, _)) = record_fields(&old) else {
+                let Some((state, token, _)) = record::fields(&old) else {
                     return Err(error::unexpected(
                         "lease_state",
                         "the key holds a string that is not a dedup record".into(),
@@ -826,13 +806,7 @@ impl DedupStore for RedisDedupStore {
                 if token != lease.token.to_string() {
                     return Ok(None);
                 }
-                // record_fields lets only these four letters through.
-                Ok(Some(match state {
-                    "c" => RecordState::Claimed,
-                    "r" => RecordState::Released,
-                    "d" => RecordState::Done,
-                    _ => RecordState::Dead,
-                }))
+                Ok(record::state(state.as_bytes()))
             }
             other => Err(error::unexpected(
                 "lease_state",
@@ -926,7 +900,7 @@ impl DedupStore for RedisDedupStore {
                             .map(|(_, (key, &token))| {
                                 (
                                     self.key_unchecked(scope, key),
-                                    command::fresh_record(token, slack),
+                                    record::fresh_claim(token, slack),
                                 )
                             })
                             .collect();
@@ -1038,44 +1012,13 @@ fn read_fresh_claim(reply: &Value, scope: &str, key: &str, token: LeaseToken) ->
             token,
             attempt: 1,
         })),
-        Value::BulkString(old) => match record_state(old)? {
+        Value::BulkString(old) => match record::state_letter(old)? {
             DONE => Some(Claim::Done),
             DEAD => Some(Claim::Dead),
             _ => None,
         },
         _ => None,
     }
-}
-
-/// The state of `old` when it is a well-formed record (what `fields` in
-/// `lua/record.lua` accepts): `<state>:<hex token>:<attempts, at most 10
-/// digits>:<slack digits>`.
-fn record_state(old: &[u8]) -> Option<&str> {
-    record_fields(old).map(|(state, _, _)| state)
-}
-
-/// The state, the token and the slack (ms) of `old` when it is a
-/// well-formed record (see [`record_state`]). A slack too large for a `u64` reads as
-/// `u64::MAX`: a lease that never holds, as in the scripts (where it is a
-/// float above any TTL).
-fn record_fields(old: &[u8]) -> Option<(&str, &str, u64)> {
-    let old = std::str::from_utf8(old).ok()?;
-    let mut fields = old.split(':');
-    let (state, token, attempts, slack) = (
-        fields.next()?,
-        fields.next()?,
-        fields.next()?,
-        fields.next()?,
-    );
-    let digits = |f: &str| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit());
-    let well_formed = fields.next().is_none()
-        && matches!(state, "c" | "r" | "d" | "x")
-        && !token.is_empty()
-        && token.bytes().all(|b| b.is_ascii_hexdigit())
-        && digits(attempts)
-        && attempts.len() <= 10
-        && digits(slack);
-    well_formed.then(|| (state, token, slack.parse().unwrap_or(u64::MAX)))
 }
 
 /// What the `SET ... IFEQ <expected> GET` of
@@ -1105,7 +1048,7 @@ fn read_settled_if_equal(reply: &Value, expected: &[u8], state: &str) -> Option<
         Value::BulkString(old) if old == expected => Some(Fenced::Applied),
         Value::BulkString(old) if old.starts_with(mine) => None,
         Value::BulkString(old) if settled(old) => Some(Fenced::Applied),
-        Value::BulkString(old) => record_state(old).map(|_| Fenced::LeaseLost),
+        Value::BulkString(old) => record::state_letter(old).map(|_| Fenced::LeaseLost),
         _ => None,
     }
 }
@@ -1261,21 +1204,15 @@ fn parse_fenced(op: &'static str, reply: Value) -> Result<Fenced, Error> {
     }
 }
 
-/// Reads a reply of `get.lua`: nil, or `[state letter, attempts, lease ms
-/// left, PTTL]`.
-/// The state a record letter stands for (see `lua/record.lua`).
+/// The state a script answered as a record's state letter.
 fn state_letter(op: &'static str, letter: &Value) -> Result<RecordState, Error> {
     match letter {
-        Value::BulkString(s) => match s.as_slice() {
-            b"c" => Ok(RecordState::Claimed),
-            b"r" => Ok(RecordState::Released),
-            b"d" => Ok(RecordState::Done),
-            b"x" => Ok(RecordState::Dead),
-            _ => Err(error::unexpected(
+        Value::BulkString(s) => record::state(s).ok_or_else(|| {
+            error::unexpected(
                 op,
                 format!("unknown record state {:?}", String::from_utf8_lossy(s)),
-            )),
-        },
+            )
+        }),
         other => Err(error::unexpected(op, format!("record state {other:?}"))),
     }
 }
@@ -1308,6 +1245,8 @@ fn parse_revival(reply: Value) -> Result<Revival, Error> {
     })
 }
 
+/// Reads a reply of `get.lua`: nil, or `[state letter, attempts, lease ms
+/// left, PTTL]`.
 fn parse_record(op: &'static str, reply: Value) -> Result<Option<Record>, Error> {
     let items = match reply {
         Value::Nil => return Ok(None),
@@ -1455,7 +1394,7 @@ mod tests {
         });
         assert_eq!(
             written.as_deref(),
-            Some(command::fresh_record(token, 30_000).as_slice())
+            Some(record::fresh_claim(token, 30_000).as_slice())
         );
     }
 
