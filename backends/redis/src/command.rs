@@ -193,4 +193,18 @@ mod tests {
             ["c:5f0e1d2c3b4a5968:12:", "x:5f0e1d2c3b4a5968:12:0"]
         );
     }
+
+    #[test]
+    fn a_failed_claim_many_takes_back_exactly_what_its_claims_wrote() {
+        let token = LeaseToken(0x5f0e_1d2c_3b4a_5968);
+        let cmd = fresh_claim("p:", "s", "k", token, 30_000, 60_000);
+        let written = cmd.args_iter().nth(2).map(|arg| match arg {
+            redis::Arg::Simple(bytes) => bytes.to_vec(),
+            _ => Vec::new(),
+        });
+        assert_eq!(
+            written.as_deref(),
+            Some(record::fresh_claim(token, 30_000).as_slice())
+        );
+    }
 }

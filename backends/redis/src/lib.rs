@@ -53,7 +53,6 @@
 
 mod command;
 mod config;
-mod connect;
 mod error;
 pub mod record;
 mod scripts;

@@ -4,7 +4,8 @@
 use idemq::{Error, RecordCounts, key};
 use redis::Value;
 
-use super::{RedisDedupStore, expect_len};
+use super::RedisDedupStore;
+use super::reply::expect_len;
 use crate::error;
 use crate::{command, record};
 
