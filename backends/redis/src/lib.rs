@@ -10,9 +10,10 @@
 //! earlier layout) are refused with an error: upgrade onto an empty or a
 //! new key prefix.
 //! `claim_many` and `complete_many` send many keys per round trip (up to
-//! [`MAX_KEYS_PER_CALL`] per script call) and need a standalone Redis (see [`RedisDedupStore`]
-//! on Redis Cluster). Concurrent `claim` and `complete` calls are merged
-//! into such batches by the store itself ([`RedisConfig::with_batching`]).
+//! [`MAX_KEYS_PER_CALL`] per script call) and need a standalone Redis (see
+//! [`RedisDedupStore`] on Redis Cluster). To merge concurrent `claim` and
+//! `complete` calls into such batches, wrap the store in an
+//! [`idemq::Coalescing`].
 //!
 //! ```no_run
 //! use std::time::Duration;

@@ -9,8 +9,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::FutureExt;
+use idemq::Error;
 use idemq::error::redact_url;
-use idemq::{Coalescing, Error};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Cmd, RedisError, RedisResult, ServerErrorKind, Value};
 
@@ -127,8 +127,7 @@ impl RedisDedupStore {
         config: RedisConfig,
         target: String,
     ) -> Self {
-        let batching = config.batching();
-        let direct = RedisDedupStore {
+        RedisDedupStore {
             inner: Arc::new(Inner {
                 conn: RwLock::new(manager),
                 reopen,
@@ -138,11 +137,6 @@ impl RedisDedupStore {
                 compare_and_set: AtomicBool::new(false),
                 last_slack: AtomicU64::new(NO_SLACK),
             }),
-            batcher: None,
-        };
-        RedisDedupStore {
-            inner: direct.inner.clone(),
-            batcher: batching.map(|n| Coalescing::new(direct).with_max_in_flight(n)),
         }
     }
 

@@ -17,9 +17,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use idemq::coalesce::CoalescingStats;
+use idemq::Error;
 use idemq::key;
-use idemq::{Coalescing, Error};
 use redis::Client;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -65,11 +64,9 @@ pub const MAX_KEYS_PER_CALL: usize = 256;
 /// never creates a key. The reply decides: the claim (applied), nothing or
 /// another record (lease lost). The script then decides what it cannot:
 /// the caller's claim with another slack (a renewed lease, or a claim with
-/// other TTLs than the store's last one), and what is not a record. The
-/// store's own batching ([`RedisConfig::with_batching`]) is then off: no
-/// fresh message needs a script, and one plain command per call measured
-/// cheaper than the batcher's hand-offs. `complete_many` stays one script
-/// call per batch, for its all-or-nothing.
+/// other TTLs than the store's last one), and what is not a record.
+/// `complete_many` stays one script call per batch, for its
+/// all-or-nothing.
 ///
 /// A value that is not such a string under a record key makes every
 /// operation on it but `forget` fail with a permanent error (`WRONGTYPE`,
@@ -106,13 +103,9 @@ pub const MAX_KEYS_PER_CALL: usize = 256;
 /// batch's calls again one by one, gets the answers those calls would have
 /// had.)
 ///
-/// The store's own `claim` and `complete` use these batches when many
-/// tasks call at once ([`RedisConfig::with_batching`], on by default): an
-/// [`idemq::Coalescing`] inside the store lets one batch of each kind out
-/// at a time (which makes the largest batches; Redis runs one script at a
-/// time anyway) and sends the calls that queued meanwhile together. A lone
-/// caller goes straight out. [`RedisDedupStore::batching_stats`] says how
-/// the calls went out.
+/// To merge the `claim` and `complete` calls of many concurrent tasks into
+/// such batches, wrap the store in an [`idemq::Coalescing`], as any other
+/// store.
 ///
 /// One script call or pipeline touches keys of any hash slot, so
 /// **batches need a standalone Redis** (or a primary with replicas); on a
@@ -132,9 +125,6 @@ pub const MAX_KEYS_PER_CALL: usize = 256;
 #[derive(Clone)]
 pub struct RedisDedupStore {
     inner: Arc<Inner>,
-    /// The batcher of `claim` and `complete` ([`RedisConfig::with_batching`]),
-    /// over a handle on the same connection without one.
-    batcher: Option<Coalescing<RedisDedupStore>>,
 }
 
 struct Inner {
@@ -170,19 +160,11 @@ impl fmt::Debug for RedisDedupStore {
                 "connection_timeout",
                 &self.inner.config.connection_timeout(),
             )
-            .field("batching", &self.inner.config.batching())
             .finish()
     }
 }
 
 impl RedisDedupStore {
-    /// How the store's own `claim` and `complete` calls went out so far
-    /// (alone or in batches), when it batches them
-    /// ([`RedisConfig::with_batching`]).
-    pub fn batching_stats(&self) -> Option<CoalescingStats> {
-        self.batcher.as_ref().map(Coalescing::stats)
-    }
-
     /// The configuration the store runs with.
     pub fn config(&self) -> &RedisConfig {
         &self.inner.config
@@ -199,17 +181,6 @@ impl RedisDedupStore {
     pub fn record_key(&self, scope: &str, key: &str) -> Result<String, Error> {
         key::check(scope, key)?;
         Ok(self.key_unchecked(scope, key))
-    }
-
-    /// The batcher `claim` and `complete` go through, if any: none on a
-    /// server with `IFEQ`, where a fresh message needs no script (a claim
-    /// and a completion are a plain command each, cheaper alone than the
-    /// batcher's hand-offs; a batch of completions needs the script, for
-    /// its all-or-nothing).
-    fn batcher(&self) -> Option<&Coalescing<RedisDedupStore>> {
-        self.batcher
-            .as_ref()
-            .filter(|_| !self.inner.compare_and_set.load(Ordering::Relaxed))
     }
 
     /// Notes the slack of a claim sent now (see [`Inner::last_slack`]);

@@ -188,9 +188,6 @@ impl RedisDedupStore {
 #[async_trait]
 impl DedupStore for RedisDedupStore {
     async fn claim(&self, scope: &str, key: &str, ttl: ClaimTtl) -> Result<Claim, Error> {
-        if let Some(batcher) = self.batcher() {
-            return batcher.claim(scope, key, ttl).await;
-        }
         key::check(scope, key)?;
         let token = LeaseToken::random();
         let (life, _, slack) = claim_ms(ttl);
@@ -215,9 +212,6 @@ impl DedupStore for RedisDedupStore {
     }
 
     async fn complete(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
-        if let Some(batcher) = self.batcher() {
-            return batcher.complete(lease, keep_for).await;
-        }
         self.settle("complete", DONE, lease, keep_for).await
     }
 

@@ -14,9 +14,9 @@ impl RedisDedupStore {
     /// True when the server takes `SET ... IFEQ` (Valkey 8.1 and later,
     /// Redis 8.4 and later): `complete` and `bury` are then one plain `SET`
     /// each (still fenced by the owner token and attempt), the script only
-    /// deciding what that `SET` could not, and the store's own batching is
-    /// off. Read off `INFO server` by `connect`,
-    /// `connect_with` and [`RedisDedupStore::load_scripts`]; a store from
+    /// deciding what that `SET` could not. Read off `INFO server` by
+    /// `connect`, `connect_with` and [`RedisDedupStore::load_scripts`]; a
+    /// store from
     /// `connect_lazy` or `from_manager` uses the scripts until
     /// `load_scripts` is called.
     pub fn uses_set_ifeq(&self) -> bool {
