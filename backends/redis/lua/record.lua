@@ -4,16 +4,15 @@
 -- slack): src/record.rs, its one description; RECORD matches what
 -- record::fields there accepts.
 --
--- A key holding anything else (another type, such as the hashes of an
--- earlier layout, or a string of another form) is refused with a
--- WRONGTYPE error naming the key.
+-- A key holding anything else (another type, or a string of another form)
+-- is refused with a WRONGTYPE error naming the key.
 local call, pcall = redis.call, redis.pcall
 local find, match, format = string.find, string.match, string.format
 local RECORD = '^([crdx]):(%x+):(%d+):(%d+)$'
 
 -- The fields of `old` when it is a record: state, token, attempts (a
--- number), slack (a number); nothing when it is not. (An attempts field
--- of more than 10 digits is the lease deadline of the layout before.)
+-- number), slack (a number); nothing when it is not (attempts has at most
+-- 10 digits).
 local function fields(old)
   local state, token, attempts, slack = match(old, RECORD)
   if not state or #attempts > 10 then return nil end
@@ -28,14 +27,6 @@ local function refuse(key, err)
     return err
   end
   local kind = call('TYPE', key).ok
-  local hint = ''
-  if kind == 'hash' then
-    hint = ' (a record of the earlier hash layout? idemq-redis records'
-      .. ' are strings now: upgrade onto an empty or a new key prefix)'
-  elseif kind == 'string' then
-    hint = ' (a record of an earlier string layout? upgrade onto an empty'
-      .. ' or a new key prefix)'
-  end
   return redis.error_reply('WRONGTYPE idemq-redis: key ' .. key .. ' holds a '
-    .. kind .. ' that is not a dedup record' .. hint)
+    .. kind .. ' that is not a dedup record')
 end

@@ -6,9 +6,7 @@
 //! `SET NX PX GET`; the rest are Lua scripts; leases are timed by the
 //! server's clock, through the record's own TTL). Records expire by
 //! themselves; a lapsed lease keeps its attempt count. The layout of a
-//! record: [`record`]. Records of earlier versions (hashes, or strings of an
-//! earlier layout) are refused with an error: upgrade onto an empty or a
-//! new key prefix.
+//! record: [`record`].
 //! `claim_many` and `complete_many` send many keys per round trip (up to
 //! [`MAX_KEYS_PER_CALL`] per script call) and need a standalone Redis (see
 //! [`RedisDedupStore`] on Redis Cluster). To merge concurrent `claim` and

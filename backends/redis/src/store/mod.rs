@@ -70,12 +70,7 @@ pub const MAX_KEYS_PER_CALL: usize = 256;
 ///
 /// A value that is not such a string under a record key makes every
 /// operation on it but `forget` fail with a permanent error (`WRONGTYPE`,
-/// naming the key), and is left as it is. That includes the records
-/// earlier versions of this store wrote: hashes (`state`, `token`, `lease`
-/// and `attempts` fields) and strings of the form
-/// `state:token:lease:attempts`. **Upgrading from an earlier layout needs
-/// an empty key prefix**, or a new one ([`RedisConfig::with_prefix`]); the
-/// error says so.
+/// naming the key), and is left as it is.
 ///
 /// Every operation is atomic: one command (the claim's `SET NX PX GET`,
 /// or `DEL` for [`DedupStore::forget`](idemq::DedupStore::forget)) or one Lua script (`EVALSHA`; sent

@@ -309,7 +309,7 @@ mod tests {
         assert_eq!(read(old("d:00ff:3:0")), Some(Claim::Done));
         assert_eq!(read(old("x:00ff:9:0")), Some(Claim::Dead));
         // Left to claim.lua: live or lapsed claims, released records, and
-        // anything that is not a record (it refuses them with the hint).
+        // anything that is not a record (it refuses them).
         for other in [
             old("c:00ff:1:30000"),
             old("r:00ff:2:30000"),

@@ -138,7 +138,7 @@ impl RedisDedupStore {
         let mut replies = replies.into_iter();
         while let (Some(value), Some(pttl)) = (replies.next(), replies.next()) {
             let value = match value {
-                // Another type (a hash of an earlier layout, say): no record.
+                // Another type: no record.
                 Value::ServerError(e) if e.code() == "WRONGTYPE" => continue,
                 other => self.server_reply(OP, other)?,
             };
