@@ -112,9 +112,7 @@ impl RedisDedupStore {
     }
 
     /// One call of `settle.lua` over `leases` (checked): writes `state`.
-    /// Each lease goes as the start of its claim record,
-    /// `c:<token>:<attempt>:`, and the record to write in its place,
-    /// `<state>:<token>:<attempt>:0`.
+    /// Each lease goes as the two arguments of [`command::settle_args`].
     fn settle_cmd(&self, state: &str, leases: &[Lease], keep_for: Duration) -> Cmd {
         let mut cmd = scripts::SETTLE.evalsha(leases.len());
         for lease in leases {
@@ -127,7 +125,17 @@ impl RedisDedupStore {
         cmd
     }
 
-    /// `complete` or `bury` of one lease.
+    /// `complete` (state done) or `bury` (state dead) of one lease. Two
+    /// paths, both fenced by the lease's token and attempt:
+    ///
+    /// 1. [`Self::settle_if_equal`]: on a server that takes `SET ... IFEQ`,
+    ///    one plain `SET`. It decides when the key holds the claim as this
+    ///    store wrote it, this lease's settled record, nothing, or another
+    ///    lease's record: a fresh message's completion;
+    /// 2. [`Self::settle_scripted`]: `settle.lua`, on any other server,
+    ///    and for what the `SET` cannot decide (the caller's claim with
+    ///    another slack, as after a renewal; a value that is not a record;
+    ///    a `keep_for` under 1 ms, which deletes).
     async fn settle(
         &self,
         op: &'static str,
@@ -139,17 +147,30 @@ impl RedisDedupStore {
         if let Some(fenced) = self.settle_if_equal(op, state, lease, keep_for).await? {
             return Ok(fenced);
         }
+        self.settle_scripted(op, state, lease, keep_for).await
+    }
+
+    /// Path 2 of [`Self::settle`]: one call of `settle.lua` (with
+    /// `lua/settle_one.lua`, its one-key fast path, in front) for one lease
+    /// (checked).
+    async fn settle_scripted(
+        &self,
+        op: &'static str,
+        state: &str,
+        lease: &Lease,
+        keep_for: Duration,
+    ) -> Result<Fenced, Error> {
         let cmd = self.settle_cmd(state, std::slice::from_ref(lease), keep_for);
         let reply = self.eval(op, &scripts::SETTLE, cmd).await?;
         parse_fenced(op, reply)
     }
 
-    /// `complete` or `bury` of one lease (checked) as one plain command,
-    /// on a server that takes `SET ... IFEQ`: `SET <key> <new record> IFEQ
-    /// <the claim as written> PX <keep_for> GET`. Answers `None` when that
-    /// cannot decide (no `IFEQ`, a record to delete, an unknown slack, or
-    /// a reply that is the caller's claim with another slack, or not a
-    /// record), and the script then does.
+    /// Path 1 of [`Self::settle`], for one lease (checked): on a server
+    /// that takes `SET ... IFEQ`, the plain command of
+    /// [`command::settle_if_equal`]. Answers `None`, and path 2 decides,
+    /// when the server has no `IFEQ`, the record is to be deleted, no claim
+    /// was sent yet (so no slack to expect), or the reply is the caller's
+    /// claim with another slack, or not a record.
     async fn settle_if_equal(
         &self,
         op: &'static str,
@@ -212,6 +233,7 @@ impl DedupStore for RedisDedupStore {
     }
 
     async fn complete(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
+        // A plain `SET ... IFEQ` or `settle.lua`: see `settle`.
         self.settle("complete", DONE, lease, keep_for).await
     }
 

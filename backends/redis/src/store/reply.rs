@@ -37,15 +37,15 @@ pub(super) fn read_fresh_claim(
     }
 }
 
-/// What the `SET ... IFEQ <expected> GET` of
-/// [`RedisDedupStore::settle_if_equal`] decides from its reply: applied
-/// when the key held `expected` (`c:<token>:<attempt>:<slack>`), or held
-/// the record this settlement writes (`<state>:<token>:<attempt>:0`: the
-/// same lease settled it before and the answer was lost); lease lost when
-/// it held nothing or a record that is not the caller's claim (any claim
-/// of this lease starts as `expected` does, up to its last `:`). `None`
-/// (the script decides) for the caller's claim with another slack, and
-/// for anything that is not a record, or not a string.
+/// What the `SET ... IFEQ <expected> GET` of [`crate::command::settle_if_equal`]
+/// decides from its reply: applied when the key held `expected` (the
+/// caller's claim as the store wrote it), or held the record this
+/// settlement writes (the same lease settled it before and the answer was
+/// lost); lease lost when it held nothing, or a record that is not the
+/// caller's claim (every claim of this lease starts as `expected` does, up
+/// to its last `:`; see [`crate::record`]). `None` (the script decides)
+/// for the caller's claim with another slack, and for anything that is
+/// not a record, or not a string.
 pub(super) fn read_settled_if_equal(reply: &Value, expected: &[u8], state: &str) -> Option<Fenced> {
     let mine = expected
         .iter()
