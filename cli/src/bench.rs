@@ -10,7 +10,7 @@ use idemq::memory::MemoryDedupStore;
 use idemq::{BoxError, Coalescing, DedupStore, Engine, Handler, HandlerError, Message};
 use idemq_postgres::{PostgresDedupStore, transactional};
 use idemq_rabbitmq::{RabbitBroker, RabbitConfig, delete_topology, queue_depths, topology};
-use idemq_redis::{RedisConfig, RedisDedupStore};
+use idemq_redis::RedisDedupStore;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -167,11 +167,8 @@ pub async fn run(s: &Settings) -> Result<BenchReport, BoxError> {
         .any(|c| matches!(c, ConfigKind::Postgres | ConfigKind::PostgresTx));
     let redis = if needs_redis {
         // Batching is the bench's to choose (--store-in-flight,
-        // --no-coalesce) and to count: the store's own is off.
-        Some(
-            RedisDedupStore::connect_with(&s.redis_url, RedisConfig::new().with_batching(None))
-                .await?,
-        )
+        // --no-coalesce) and to count.
+        Some(RedisDedupStore::connect(&s.redis_url).await?)
     } else {
         None
     };

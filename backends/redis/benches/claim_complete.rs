@@ -3,11 +3,10 @@
 //! dedup would send (`SET key token NX PX lease`, then `SET key done PX
 //! keep`), over the same kind of connection (a `ConnectionManager`), in
 //! the same run: sequentially and with 64 concurrent tasks. With 64 tasks:
-//! the store as built by default (its own `claim` and `complete` calls
-//! batched, one script call of each kind in flight), the store with
-//! batching off (every call its own script call), that one behind an
-//! [`idemq::Coalescing`] with default settings (4 in flight), and the batch
-//! path (`claim_many` of 32 fresh keys, then `complete_many` of them).
+//! the store (every call its own command or script call), the store behind
+//! an [`idemq::Coalescing`] with default settings (4 in flight), and the
+//! batch path (`claim_many` of 32 fresh keys, then `complete_many` of
+//! them).
 //!
 //! Each variant also prints what a message cost: the CPU time of the
 //! Redis server process (`INFO cpu`: commands, network I/O, expiring keys)
@@ -16,7 +15,7 @@
 //! little), and the `usec` of the
 //! commands alone (`INFO commandstats`: `SET`, which counts the claims and
 //! the `SET`s that scripts ran, and `EVALSHA`, which includes the commands
-//! its script ran); and for the coalesced variants how the calls went out.
+//! its script ran); and for the coalesced variant how the calls went out.
 //! Before each variant the bench waits for the keys of the one before to
 //! expire (they live 2 s), so none pays for another's expiry.
 //!
@@ -48,8 +47,7 @@ const SCOPE: &str = "bench";
 const STORE: &str = "store claim+complete";
 const RAW: &str = "raw SET NX PX + SET PX";
 const BATCHED: &str = "store claim_many+complete_many, batches of 32";
-const UNBATCHED: &str = "store claim+complete, batching off";
-const COALESCED: &str = "store (batching off) claim+complete via Coalescing, 4 in flight";
+const COALESCED: &str = "store claim+complete via Coalescing, 4 in flight";
 const FLOOR: &str = "floor: the store's two commands, no store code (IFEQ servers)";
 const CONCURRENCY: u64 = 64;
 /// Messages per `claim_many` / `complete_many` in the batch variant.
@@ -74,11 +72,8 @@ fn url() -> String {
 }
 
 struct Setup {
-    /// Default settings: batches its own concurrent calls.
     store: RedisDedupStore,
-    /// The same store with batching off.
-    unbatched: RedisDedupStore,
-    /// `Coalescing::new(unbatched)`, default settings.
+    /// `Coalescing::new(store)`, default settings.
     coalesced: Coalescing<RedisDedupStore>,
     raw: ConnectionManager,
     raw_prefix: String,
@@ -207,15 +202,8 @@ async fn connect() -> Result<Setup, String> {
     let raw = ConnectionManager::new_with_config(client, config)
         .await
         .map_err(|e| e.to_string())?;
-    let unbatched = RedisDedupStore::connect_with(
-        &url(),
-        RedisConfig::new().with_prefix(&prefix).with_batching(None),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
     Ok(Setup {
-        coalesced: Coalescing::new(unbatched.clone()),
-        unbatched,
+        coalesced: Coalescing::new(store.clone()),
         store,
         raw,
         raw_prefix: format!("{prefix}raw:"),
@@ -360,7 +348,6 @@ fn print_coalescing(what: &str, before: CoalescingStats, after: CoalescingStats)
 #[derive(Clone, Copy)]
 enum Mode {
     Store,
-    Unbatched,
     Raw,
     Batched,
     Coalesced,
@@ -378,7 +365,7 @@ async fn concurrently(setup: &Arc<Setup>, iters: u64, mode: Mode) -> Duration {
             tokio::spawn(async move {
                 let take = match mode {
                     Mode::Batched => BATCH,
-                    Mode::Store | Mode::Unbatched | Mode::Raw | Mode::Coalesced | Mode::Floor => 1,
+                    Mode::Store | Mode::Raw | Mode::Coalesced | Mode::Floor => 1,
                 };
                 while let Ok(had) = left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                     n.checked_sub(take.min(n)).filter(|_| n > 0)
@@ -388,7 +375,6 @@ async fn concurrently(setup: &Arc<Setup>, iters: u64, mode: Mode) -> Duration {
                         Mode::Raw => setup.raw_pair().await,
                         Mode::Floor => setup.floor_pair().await,
                         Mode::Batched => setup.store_batch(take.min(had)).await,
-                        Mode::Unbatched => setup.pair(&setup.unbatched).await,
                         Mode::Coalesced => setup.pair(&setup.coalesced).await,
                     }
                 }
@@ -457,11 +443,10 @@ fn bench(c: &mut Criterion) {
 
     let mut par = c.benchmark_group("concurrent-64");
     par.throughput(Throughput::Elements(1));
-    // How the calls of a batching variant went out, for the print.
+    // How the calls of the coalesced variant went out, for the print.
     let stats = |mode: Mode| match mode {
-        Mode::Store => setup.store.batching_stats(),
         Mode::Coalesced => Some(setup.coalesced.stats()),
-        Mode::Unbatched | Mode::Batched | Mode::Raw | Mode::Floor => None,
+        Mode::Store | Mode::Batched | Mode::Raw | Mode::Floor => None,
     };
     let floor_variant = setup
         .store
@@ -469,7 +454,6 @@ fn bench(c: &mut Criterion) {
         .then_some((FLOOR, Mode::Floor, "set"));
     for (name, mode, command) in [
         (STORE, Mode::Store, "set+evalsha"),
-        (UNBATCHED, Mode::Unbatched, "set+evalsha"),
         (COALESCED, Mode::Coalesced, "set+evalsha"),
         (BATCHED, Mode::Batched, "set+evalsha"),
         (RAW, Mode::Raw, "set"),
@@ -507,7 +491,7 @@ const PAIRED_ROUNDS: usize = 25;
 /// [`PAIRED_KEEP_MS`], and every variant waits until the keys of the one
 /// before it have expired, so none pays for another's expiry; odd rounds
 /// run the variants in the reverse order, so none always runs first or
-/// after the same one. The store as built runs twice per round, both
+/// after the same one. The store runs twice per round, both
 /// sequentially and concurrently: the ratio of its two runs (an A/A
 /// control) shows how far this machine's noise
 /// moves a ratio. Prints the median time per message of each variant, and
@@ -529,7 +513,6 @@ async fn paired(setup: &Arc<Setup>, floor: u64) {
         Run::Concurrent(Mode::Raw),
         Run::Sequential { raw: false },
         Run::Concurrent(Mode::Store),
-        Run::Concurrent(Mode::Unbatched),
         Run::Concurrent(Mode::Floor),
     ];
     // The floor only where the server takes IFEQ.
@@ -604,10 +587,14 @@ async fn paired(setup: &Arc<Setup>, floor: u64) {
     row("concurrent-64", STORE, 2, 5);
     row("concurrent-64", COALESCED, 3, 5);
     row("concurrent-64", BATCHED, 4, 5);
-    row("concurrent-64", UNBATCHED, 8, 5);
-    if runs.len() > 9 {
-        row("concurrent-64", FLOOR, 9, 5);
+    if runs.len() > 8 {
+        row("concurrent-64", FLOOR, 8, 5);
     }
+    eprintln!(
+        "  concurrent-64 {STORE}, plain / via Coalescing (throughput of \
+         Coalescing over the plain store): {}",
+        ratio(2, 3),
+    );
     eprintln!(
         "  control (A/A): {STORE}, its second run of each round / its first: \
          sequential {}, concurrent-64 {}",

@@ -1,6 +1,6 @@
 -- idemq claim: take records that are absent, released, or whose lease
 -- lapsed; n keys in one call, answered as n claims one after the other.
--- Records: 'state:token:attempts:slack' strings, see record.lua.
+-- Records: see src/record.rs.
 --
 -- The store sends a claim of a fresh key as a plain SET NX PX GET, with no
 -- script (see RedisDedupStore::claim); this script is for the keys where

@@ -1,6 +1,6 @@
 -- idemq fail: release the caller's claim so the key is claimable at once,
--- fenced by its token. The record keeps its expiry. Records:
--- 'state:token:attempts:slack' strings, see record.lua.
+-- fenced by its token. The record keeps its expiry. Records: see
+-- src/record.rs.
 --
 -- KEYS[1]  the record
 -- ARGV[1]  the caller's token

@@ -1,5 +1,5 @@
--- idemq get: read a record without changing it. Records:
--- 'state:token:attempts:slack' strings, see record.lua.
+-- idemq get: read a record without changing it. Records: see
+-- src/record.rs.
 --
 -- KEYS[1]  the record
 --

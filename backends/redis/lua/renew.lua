@@ -1,5 +1,5 @@
 -- idemq renew: extend the caller's lease, fenced by its token. Records:
--- 'state:token:attempts:slack' strings, see record.lua.
+-- see src/record.rs.
 --
 -- KEYS[1]  the record
 -- ARGV[1]  the caller's token

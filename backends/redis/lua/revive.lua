@@ -1,6 +1,5 @@
 -- idemq revive: make a key claimable again for a replay, unless it is done
--- or a live lease holds it. Records: 'state:token:attempts:slack' strings,
--- see record.lua.
+-- or a live lease holds it. Records: see src/record.rs.
 --
 -- KEYS[1]  the record
 --

@@ -1,15 +1,15 @@
 -- idemq settle (complete and bury): mark the callers' records done or
 -- dead, each fenced by its lease; n keys in one call, answered as n calls
--- one after the other. Records: 'state:token:attempts:slack' strings, see
--- record.lua.
+-- one after the other. Records: see src/record.rs.
 --
 -- KEYS[1..n]    the records
 -- ARGV[1]       keep_for, ms: how long claims answer done / dead; below 1
 --               deletes the record
--- ARGV[2i]      the caller's claim of KEYS[i], as its record starts:
---               'c:<token>:<attempts>:'
--- ARGV[2i + 1]  the record to write for KEYS[i]: '<state>:<token>:<attempts>:0',
---               state 'd' done (complete) or 'x' dead (bury)
+-- ARGV[2i]      the start of the caller's claim of KEYS[i] (its state,
+--               token and attempts; see src/record.rs)
+-- ARGV[2i + 1]  the record to write for KEYS[i]: the same token and
+--               attempts in state 'd' done (complete) or 'x' dead (bury),
+--               no slack
 --
 -- Replies per key 1 applied or 0 lease lost: a flat array, or for one key
 -- the integer alone (a table reply costs Redis more than the rest of a

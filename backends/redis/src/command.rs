@@ -1,18 +1,21 @@
 //! The plain commands of a message's usual path (the claim of an absent
 //! key, the `SET ... IFEQ` completion), written straight into one command
 //! buffer of the right size: the record key, the record and the token go
-//! in as bytes, with no intermediate strings and no `format!`. The store
-//! sends two of these per message, and on a busy client their building
-//! showed up as a fifth of its CPU (growing buffers, formatting).
+//! in as bytes, with no intermediate strings and no `format!` (the store
+//! sends two of these per message). Also the `SCAN` pattern of the record
+//! keys. What the keys and records look like: [`crate::record`].
 
 use std::io::Write;
 
 use idemq::{Lease, LeaseToken};
 use redis::{Cmd, RedisWrite};
 
-/// `SET <record key> c:<token>:1:<slack> NX PX <life> GET`: writes the
-/// claim only when the key is absent, and answers what the key held
-/// otherwise (Redis 7.0 and later take `NX` and `GET` together).
+use crate::record;
+
+/// `SET <record key> <fresh claim> NX PX <life> GET`, the fresh claim
+/// being [`record::fresh_claim`]: writes the claim only when the key is
+/// absent, and answers what the key held otherwise (Redis 7.0 and later
+/// take `NX` and `GET` together).
 pub(crate) fn fresh_claim(
     prefix: &str,
     scope: &str,
@@ -24,27 +27,21 @@ pub(crate) fn fresh_claim(
     let mut cmd = Cmd::with_capacity(7, 64 + prefix.len() + scope.len() + key.len());
     cmd.arg("SET");
     record_key(&mut cmd, prefix, scope, key);
-    write_fresh_record(&mut cmd.writer_for_next_arg(), token, slack);
+    record::write(
+        &mut cmd.writer_for_next_arg(),
+        record::CLAIMED,
+        token,
+        1,
+        slack,
+    );
     cmd.arg("NX").arg("PX").arg(life).arg("GET");
     cmd
 }
 
-/// The record [`fresh_claim`] writes, `c:<token>:1:<slack>`, on its own
-/// (to take a claim back only while the key still holds it).
-pub(crate) fn fresh_record(token: LeaseToken, slack: u64) -> Vec<u8> {
-    let mut record = Vec::with_capacity(48);
-    write_fresh_record(&mut record, token, slack);
-    record
-}
-
-fn write_fresh_record(w: &mut impl Write, token: LeaseToken, slack: u64) {
-    write_full_record(w, "c", token, 1, slack);
-}
-
-/// `SET <record key> <state>:<token>:<attempt>:0 IFEQ <expected> PX <keep>
-/// GET`, where `expected` is the lease's claim as the store wrote it,
-/// `c:<token>:<attempt>:<slack>`. Also answers `expected`, whose start up
-/// to its last `:` is how any claim of this lease starts.
+/// `SET <record key> <settled record> IFEQ <expected> PX <keep> GET`: the
+/// settled record is the lease's record in `state` with no slack, and
+/// `expected` the lease's claim as the store wrote it, with `slack`. Also
+/// answers `expected`.
 pub(crate) fn settle_if_equal(
     prefix: &str,
     lease: &Lease,
@@ -53,7 +50,13 @@ pub(crate) fn settle_if_equal(
     keep: u64,
 ) -> (Cmd, Vec<u8>) {
     let mut expected = Vec::with_capacity(48);
-    write_full_record(&mut expected, "c", lease.token, lease.attempt, slack);
+    record::write(
+        &mut expected,
+        record::CLAIMED,
+        lease.token,
+        lease.attempt,
+        slack,
+    );
     let mut cmd = Cmd::with_capacity(
         8,
         96 + prefix.len() + lease.scope.len() + lease.key.len() + expected.len(),
@@ -69,40 +72,33 @@ pub(crate) fn settle_if_equal(
     (cmd, expected)
 }
 
-/// Appends the two arguments `settle.lua` takes per lease: its claim as
-/// the record starts, `c:<token>:<attempt>:`, and the record to write,
-/// `<state>:<token>:<attempt>:0`.
+/// Appends the two arguments `settle.lua` takes per lease: the start of
+/// its claim ([`record::write_start`]), and the record to write in its
+/// place.
 pub(crate) fn settle_args(cmd: &mut Cmd, state: &str, lease: &Lease) {
-    write_record(
+    record::write_start(
         &mut cmd.writer_for_next_arg(),
-        "c",
+        record::CLAIMED,
         lease.token,
         lease.attempt,
     );
     write_settled_record(&mut cmd.writer_for_next_arg(), state, lease);
 }
 
-/// Writes the record `complete` (`d`) or `bury` (`x`) leaves:
-/// `<state>:<token>:<attempt>:0` (it holds no lease, so no slack).
+/// Writes the record `complete` (done) or `bury` (dead) leaves: the
+/// lease's token and attempt, no slack (it holds no lease).
 fn write_settled_record(w: &mut impl Write, state: &str, lease: &Lease) {
-    write_full_record(w, state, lease.token, lease.attempt, 0);
-}
-
-/// The parts of the Redis key of `(scope, key)`, in order:
-/// `<prefix>{<scope>:<key>}` (the `{...}` hash tag keeps a record in one
-/// cluster slot).
-pub(crate) fn record_key_parts<'a>(prefix: &'a str, scope: &'a str, key: &'a str) -> [&'a str; 6] {
-    [prefix, "{", scope, ":", key, "}"]
+    record::write(w, state, lease.token, lease.attempt, 0);
 }
 
 /// The `SCAN ... MATCH` pattern of the record keys under `prefix`: of one
 /// scope, `<prefix>{<scope>:*}`, or of every scope, `<prefix>{*:*}`. Built
-/// from [`record_key_parts`], with the glob characters of the prefix and
+/// from [`record::key_parts`], with the glob characters of the prefix and
 /// the scope (`* ? [ ] \`) escaped, so they match only themselves. No
 /// other store's keys match: a prefix holds no `{`, a scope no `:`.
 pub(crate) fn record_pattern(prefix: &str, scope: Option<&str>) -> String {
     let (prefix, scope) = (glob_escape(prefix), scope.map(glob_escape));
-    record_key_parts(&prefix, scope.as_deref().unwrap_or("*"), "*").concat()
+    record::key_parts(&prefix, scope.as_deref().unwrap_or("*"), "*").concat()
 }
 
 /// `s` with the characters Redis' glob patterns treat specially
@@ -121,66 +117,9 @@ fn glob_escape(s: &str) -> String {
 /// Appends the record key of `(scope, key)` as the next argument.
 fn record_key(cmd: &mut Cmd, prefix: &str, scope: &str, key: &str) {
     let mut w = cmd.writer_for_next_arg();
-    for part in record_key_parts(prefix, scope, key) {
-        write_all(&mut w, part.as_bytes());
-    }
-}
-
-/// Writes `<state>:<16 hex digits of token>:<attempt>:`, the start every
-/// record has (the slack follows).
-fn write_record(w: &mut impl Write, state: &str, token: LeaseToken, attempt: u32) {
-    write_all(w, state.as_bytes());
-    write_all(w, b":");
-    write_all(w, &hex16(token.0));
-    write_all(w, b":");
-    write_all(w, Decimal::new(u64::from(attempt)).as_bytes());
-    write_all(w, b":");
-}
-
-/// Writes a whole record, `<state>:<token>:<attempt>:<slack>`.
-fn write_full_record(w: &mut impl Write, state: &str, token: LeaseToken, attempt: u32, slack: u64) {
-    write_record(w, state, token, attempt);
-    write_all(w, Decimal::new(slack).as_bytes());
-}
-
-/// Writing to a `Vec` (or a command's argument buffer) cannot fail.
-fn write_all(w: &mut impl Write, bytes: &[u8]) {
-    let _ = w.write_all(bytes);
-}
-
-/// `n` as 16 lower-case hex digits, as [`LeaseToken`] displays.
-fn hex16(n: u64) -> [u8; 16] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 16];
-    for (i, digit) in out.iter_mut().enumerate() {
-        *digit = DIGITS[((n >> (60 - 4 * i)) & 0xf) as usize];
-    }
-    out
-}
-
-/// A `u64` in decimal, on the stack.
-struct Decimal {
-    buf: [u8; 20],
-    start: usize,
-}
-
-impl Decimal {
-    fn new(mut n: u64) -> Self {
-        let mut buf = [0u8; 20];
-        let mut start = buf.len();
-        loop {
-            start -= 1;
-            buf[start] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        Decimal { buf, start }
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[self.start..]
+    for part in record::key_parts(prefix, scope, key) {
+        // Writing to a command's argument buffer cannot fail.
+        let _ = w.write_all(part.as_bytes());
     }
 }
 
@@ -195,16 +134,6 @@ mod tests {
                 _ => "<not a plain argument>".to_owned(),
             })
             .collect()
-    }
-
-    #[test]
-    fn numbers_and_tokens_are_written_as_format_would() {
-        for n in [0, 1, 9, 10, 99, 100, 4_294_967_295, u64::MAX] {
-            assert_eq!(Decimal::new(n).as_bytes(), n.to_string().as_bytes());
-        }
-        for t in [0, 7, 0x5f0e_1d2c_3b4a_5968, u64::MAX] {
-            assert_eq!(hex16(t).as_slice(), LeaseToken(t).to_string().as_bytes());
-        }
     }
 
     #[test]
@@ -262,6 +191,20 @@ mod tests {
         assert_eq!(
             args(&script),
             ["c:5f0e1d2c3b4a5968:12:", "x:5f0e1d2c3b4a5968:12:0"]
+        );
+    }
+
+    #[test]
+    fn a_failed_claim_many_takes_back_exactly_what_its_claims_wrote() {
+        let token = LeaseToken(0x5f0e_1d2c_3b4a_5968);
+        let cmd = fresh_claim("p:", "s", "k", token, 30_000, 60_000);
+        let written = cmd.args_iter().nth(2).map(|arg| match arg {
+            redis::Arg::Simple(bytes) => bytes.to_vec(),
+            _ => Vec::new(),
+        });
+        assert_eq!(
+            written.as_deref(),
+            Some(record::fresh_claim(token, 30_000).as_slice())
         );
     }
 }

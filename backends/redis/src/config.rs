@@ -24,7 +24,6 @@ pub struct RedisConfig {
     response_timeout: Duration,
     connection_timeout: Duration,
     reconnect_after_timeouts: u32,
-    batching: Option<usize>,
 }
 
 impl Default for RedisConfig {
@@ -34,7 +33,6 @@ impl Default for RedisConfig {
             response_timeout: RedisConfig::DEFAULT_RESPONSE_TIMEOUT,
             connection_timeout: RedisConfig::DEFAULT_CONNECTION_TIMEOUT,
             reconnect_after_timeouts: RedisConfig::DEFAULT_RECONNECT_AFTER_TIMEOUTS,
-            batching: RedisConfig::DEFAULT_BATCHING,
         }
     }
 }
@@ -48,12 +46,9 @@ impl RedisConfig {
     pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
     /// By default a connection that timed out 3 times in a row is replaced.
     pub const DEFAULT_RECONNECT_AFTER_TIMEOUTS: u32 = 3;
-    /// By default concurrent `claim` and `complete` calls are batched, one
-    /// batch of each kind in flight.
-    pub const DEFAULT_BATCHING: Option<usize> = Some(1);
 
     /// The defaults: prefix `idemq:`, 2 s response and connection timeouts,
-    /// batching with one call in flight.
+    /// a connection replaced after 3 timeouts in a row.
     pub fn new() -> Self {
         RedisConfig::default()
     }
@@ -91,32 +86,6 @@ impl RedisConfig {
         self
     }
 
-    /// Sets how the store's own `claim` and `complete` calls go out when
-    /// many tasks make them at once. `Some(n)` (the default, `n` = 1):
-    /// through an [`idemq::Coalescing`] inside the store, so at most `n`
-    /// claim batches and `n` complete batches are out at a time and the
-    /// calls that arrive meanwhile go out together as one `claim_many` (a
-    /// pipeline of `SET NX PX GET`s) / `complete_many` (one script call).
-    /// A lone caller never waits. One batch in flight makes the largest
-    /// batches (Redis runs one script at a time anyway); more lets a
-    /// second caller go out at once instead of after the first, for more
-    /// Redis and client time per message. `None`: every call is its own
-    /// command or script call. The batch forms (`claim_many`,
-    /// `complete_many`) always go straight out. On a server that takes
-    /// `SET ... IFEQ` (see `RedisDedupStore::uses_set_ifeq`) the store
-    /// does not batch either way: `claim` and `complete` of a fresh
-    /// message are one plain command each there.
-    pub fn with_batching(mut self, max_in_flight: Option<usize>) -> Self {
-        self.batching = max_in_flight;
-        self
-    }
-
-    /// How the store's own `claim` and `complete` calls are batched: see
-    /// [`RedisConfig::with_batching`].
-    pub fn batching(&self) -> Option<usize> {
-        self.batching
-    }
-
     /// The key prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -145,11 +114,6 @@ impl RedisConfig {
         }
         if self.connection_timeout.is_zero() {
             return Err(Error::Config("redis connection timeout must be > 0".into()));
-        }
-        if self.batching == Some(0) {
-            return Err(Error::Config(
-                "redis batching needs at least 1 call in flight (None turns it off)".into(),
-            ));
         }
         Ok(())
     }
@@ -199,11 +163,10 @@ mod tests {
     }
 
     #[test]
-    fn zero_timeouts_and_zero_batching_are_rejected() {
+    fn zero_timeouts_are_rejected() {
         for config in [
             RedisConfig::new().with_response_timeout(Duration::ZERO),
             RedisConfig::new().with_connection_timeout(Duration::ZERO),
-            RedisConfig::new().with_batching(Some(0)),
         ] {
             assert!(matches!(config.validate(), Err(Error::Config(_))));
         }

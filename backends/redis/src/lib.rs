@@ -5,13 +5,13 @@
 //! lease, every operation atomic (a claim of an absent key is a plain
 //! `SET NX PX GET`; the rest are Lua scripts; leases are timed by the
 //! server's clock, through the record's own TTL). Records expire by
-//! themselves; a lapsed lease keeps its attempt count. Records of earlier versions (hashes, or strings of an
-//! earlier layout) are refused with an error: upgrade onto an empty or a
-//! new key prefix.
+//! themselves; a lapsed lease keeps its attempt count. The layout of a
+//! record: [`record`].
 //! `claim_many` and `complete_many` send many keys per round trip (up to
-//! [`MAX_KEYS_PER_CALL`] per script call) and need a standalone Redis (see [`RedisDedupStore`]
-//! on Redis Cluster). Concurrent `claim` and `complete` calls are merged
-//! into such batches by the store itself ([`RedisConfig::with_batching`]).
+//! [`MAX_KEYS_PER_CALL`] per script call) and need a standalone Redis (see
+//! [`RedisDedupStore`] on Redis Cluster). To merge concurrent `claim` and
+//! `complete` calls into such batches, wrap the store in an
+//! [`idemq::Coalescing`].
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -52,8 +52,8 @@
 
 mod command;
 mod config;
-mod connect;
 mod error;
+pub mod record;
 mod scripts;
 mod store;
 

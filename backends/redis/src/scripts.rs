@@ -2,8 +2,9 @@
 //! keys, for what a plain `SET NX PX GET` cannot answer alone), unclaim
 //! (takes back the fresh claims of a batch that failed), settle (complete
 //! and bury, one or many keys), renew, fail, get, revive;
-//! each begins with `lua/record.lua`, which describes the record layout
-//! (settle with `lua/settle_one.lua` in front of that).
+//! each begins with `lua/record.lua`, the record pattern and helpers
+//! (settle with `lua/settle_one.lua` in front of that). The record
+//! layout: [`crate::record`].
 
 use std::sync::LazyLock;
 
@@ -53,7 +54,7 @@ impl Lua {
     }
 }
 
-/// A script of `lua/`, with `lua/record.lua` (the record layout and the
+/// A script of `lua/`, with `lua/record.lua` (the record pattern and the
 /// helpers every script uses) in front of it, and in front of that, for a
 /// script with a `head`, the fast path that head takes before the helpers
 /// are defined.

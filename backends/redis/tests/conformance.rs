@@ -1,18 +1,7 @@
-//! The shared `DedupStore` conformance suite, against a real Redis: with
-//! the store's own batching of `claim` and `complete` (the default), and
-//! without it (every call its own script call).
+//! The shared `DedupStore` conformance suite, against a real Redis. The
+//! same suite over `idemq::Coalescing` (concurrent calls merged into
+//! batches) is in `coalesced.rs`.
 
 mod common;
 
 idemq::dedup_store_conformance!(common::store);
-
-mod unbatched {
-    use super::common;
-    use idemq_redis::{RedisConfig, RedisDedupStore};
-
-    async fn store() -> Option<RedisDedupStore> {
-        common::store_with(RedisConfig::new().with_batching(None)).await
-    }
-
-    idemq::dedup_store_conformance!(store);
-}

@@ -20,16 +20,6 @@ async fn store() -> Option<RedisDedupStore> {
 
 idemq::dedup_store_conformance!(store);
 
-mod unbatched {
-    use super::*;
-
-    async fn store() -> Option<RedisDedupStore> {
-        valkey_store_with(RedisConfig::new().with_batching(None)).await
-    }
-
-    idemq::dedup_store_conformance!(store);
-}
-
 fn ttl(lease: Duration, retain: Duration) -> ClaimTtl {
     ClaimTtl { lease, retain }
 }
@@ -73,9 +63,7 @@ impl Counted {
             .query_async(&mut manager)
             .await
             .expect("CLIENT ID");
-        let config = RedisConfig::new()
-            .with_prefix(common::fresh_prefix())
-            .with_batching(None);
+        let config = RedisConfig::new().with_prefix(common::fresh_prefix());
         let store = RedisDedupStore::from_manager(manager, config).expect("store");
         store.load_scripts().await.expect("load scripts");
         assert!(store.uses_set_ifeq());

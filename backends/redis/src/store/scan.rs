@@ -4,9 +4,10 @@
 use idemq::{Error, RecordCounts, key};
 use redis::Value;
 
-use super::{RedisDedupStore, expect_len, record_fields};
-use crate::command;
+use super::RedisDedupStore;
+use super::reply::expect_len;
 use crate::error;
+use crate::{command, record};
 
 /// The operation name in errors.
 const OP: &str = "scan_states";
@@ -137,7 +138,7 @@ impl RedisDedupStore {
         let mut replies = replies.into_iter();
         while let (Some(value), Some(pttl)) = (replies.next(), replies.next()) {
             let value = match value {
-                // Another type (a hash of an earlier layout, say): no record.
+                // Another type: no record.
                 Value::ServerError(e) if e.code() == "WRONGTYPE" => continue,
                 other => self.server_reply(OP, other)?,
             };
@@ -176,11 +177,11 @@ fn parse_scan(reply: Value) -> Result<(Vec<u8>, Vec<Vec<u8>>), Error> {
 }
 
 /// Counts the record `value`, whose key's `PTTL` is `pttl`, in its state,
-/// as the scripts read it (see `lua/record.lua`): a claim holds its lease
+/// as the scripts read it (see [`crate::record`]): a claim holds its lease
 /// while the TTL is above its slack. Answers false, counting nothing, for
 /// a value that is not a record, or a key gone by the time of its `PTTL`.
 fn tally(counts: &mut RecordCounts, value: &[u8], pttl: i64) -> bool {
-    let Some((state, _, slack)) = record_fields(value) else {
+    let Some((state, _, slack)) = record::fields(value) else {
         return false;
     };
     if pttl == -2 {
@@ -189,11 +190,11 @@ fn tally(counts: &mut RecordCounts, value: &[u8], pttl: i64) -> bool {
     let slot = match state {
         // A record without a TTL (-1; never written by the store) holds no
         // lease, as in the scripts.
-        "c" if i128::from(pttl) > i128::from(slack) => &mut counts.claimed,
-        "c" => &mut counts.lapsed,
-        "r" => &mut counts.released,
-        "d" => &mut counts.done,
-        "x" => &mut counts.dead,
+        record::CLAIMED if i128::from(pttl) > i128::from(slack) => &mut counts.claimed,
+        record::CLAIMED => &mut counts.lapsed,
+        record::RELEASED => &mut counts.released,
+        record::DONE => &mut counts.done,
+        record::DEAD => &mut counts.dead,
         _ => return false,
     };
     *slot += 1;
