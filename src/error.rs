@@ -174,50 +174,85 @@ impl Error {
 
 /// Removes the password from a URL-like connection string, for logs, errors
 /// and `Debug` output: `amqp://user:secret@host/` becomes
-/// `amqp://user:***@host/`. Strings without credentials come back unchanged.
+/// `amqp://user:***@host/`, and so do `password=` and `pass=` query values.
+/// Strings without credentials come back unchanged.
 pub fn redact_url(url: &str) -> String {
-    let mut out = redact_userinfo(url);
-    // `postgres://host/db?password=secret` and `redis://host?pass=secret`
-    // are legal too.
-    if let Some(q) = out.find('?') {
-        let (head, query) = out.split_at(q + 1);
-        let query = query
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((k, _))
-                    if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") =>
-                {
-                    format!("{k}=***")
-                }
-                _ => pair.to_owned(),
-            })
-            .collect::<Vec<_>>()
-            .join("&");
-        out = format!("{head}{query}");
+    let mut out = url.to_owned();
+    for span in password_spans(url).into_iter().rev() {
+        out.replace_range(span, "***");
     }
     out
 }
 
-fn redact_userinfo(url: &str) -> String {
+/// The passwords of a URL-like connection string (the userinfo's and any
+/// `password=` or `pass=` query value), each as written and, when that
+/// differs, percent-decoded: what to scrub from a client library's error
+/// text, which may quote either. Empty passwords are left out.
+pub fn url_passwords(url: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for span in password_spans(url) {
+        let raw = &url[span];
+        if raw.is_empty() {
+            continue;
+        }
+        let decoded = percent_decode(raw);
+        if decoded != raw {
+            out.push(decoded);
+        }
+        out.push(raw.to_owned());
+    }
+    out
+}
+
+/// Where the passwords of `url` are, as byte ranges in order: the
+/// userinfo's (`scheme://user:PASSWORD@host`), then the query's.
+fn password_spans(url: &str) -> Vec<std::ops::Range<usize>> {
+    let mut spans = Vec::new();
     let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+        return spans;
     };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &authority[..at];
-    let Some(colon) = userinfo.find(':') else {
-        return url.to_owned(); // a user name alone is not a secret
-    };
-    format!(
-        "{}{}:***{}",
-        &url[..scheme_end + 3],
-        &userinfo[..colon],
-        &rest[at..]
-    )
+    let start = scheme_end + 3;
+    let rest = &url[start..];
+    let authority_end = start + rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &url[start..authority_end];
+    if let Some(at) = authority.rfind('@')
+        && let Some(colon) = authority[..at].find(':')
+    {
+        // A user name alone is not a secret.
+        spans.push(start + colon + 1..start + at);
+    }
+    if let Some(q) = url[authority_end..].find('?') {
+        let mut pos = authority_end + q + 1;
+        let query_end = url[pos..].find('#').map_or(url.len(), |h| pos + h);
+        for pair in url[pos..query_end].split('&') {
+            if let Some((k, _)) = pair.split_once('=')
+                && (k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass"))
+            {
+                spans.push(pos + k.len() + 1..pos + pair.len());
+            }
+            pos += pair.len() + 1;
+        }
+    }
+    spans
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = s.get(i + 1..i + 3)
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -248,6 +283,22 @@ mod tests {
             "redis://h/0?pass=***&db=1"
         );
         assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(redact_url("amqp://u:@h/"), "amqp://u:***@h/");
+    }
+
+    #[test]
+    fn finds_passwords_in_urls() {
+        assert_eq!(
+            url_passwords("postgres://u:p%40ss@h/db"),
+            ["p@ss", "p%40ss"]
+        );
+        assert_eq!(
+            url_passwords("postgres://u@h/db?password=xyz&sslmode=disable"),
+            ["xyz"]
+        );
+        assert_eq!(url_passwords("redis://:a@b@h/0?pass=c"), ["a@b", "c"]);
+        assert!(url_passwords("postgres://u@h/db").is_empty());
+        assert!(url_passwords("amqp://u:@h/").is_empty(), "nothing to scrub");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use sqlx::postgres::types::PgInterval;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
-use idemq::error::redact_url;
+use idemq::error::{redact_url, url_passwords};
 use idemq::key;
 use idemq::{
     Claim, ClaimTtl, DedupStore, Error, Fenced, Lease, LeaseToken, Record, RecordCounts,
@@ -481,57 +481,6 @@ fn ssl_mode_name(mode: PgSslMode) -> &'static str {
     }
 }
 
-/// The password of a connection URL, as written and percent-decoded, so it
-/// can be scrubbed from error messages.
-fn url_secrets(url: &str) -> Vec<String> {
-    let mut raw = Vec::new();
-    if let Some(rest) = url.split_once("://").map(|(_, r)| r) {
-        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-        if let Some((userinfo, _)) = authority.rsplit_once('@')
-            && let Some((_, pw)) = userinfo.split_once(':')
-        {
-            raw.push(pw.to_owned());
-        }
-    }
-    if let Some((_, query)) = url.split_once('?') {
-        for pair in query.split('&') {
-            if let Some((k, v)) = pair.split_once('=')
-                && k.eq_ignore_ascii_case("password")
-            {
-                raw.push(v.to_owned());
-            }
-        }
-    }
-    let mut out = Vec::new();
-    for pw in raw {
-        let decoded = percent_decode(&pw);
-        if decoded != pw {
-            out.push(decoded);
-        }
-        out.push(pw);
-    }
-    out
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(hex) = s.get(i + 1..i + 3)
-            && let Ok(b) = u8::from_str_radix(hex, 16)
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 impl PostgresDedupStore {
     /// A store on `pool`, in the table [`DEFAULT_TABLE`] (`idemq_dedup`).
     pub fn new(pool: PgPool) -> PostgresDedupStore {
@@ -623,7 +572,7 @@ impl PostgresDedupStore {
         let target = redact_url(url);
         let pool = connect_pool(url, &target)
             .await
-            .map_err(|e| scrub(e, &url_secrets(url)))
+            .map_err(|e| scrub(e, &url_passwords(url)))
             .inspect_err(|e| {
                 tracing::debug!(url = %target, error = %e, "postgres connect failed");
             })?;
@@ -1112,19 +1061,6 @@ impl DedupStore for PostgresDedupStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_passwords_in_urls() {
-        assert_eq!(
-            url_secrets("postgres://u:p%40ss@h/db"),
-            vec!["p@ss".to_string(), "p%40ss".to_string()]
-        );
-        assert_eq!(
-            url_secrets("postgres://u@h/db?password=xyz&sslmode=disable"),
-            vec!["xyz".to_string()]
-        );
-        assert!(url_secrets("postgres://u@h/db").is_empty());
-    }
 
     #[test]
     fn durations_are_clamped() {

@@ -11,7 +11,7 @@ use lapin::BasicProperties;
 
 use crate::config::RabbitConfig;
 use crate::headers::{short_string, to_field_table, to_field_table_keeping};
-use crate::link::{DELIVERY_COUNT, Handle, Link};
+use crate::link::{DELIVERY_COUNT, Handle, Link, Settlement};
 
 /// A [`Broker`] on one RabbitMQ work queue.
 ///
@@ -171,13 +171,16 @@ impl Broker for RabbitBroker {
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<(), Error> {
-        self.link.shared.settle(delivery, None, "ack").await
+        self.link
+            .shared
+            .settle(delivery, Settlement::Ack, "ack")
+            .await
     }
 
     async fn nack(&self, delivery: &Delivery, requeue: bool) -> Result<(), Error> {
         self.link
             .shared
-            .settle(delivery, Some(requeue), "nack")
+            .settle(delivery, Settlement::Nack { requeue }, "nack")
             .await
     }
 

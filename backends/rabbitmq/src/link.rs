@@ -106,6 +106,16 @@ pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 type Events = std::pin::Pin<Box<dyn Stream<Item = Event> + Send>>;
 
+/// How a delivery is settled.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Settlement {
+    /// `basic.ack` (batched on the consumer channel).
+    Ack,
+    /// `basic.nack`, back to the queue or (without `requeue`) to the
+    /// queue's dead-letter target, if any.
+    Nack { requeue: bool },
+}
+
 /// What a delivery carries for its settlement.
 #[derive(Debug)]
 pub(crate) struct Handle {
@@ -1233,20 +1243,20 @@ impl Shared {
     pub async fn settle(
         &self,
         delivery: &Delivery,
-        nack: Option<bool>,
+        how: Settlement,
         op: &'static str,
     ) -> Result<(), Error> {
         let (handle, generation) = self.handle_and_generation(delivery)?;
         let batcher = generation.acks.as_ref().filter(|_| handle.batched);
         let send = async {
-            match (nack, batcher) {
-                (None, Some(acks)) => {
+            match (how, batcher) {
+                (Settlement::Ack, Some(acks)) => {
                     // Held, or sent with others; see `acks`.
                     acks.ack(delivery.tag, handle.acker.clone()).await
                 }
-                (None, None) => handle.acker.ack(BasicAckOptions::default()).await,
-                (Some(_), Some(acks)) if !acks.is_open(delivery.tag) => Ok(false),
-                (Some(requeue), _) => {
+                (Settlement::Ack, None) => handle.acker.ack(BasicAckOptions::default()).await,
+                (Settlement::Nack { .. }, Some(acks)) if !acks.is_open(delivery.tag) => Ok(false),
+                (Settlement::Nack { requeue }, _) => {
                     let sent = handle
                         .acker
                         .nack(BasicNackOptions {
@@ -1680,7 +1690,8 @@ async fn supervise(shared: Arc<Shared>, mut generation: Arc<Generation>, mut eve
                     failures = 0;
                 } else {
                     failures = failures.saturating_add(1);
-                    let delay = backoff(rec.rebuild_min_delay, rec.rebuild_max_delay, failures);
+                    let delay = idemq::Backoff::new(rec.rebuild_min_delay, rec.rebuild_max_delay)
+                        .delay(failures);
                     tokio::select! {
                         _ = shared.closed.cancelled() => return,
                         _ = sleep(delay) => {}
@@ -1706,7 +1717,8 @@ async fn supervise(shared: Arc<Shared>, mut generation: Arc<Generation>, mut eve
                         continue;
                     }
                     failures = failures.saturating_add(1);
-                    let delay = backoff(rec.rebuild_min_delay, rec.rebuild_max_delay, failures);
+                    let delay = idemq::Backoff::new(rec.rebuild_min_delay, rec.rebuild_max_delay)
+                        .delay(failures);
                     warn!(%url, error = %e, attempt = failures, ?delay,
                         "rebuilding the RabbitMQ connection failed; retrying");
                     tokio::select! {
@@ -1750,27 +1762,9 @@ fn reap(generation: Arc<Generation>) {
     });
 }
 
-/// Exponential backoff with jitter (50 to 100 % of the step), capped.
-fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
-    let exp = 2u32.saturating_pow(attempt.saturating_sub(1).min(16));
-    let step = min.saturating_mul(exp).min(max);
-    let jitter = rand::random::<f64>() * 0.5 + 0.5;
-    step.mul_f64(jitter).max(min.min(max))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(2));
-        for attempt in 1..40 {
-            let d = backoff(min, max, attempt);
-            assert!(d >= min && d <= max, "{attempt}: {d:?}");
-        }
-        assert!(backoff(min, max, 30) >= Duration::from_secs(1));
-    }
 
     #[test]
     fn consumer_tags_are_short_strings() {
