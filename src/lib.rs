@@ -45,7 +45,7 @@
 //!
 //! ## Features
 //!
-//! * `mock`: [`MockBroker`] and [`MockDedupStore`] (mockall), for unit
+//! * `mock`: `MockBroker` and `MockDedupStore` (mockall), for unit
 //!   tests of code that takes the traits.
 //! * `testing`: the conformance suites every backend must pass, the
 //!   loopback [`testing::FaultProxy`], and helpers for tests against real

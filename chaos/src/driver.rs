@@ -52,7 +52,7 @@ pub struct StopRecord {
     pub inc: u32,
     /// From the cancel to `run` returning.
     pub took: Duration,
-    /// `run` had not returned after [`STOP_GIVE_UP`].
+    /// `run` had not returned after 60 s, when the driver gave up on it.
     pub hung: bool,
     /// What was going on (a store partition, say).
     pub during: String,
