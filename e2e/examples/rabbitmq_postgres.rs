@@ -6,7 +6,7 @@
 //!
 //! Publishes a demo batch to a fresh queue, consumes it, checks the
 //! `charges` table, deletes its queues and exits (or stops gracefully on
-//! Ctrl-C). `cargo run --example rabbitmq_postgres` with RabbitMQ at
+//! Ctrl-C). `cargo run -p idemq-e2e --example rabbitmq_postgres` with RabbitMQ at
 //! `AMQP_ADDR` and Postgres at `DATABASE_URL` (defaults: the local servers).
 
 use std::collections::HashMap;

@@ -3,7 +3,7 @@
 //! measured in the same run: a bare consume+ack loop over the same memory
 //! broker (no dedup, no engine).
 //!
-//! `cargo bench --bench engine`
+//! `cargo bench -p idemq-e2e --bench engine`
 
 use std::time::{Duration, Instant};
 

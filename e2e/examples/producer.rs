@@ -2,7 +2,7 @@
 //! every order with a stable `message_id`, every tenth published twice (as
 //! a producer that retries after a lost confirm would).
 //!
-//! `cargo run --example producer -- [COUNT]` (default 1000) publishes to the
+//! `cargo run -p idemq-e2e --example producer -- [COUNT]` (default 1000) publishes to the
 //! queue `IDEMQ_QUEUE` (default `idemq-demo.orders`) at `AMQP_ADDR`
 //! (default `amqp://guest:guest@127.0.0.1:5672/%2f`), declaring it and its
 //! retry and dead-letter queues first.

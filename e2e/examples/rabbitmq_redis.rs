@@ -5,7 +5,7 @@
 //! what happened and the dead letters' reasons, deletes its queues and exits
 //! (or stops gracefully on Ctrl-C).
 //!
-//! `cargo run --example rabbitmq_redis` with RabbitMQ at `AMQP_ADDR` and
+//! `cargo run -p idemq-e2e --example rabbitmq_redis` with RabbitMQ at `AMQP_ADDR` and
 //! Redis at `REDIS_URL` (defaults: the local servers).
 
 use std::collections::HashMap;
