@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idemq::memory::{MemoryBroker, MemoryDedupStore};
-use idemq::{Backoff, Broker, Engine, HandlerError, Message, OutgoingMessage, Report};
+use idemq::{
+    Backoff, Broker, CancellationToken, Engine, HandlerError, Message, OutgoingMessage, Report,
+};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Serialize, Deserialize)]
 struct Order {

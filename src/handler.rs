@@ -5,15 +5,12 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 use crate::error::BoxError;
-use crate::message::{Delivery, HeaderValue, Headers};
-use crate::store::Lease;
+use crate::message::Message;
 
 /// Why a handler did not succeed; decides what the engine does next.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +45,34 @@ impl HandlerError {
     }
 }
 
+/// Marks any error as retryable or permanent, so a handler can use `?` on
+/// whatever its calls return:
+///
+/// ```
+/// use idemq::{HandlerError, HandlerResultExt, Message};
+/// async fn charge(_cents: u64) -> Result<(), std::io::Error> { Ok(()) }
+/// async fn handle(msg: Message) -> Result<(), HandlerError> {
+///     let cents: u64 = std::str::from_utf8(msg.body()).permanent()?.parse().permanent()?;
+///     charge(cents).await.retryable()?; // a network error: try again later
+///     Ok(())
+/// }
+/// ```
+pub trait HandlerResultExt<T> {
+    /// On error, [`HandlerError::Retry`]: released, retried with backoff.
+    fn retryable(self) -> Result<T, HandlerError>;
+    /// On error, [`HandlerError::Permanent`]: dead-lettered at once.
+    fn permanent(self) -> Result<T, HandlerError>;
+}
+
+impl<T, E: Into<BoxError>> HandlerResultExt<T> for Result<T, E> {
+    fn retryable(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::retry)
+    }
+    fn permanent(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::permanent)
+    }
+}
+
 /// Who writes the done mark after a handler succeeds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Completion {
@@ -59,72 +84,6 @@ pub enum Completion {
     /// (transactional stores). `Ok` then means "committed";
     /// [`HandlerError::LeaseLost`] means "rolled back, not ours".
     InHandler,
-}
-
-/// One message handed to a handler: the delivery plus what the engine knows
-/// about it. Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct Message {
-    delivery: Arc<Delivery>,
-    lease: Arc<Lease>,
-    keep_for: Duration,
-}
-
-impl Message {
-    /// Put together by the engine (and by tests calling a handler directly).
-    pub fn new(delivery: Arc<Delivery>, lease: Arc<Lease>, keep_for: Duration) -> Self {
-        Message {
-            delivery,
-            lease,
-            keep_for,
-        }
-    }
-
-    /// The body.
-    pub fn body(&self) -> &Bytes {
-        &self.delivery.body
-    }
-    /// The body decoded as JSON.
-    pub fn json<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
-        serde_json::from_slice(&self.delivery.body).map_err(|e| HandlerError::Decode(e.into()))
-    }
-    /// The normalized dedup key.
-    pub fn key(&self) -> &str {
-        &self.lease.key
-    }
-    /// The `message_id` property.
-    pub fn message_id(&self) -> Option<&str> {
-        self.delivery.message_id.as_deref()
-    }
-    /// All headers.
-    pub fn headers(&self) -> &Headers {
-        &self.delivery.headers
-    }
-    /// One header.
-    pub fn header(&self, name: &str) -> Option<&HeaderValue> {
-        self.delivery.header(name)
-    }
-    /// Which attempt this is (1 for the first), as counted by the store.
-    pub fn attempt(&self) -> u32 {
-        self.lease.attempt
-    }
-    /// Whether the broker delivered it before.
-    pub fn redelivered(&self) -> bool {
-        self.delivery.redelivered
-    }
-    /// The lease the engine holds; transactional handlers fence their done
-    /// mark with it.
-    pub fn lease(&self) -> &Lease {
-        &self.lease
-    }
-    /// How long the done mark must be kept (the engine's `keep_for`).
-    pub fn keep_for(&self) -> Duration {
-        self.keep_for
-    }
-    /// The underlying delivery.
-    pub fn delivery(&self) -> &Delivery {
-        &self.delivery
-    }
 }
 
 /// Processes one message. Implemented for every

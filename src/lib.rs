@@ -72,10 +72,11 @@ pub use broker::Broker;
 pub use coalesce::Coalescing;
 pub use engine::{Config, Engine, EngineBuilder, RELEASE_BOUND, Report, Stopped};
 pub use error::{BoxError, Error};
-pub use handler::{Completion, Handler, HandlerError, JsonHandler, Message, json};
+pub use handler::{Completion, Handler, HandlerError, HandlerResultExt, JsonHandler, json};
 pub use key::KeyStrategy;
 pub use message::{
-    BrokerDeath, DeadLetter, DeadReason, Delivery, HeaderValue, Headers, OutgoingMessage, headers,
+    BrokerDeath, DeadLetter, DeadReason, Delivery, HeaderValue, Headers, Message, OutgoingMessage,
+    headers,
 };
 pub use policy::{Backoff, OnDead};
 pub use replay::{Replay, ReplayReport};
@@ -83,6 +84,9 @@ pub use store::{
     Claim, ClaimTtl, DedupStore, Fenced, Lease, LeaseToken, Record, RecordCounts, RecordState,
     Release, Revival,
 };
+/// The token that stops [`Engine::run`], re-exported so that using the
+/// engine needs no direct dependency on `tokio-util`.
+pub use tokio_util::sync::CancellationToken;
 
 #[cfg(feature = "mock")]
 pub use broker::MockBroker;

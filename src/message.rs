@@ -1,12 +1,84 @@
-//! What a broker hands out ([`Delivery`]) and what goes to it
-//! ([`OutgoingMessage`]), with the header names idemq writes.
+//! What a broker hands out ([`Delivery`]), what a handler sees of it
+//! ([`Message`]) and what goes to a broker ([`OutgoingMessage`]), with the
+//! header names idemq writes.
 
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use crate::handler::HandlerError;
+use crate::store::Lease;
+
+/// One message handed to a handler: the delivery plus what the engine knows
+/// about it. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Message {
+    delivery: Arc<Delivery>,
+    lease: Arc<Lease>,
+    keep_for: Duration,
+}
+
+impl Message {
+    /// Put together by the engine (and by tests calling a handler directly).
+    pub fn new(delivery: Arc<Delivery>, lease: Arc<Lease>, keep_for: Duration) -> Self {
+        Message {
+            delivery,
+            lease,
+            keep_for,
+        }
+    }
+
+    /// The body.
+    pub fn body(&self) -> &Bytes {
+        &self.delivery.body
+    }
+    /// The body decoded as JSON.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
+        serde_json::from_slice(&self.delivery.body).map_err(|e| HandlerError::Decode(e.into()))
+    }
+    /// The normalized dedup key.
+    pub fn key(&self) -> &str {
+        &self.lease.key
+    }
+    /// The `message_id` property.
+    pub fn message_id(&self) -> Option<&str> {
+        self.delivery.message_id.as_deref()
+    }
+    /// All headers.
+    pub fn headers(&self) -> &Headers {
+        &self.delivery.headers
+    }
+    /// One header.
+    pub fn header(&self, name: &str) -> Option<&HeaderValue> {
+        self.delivery.header(name)
+    }
+    /// Which attempt this is (1 for the first), as counted by the store.
+    pub fn attempt(&self) -> u32 {
+        self.lease.attempt
+    }
+    /// Whether the broker delivered it before.
+    pub fn redelivered(&self) -> bool {
+        self.delivery.redelivered
+    }
+    /// The lease the engine holds; transactional handlers fence their done
+    /// mark with it.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+    /// How long the done mark must be kept (the engine's `keep_for`).
+    pub fn keep_for(&self) -> Duration {
+        self.keep_for
+    }
+    /// The underlying delivery.
+    pub fn delivery(&self) -> &Delivery {
+        &self.delivery
+    }
+}
 
 /// One header value. AMQP field tables hold more types; backends map the
 /// ones they meet onto these (and everything else onto [`HeaderValue::Str`]).

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idemq::{Broker, Engine, HandlerError, Message, OutgoingMessage, headers};
+use idemq::{Broker, Engine, HandlerError, HandlerResultExt, Message, OutgoingMessage, headers};
 use idemq_rabbitmq::{RabbitBroker, RabbitConfig, RabbitPublisher, delete_topology};
 use idemq_redis::RedisDedupStore;
 use tokio_util::sync::CancellationToken;
@@ -68,9 +68,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     return Err(HandlerError::retry("payment gateway timeout"));
                 }
                 let _ = order.cents; // charge the card here
-                let mut charged = charged
-                    .lock()
-                    .map_err(|e| HandlerError::retry(e.to_string()))?;
+                let mut charged = charged.lock().map_err(|e| e.to_string()).retryable()?;
                 *charged.entry(order.id).or_default() += 1;
                 Ok(())
             }

@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Shared;
-use crate::handler::{Completion, HandlerError, Message};
+use crate::handler::{Completion, HandlerError};
+use crate::message::Message;
 use crate::message::{DeadLetter, DeadReason, Delivery, headers};
 use crate::policy::OnDead;
 use crate::store::{Claim, ClaimTtl, Fenced, Lease, RecordState, Release};
