@@ -11,9 +11,10 @@
 //! of the old incarnation (an ack on them reports `Ok(false)`). When lapin
 //! gives up (its backoff is exhausted: the connection turns `Error` and an
 //! [`lapin::Event::Error`] is emitted), or its recovery stalls or takes
-//! longer than `max_recovery_time` (see [`RecoveryWatch`](supervisor::RecoveryWatch)), or a channel
-//! is closed for good, or recovery is disabled, the supervisor task
-//! retires the generation and builds a new one with exponential backoff.
+//! longer than `max_recovery_time` (see `RecoveryWatch` in
+//! [`supervisor`]), or a channel is closed for good, or recovery is
+//! disabled, the supervisor task retires the generation and builds a new
+//! one with exponential backoff.
 //! Deliveries carry their generation number, so a settle on an older one
 //! is reported as [`Error::StaleDelivery`].
 //!

@@ -1,5 +1,7 @@
 //! What the broker, publisher and dead-letter reader do over a link:
-//! publish, `basic.get`, settle; and checking a delivery's handle.
+//! publish and `basic.get` (both retried across connection recovery by one
+//! helper, [`Shared::across_recovery`]), settle; and checking a delivery's
+//! handle.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,6 +131,45 @@ impl Shared {
         }
     }
 
+    /// Runs `attempt` on the current generation until it answers, within
+    /// the publish timeout from now: `publish` and `get` across connection
+    /// recovery and rebuilds. Waits while the generation is being rebuilt;
+    /// tries again on the next one when the generation is retired during a
+    /// step of the attempt ([`Attempt::step`]); after a connection-level
+    /// error ([`Stop::Broken`]) waits for the connection to come back
+    /// ([`Shared::pause_after`], `Unavailable` at the deadline) and tries
+    /// again. Answers the timeout error when a step or the wait for a
+    /// generation reaches the deadline, any other error as it is.
+    async fn across_recovery<T, Fut>(
+        &self,
+        op: &'static str,
+        mut attempt: impl FnMut(Attempt) -> Fut,
+    ) -> Result<T, Error>
+    where
+        Fut: Future<Output = Result<T, Stop>>,
+    {
+        let deadline = Instant::now() + self.cfg.publish_timeout();
+        loop {
+            let Some(generation) = self.wait_generation(Some(deadline), op).await? else {
+                return Err(Error::Closed { backend: BACKEND });
+            };
+            let on = Attempt {
+                generation: generation.clone(),
+                deadline,
+            };
+            match attempt(on).await {
+                Ok(answer) => return Ok(answer),
+                Err(Stop::Retired) => continue,
+                Err(Stop::TimedOut) => return Err(self.timeout(op)),
+                Err(Stop::Failed(e)) => return Err(e),
+                Err(Stop::Broken(cause, channel)) => {
+                    self.pause_after(&generation, channel, cause, deadline, op)
+                        .await?;
+                }
+            }
+        }
+    }
+
     /// Publishes to the default exchange with routing key `queue`,
     /// mandatory, on a confirm channel, and waits for the confirm. Retries
     /// (until the publish timeout) across connection recovery: a copy may
@@ -140,118 +181,78 @@ impl Shared {
         properties: BasicProperties,
         op: &'static str,
     ) -> Result<(), Error> {
-        let routing_key = short_string("queue name", queue)?;
-        let deadline = Instant::now() + self.cfg.publish_timeout();
-        loop {
-            let Some(generation) = self.wait_generation(Some(deadline), op).await? else {
-                return Err(Error::Closed { backend: BACKEND });
-            };
-            let checkout = tokio::select! {
-                r = timeout_at(deadline, generation.checkout()) => r,
-                _ = generation.retired.cancelled() => continue,
-            };
-            let channel = match checkout {
-                Err(_) => return Err(self.timeout(op)),
-                Ok(Ok(ch)) => ch,
-                Ok(Err(e)) if is_connection_error(&e) => {
-                    self.pause_after(&generation, None, e, deadline, op).await?;
-                    continue;
-                }
-                Ok(Err(e)) => return Err(map(op, e)),
-            };
-            let send = timeout_at(deadline, async {
-                channel
-                    .basic_publish(
-                        ShortString::default(),
-                        routing_key.clone(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        body,
-                        properties.clone(),
-                    )
-                    .await?
-                    .await
-            });
-            let sent = tokio::select! {
-                sent = send => sent,
-                // Replaced meanwhile: publish again on the new connection.
-                _ = generation.retired.cancelled() => continue,
-            };
+        let routing_key = &short_string("queue name", queue)?;
+        let properties = &properties;
+        self.across_recovery(op, |on| async move {
+            let channel = on
+                .step(on.generation.checkout())
+                .await?
+                .map_err(|e| Stop::lapin(op, e, None))?;
+            // Timed out, or replaced meanwhile (then published again on the
+            // new connection): the channel is dropped (closed), its confirm
+            // still due.
+            let sent = on
+                .step(async {
+                    channel
+                        .basic_publish(
+                            ShortString::default(),
+                            routing_key.clone(),
+                            BasicPublishOptions {
+                                mandatory: true,
+                                immediate: false,
+                            },
+                            body,
+                            properties.clone(),
+                        )
+                        .await?
+                        .await
+                })
+                .await?;
             match sent {
-                // The channel is dropped (closed): its confirm is still due.
-                Err(_) => return Err(self.timeout(op)),
-                Ok(Ok(confirmation)) => {
-                    generation.checkin(channel);
-                    return confirmed(confirmation, queue);
+                Ok(confirmation) => {
+                    on.generation.checkin(channel);
+                    confirmed(confirmation, queue).map_err(Stop::Failed)
                 }
-                Ok(Err(e)) if is_connection_error(&e) => {
-                    self.pause_after(&generation, Some(channel), e, deadline, op)
-                        .await?;
-                }
-                Ok(Err(e)) => return Err(map(op, e)),
+                Err(e) => Err(Stop::lapin(op, e, Some(channel))),
             }
-        }
+        })
+        .await
     }
 
     /// Takes one message of `queue` with `basic.get`, unacked.
     pub async fn get(&self, queue: &str) -> Result<Option<Delivery>, Error> {
         const OP: &str = "next_dead_letter";
-        let queue_name = short_string("queue name", queue)?;
-        let deadline = Instant::now() + self.cfg.publish_timeout();
-        loop {
-            let Some(generation) = self.wait_generation(Some(deadline), OP).await? else {
-                return Err(Error::Closed { backend: BACKEND });
-            };
-            let mut getter = generation.getter.lock().await;
+        let queue_name = &short_string("queue name", queue)?;
+        self.across_recovery(OP, |on| async move {
+            // The generation's `basic.get` channel, kept while lapin has it
+            // up or is recovering it, and held for the whole get. Waiting
+            // for it is not a step: neither deadline nor retirement cut it.
+            let mut getter = on.generation.getter.lock().await;
             let channel = match getter.as_ref() {
                 Some(ch) if ch.status().connected() || ch.status().reconnecting() => ch.clone(),
-                _ => match tokio::select! {
-                    r = timeout_at(deadline, generation.conn.create_channel()) => r,
-                    _ = generation.retired.cancelled() => continue,
-                } {
-                    Err(_) => return Err(self.timeout(OP)),
-                    Ok(Ok(ch)) => {
-                        *getter = Some(ch.clone());
-                        ch
-                    }
-                    Ok(Err(e)) if is_connection_error(&e) => {
-                        drop(getter);
-                        self.pause_after(&generation, None, e, deadline, OP).await?;
-                        continue;
-                    }
-                    Ok(Err(e)) => return Err(map(OP, e)),
-                },
-            };
-            let got = tokio::select! {
-                got = timeout_at(
-                    deadline,
-                    channel.basic_get(queue_name.clone(), BasicGetOptions { no_ack: false }),
-                ) => got,
-                _ = generation.retired.cancelled() => continue,
-            };
-            match got {
-                Err(_) => return Err(self.timeout(OP)),
-                Ok(Ok(None)) => return Ok(None),
-                Ok(Ok(Some(message))) => {
-                    return Ok(Some(self.to_delivery(
-                        message.delivery,
-                        generation.id,
-                        false,
-                    )));
+                _ => {
+                    let ch = on
+                        .step(on.generation.conn.create_channel())
+                        .await?
+                        .map_err(|e| Stop::lapin(OP, e, None))?;
+                    *getter = Some(ch.clone());
+                    ch
                 }
-                Ok(Err(e)) => {
+            };
+            let got = on
+                .step(channel.basic_get(queue_name.clone(), BasicGetOptions { no_ack: false }))
+                .await?;
+            match got {
+                Ok(message) => {
+                    Ok(message.map(|m| self.to_delivery(m.delivery, on.generation.id, false)))
+                }
+                Err(e) => {
                     *getter = None;
-                    drop(getter);
-                    if !is_connection_error(&e) {
-                        return Err(map(OP, e));
-                    }
-                    self.pause_after(&generation, Some(channel), e, deadline, OP)
-                        .await?;
+                    Err(Stop::lapin(OP, e, Some(channel)))
                 }
             }
-        }
+        })
+        .await
     }
 
     pub(super) fn to_delivery(&self, d: LapinDelivery, generation: u64, batched: bool) -> Delivery {
@@ -377,6 +378,49 @@ impl Shared {
             Ok(false) => Err(stale(delivery)),
             Err(e) if handle.acker.poisoned() || is_connection_error(&e) => Err(stale(delivery)),
             Err(e) => Err(map(op, e)),
+        }
+    }
+}
+
+/// One try of an operation run by [`Shared::across_recovery`]: the
+/// generation it runs on and the deadline of all tries.
+struct Attempt {
+    generation: Arc<Generation>,
+    deadline: Instant,
+}
+
+impl Attempt {
+    /// Runs one step of the try, bounded by the deadline and raced against
+    /// the generation's retirement (dropped when either comes first).
+    async fn step<F: Future>(&self, step: F) -> Result<F::Output, Stop> {
+        tokio::select! {
+            r = timeout_at(self.deadline, step) => r.map_err(|_| Stop::TimedOut),
+            _ = self.generation.retired.cancelled() => Err(Stop::Retired),
+        }
+    }
+}
+
+/// Why a try of [`Shared::across_recovery`] ended without an answer.
+enum Stop {
+    /// The generation was retired: try again on the next one.
+    Retired,
+    /// The deadline passed.
+    TimedOut,
+    /// A connection-level error: wait for the connection to come back (on
+    /// the channel it happened on, if any) and try again.
+    Broken(lapin::Error, Option<Channel>),
+    /// Any other error: answered as it is.
+    Failed(Error),
+}
+
+impl Stop {
+    /// A lapin error of `op`, on `channel` if any: a connection-level
+    /// error is waited out, any other answered.
+    fn lapin(op: &'static str, cause: lapin::Error, channel: Option<Channel>) -> Stop {
+        if is_connection_error(&cause) {
+            Stop::Broken(cause, channel)
+        } else {
+            Stop::Failed(map(op, cause))
         }
     }
 }
