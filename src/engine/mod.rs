@@ -4,6 +4,7 @@
 //! the table in the design.
 
 mod builder;
+mod meters;
 mod process;
 mod report;
 
@@ -20,6 +21,7 @@ pub use builder::{BROKER_ACK_TIMEOUT, Config, EngineBuilder};
 pub use report::{Report, Stopped};
 
 use crate::{Broker, DedupStore, Handler};
+use meters::{BaseLabels, BrokerOp, Meters, StoreOp};
 use report::Counters;
 
 /// How long, after the shutdown grace, the engine waits for the deliveries
@@ -71,6 +73,7 @@ pub(crate) struct Shared<B, S, H> {
     pub(crate) handler: H,
     pub(crate) cfg: Config,
     pub(crate) counters: Counters,
+    pub(crate) meters: Meters,
     gate: StoreGate,
     /// Set once the broker paused on request ([`Broker::pause`]): a
     /// delivery the store failed for is then given back at once, for
@@ -101,9 +104,30 @@ impl StoreGate {
 }
 
 impl<B: Broker, S: DedupStore, H: Handler> Shared<B, S, H> {
-    /// Notes a store failure; answers how long to back off.
-    pub(crate) fn store_failed(&self, op: &'static str, err: &crate::Error) -> Duration {
-        self.counters.store_errors.inc();
+    /// Makes a store call, timed and (when it fails) counted by operation.
+    pub(crate) async fn store_call<T>(
+        &self,
+        op: StoreOp,
+        call: impl Future<Output = Result<T, crate::Error>>,
+    ) -> Result<T, crate::Error> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        self.meters.store_call(op, started, result.is_err());
+        if result.is_err() {
+            self.counters.store_errors.inc();
+        }
+        result
+    }
+
+    /// Notes a broker call that failed.
+    pub(crate) fn broker_failed(&self, op: BrokerOp) {
+        self.counters.broker_errors.inc();
+        self.meters.broker_failed(op);
+    }
+
+    /// Notes a store failure that closes the gate; answers how long to
+    /// back off.
+    pub(crate) fn store_failed(&self, op: StoreOp, err: &crate::Error) -> Duration {
         let n = self
             .gate
             .failures
@@ -118,7 +142,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Shared<B, S, H> {
             u64::try_from(until.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        tracing::warn!(op, error = %err, transient = err.is_transient(), backoff = ?delay,
+        tracing::warn!(op = op.as_str(), error = %err, transient = err.is_transient(), backoff = ?delay,
             "dedup store failed; pausing consumption (fail closed)");
         delay
     }
@@ -137,13 +161,16 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
     }
 
     fn from_parts(broker: B, store: S, handler: H, cfg: Config) -> Self {
-        let counters = Counters::new(&cfg.scope);
+        let labels = BaseLabels::new(&cfg.scope, broker.destination());
+        let counters = Counters::new(&labels);
+        let meters = Meters::new(&labels);
         Engine {
             shared: Arc::new(Shared {
                 broker,
                 store,
                 handler,
                 counters,
+                meters,
                 cfg,
                 gate: StoreGate {
                     epoch: Instant::now(),
@@ -271,13 +298,16 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                 Ok(Some(delivery)) => {
                     broker_failures = 0;
                     sh.counters.received.inc();
+                    let started = std::time::Instant::now();
                     let (sh, abort, stop) = (sh.clone(), abort.clone(), stop.clone());
                     // Boxed: tokio moves a spawned future several times, and
                     // the state machine is over a kilobyte; a box is 8 bytes.
                     tracker.spawn(Box::pin(async move {
                         tokio::select! {
                             biased;
-                            _ = process::process(&sh, delivery, &abort) => {}
+                            outcome = process::process(&sh, delivery, &abort) => {
+                                sh.meters.processed(outcome, started);
+                            }
                             _ = stop.cancelled() => {}
                         }
                         drop(slot);
@@ -285,7 +315,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                 }
                 Ok(None) => break Stopped::BrokerClosed,
                 Err(e) if e.is_transient() => {
-                    sh.counters.broker_errors.inc();
+                    sh.broker_failed(BrokerOp::Receive);
                     broker_failures = broker_failures.saturating_add(1);
                     let delay = sh.cfg.store_backoff.delay(broker_failures);
                     tracing::warn!(error = %e, backoff = ?delay, "broker failed to deliver; retrying");
@@ -295,7 +325,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                     }
                 }
                 Err(e) => {
-                    sh.counters.broker_errors.inc();
+                    sh.broker_failed(BrokerOp::Receive);
                     tracing::error!(error = %e, "broker failed for good; stopping");
                     break Stopped::BrokerFailed(e.to_string());
                 }
