@@ -43,10 +43,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! ## Metrics
+//! ## Metrics and health
 //!
 //! The engine counts through the `metrics` facade, under the names of
-//! [`metric_names`] (install a recorder before building the engine).
+//! [`metric_names`] (install a recorder before building the engine);
+//! [`Engine::health`] hands out a [`Health`] handle for readiness probes.
 //!
 //! ## Features
 //!
@@ -77,7 +78,7 @@ pub mod testing;
 pub use broker::Broker;
 pub use coalesce::Coalescing;
 pub use engine::{
-    Config, Engine, EngineBuilder, RELEASE_BOUND, Report, Stopped,
+    Config, Engine, EngineBuilder, EngineState, Health, RELEASE_BOUND, Report, Stopped,
 };
 pub use error::{BoxError, Error};
 pub use handler::{Completion, Handler, HandlerError, JsonHandler, Message, json};

@@ -4,6 +4,7 @@
 //! the table in the design.
 
 mod builder;
+mod health;
 mod meters;
 mod process;
 mod report;
@@ -18,9 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use builder::{BROKER_ACK_TIMEOUT, Config, EngineBuilder};
+pub use health::{EngineState, Health};
 pub use report::{Report, Stopped};
 
 use crate::{Broker, DedupStore, Handler};
+use health::{HealthCell, Phase};
 use meters::{BaseLabels, BrokerOp, Meters, StoreOp};
 use report::Counters;
 
@@ -34,6 +37,10 @@ pub const RELEASE_BOUND: Duration = Duration::from_secs(2);
 /// How soon a pause that failed (a broker client reconnecting) is tried
 /// again while the store stays unreachable.
 const PAUSE_RETRY: Duration = Duration::from_millis(200);
+
+/// How often the engine asks the broker whether it is connected
+/// ([`Broker::is_connected`]), for [`Health`].
+const BROKER_POLL: Duration = Duration::from_millis(200);
 
 /// A consumer that makes message handling idempotent.
 ///
@@ -74,6 +81,7 @@ pub(crate) struct Shared<B, S, H> {
     pub(crate) cfg: Config,
     pub(crate) counters: Counters,
     pub(crate) meters: Meters,
+    health: HealthCell,
     gate: StoreGate,
     /// Set once the broker paused on request ([`Broker::pause`]): a
     /// delivery the store failed for is then given back at once, for
@@ -100,6 +108,13 @@ impl StoreGate {
         }
         let until = self.epoch + Duration::from_micros(until);
         (until > Instant::now()).then_some(until)
+    }
+}
+
+impl<B, S, H> Drop for Shared<B, S, H> {
+    /// An engine dropped without running to its end is stopped all the same.
+    fn drop(&mut self) {
+        self.health.set_phase(Phase::Stopped, &self.gate.failures);
     }
 }
 
@@ -135,6 +150,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Shared<B, S, H> {
             .saturating_add(1);
         if n == 1 {
             self.gate.closed.notify_waiters();
+            self.health.refresh(&self.gate.failures);
         }
         let delay = self.cfg.store_backoff.delay(n);
         let until = (Instant::now() + delay).duration_since(self.gate.epoch);
@@ -150,6 +166,27 @@ impl<B: Broker, S: DedupStore, H: Handler> Shared<B, S, H> {
     pub(crate) fn store_ok(&self) {
         if self.gate.failures.load(Ordering::Relaxed) != 0 {
             self.gate.failures.store(0, Ordering::Relaxed);
+            self.health.refresh(&self.gate.failures);
+        }
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.health.set_phase(phase, &self.gate.failures);
+    }
+
+    /// Polls [`Broker::is_connected`] for [`Health`] until `stop`.
+    async fn watch_broker(&self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(BROKER_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if self.health.set_broker_down(!self.broker.is_connected()) {
+                self.health.refresh(&self.gate.failures);
+            }
         }
     }
 }
@@ -164,6 +201,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
         let labels = BaseLabels::new(&cfg.scope, broker.destination());
         let counters = Counters::new(&labels);
         let meters = Meters::new(&labels);
+        let health = HealthCell::new(&cfg.scope);
         Engine {
             shared: Arc::new(Shared {
                 broker,
@@ -171,6 +209,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                 handler,
                 counters,
                 meters,
+                health,
                 cfg,
                 gate: StoreGate {
                     epoch: Instant::now(),
@@ -188,6 +227,16 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
         &self.shared.cfg
     }
 
+    /// A handle on the engine's state ([`EngineState`]): take it before
+    /// [`Engine::run`] (which takes the engine) and keep it for as long as
+    /// you like; it reads [`EngineState::Stopped`] once the run returned.
+    /// Changes are logged once each (a warning when the engine degrades,
+    /// info otherwise), never per message. See [`Health`] for a readiness
+    /// probe.
+    pub fn health(&self) -> Health {
+        self.shared.health.subscribe()
+    }
+
     /// Consumes until `shutdown` is cancelled or the broker closes, with up
     /// to `concurrency` deliveries in flight, each settled on its own.
     ///
@@ -201,13 +250,24 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
     /// ([`Stopped::BrokerFailed`]) after in-flight work is settled.
     pub async fn run(self, shutdown: CancellationToken) -> Report {
         let sh = self.shared;
+        // The poller ends with the run, also when the run is dropped.
+        let poller = CancellationToken::new();
+        let _poller_guard = poller.clone().drop_guard();
+        tokio::spawn({
+            let sh = sh.clone();
+            async move { sh.watch_broker(poller).await }
+        });
         // Preparing may wait on a broker that is being recovered; shutdown
         // does not wait for it.
         let prepared = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return sh.counters.report(Stopped::Shutdown),
+            _ = shutdown.cancelled() => {
+                sh.set_phase(Phase::Stopped);
+                return sh.counters.report(Stopped::Shutdown);
+            }
             prepared = sh.broker.prepare(sh.cfg.concurrency) => prepared,
         };
+        sh.set_phase(Phase::Running);
         if let Some(limit) = prepared
             && limit < sh.cfg.concurrency
         {
@@ -331,6 +391,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                 }
             }
         };
+        sh.set_phase(Phase::ShuttingDown);
         tracker.close();
         if tokio::time::timeout(sh.cfg.shutdown_grace, tracker.wait())
             .await
@@ -350,6 +411,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                 tracker.wait().await;
             }
         }
+        sh.set_phase(Phase::Stopped);
         sh.counters.report(stopped)
     }
 }
