@@ -85,6 +85,22 @@ pub trait Broker: Send + Sync + 'static {
     /// delivery (`ack` removes it from the dead-letter queue, `nack` with
     /// requeue puts it back). Used by replay and inspection.
     async fn next_dead_letter(&self) -> Result<Option<Delivery>, Error>;
+
+    /// The name of the work queue this broker consumes, when it has one:
+    /// the engine puts it on its metrics as `messaging.destination.name`.
+    /// Asked once, when an engine is built. The default answers `None`.
+    fn destination(&self) -> Option<String> {
+        None
+    }
+
+    /// Whether the connection to the broker is up right now. `false`
+    /// while a client reconnects (deliveries cannot come meanwhile): the
+    /// engine's health then reads "broker reconnecting".
+    /// Polled a few times a second, so it must be cheap and must not
+    /// block. The default answers `true` (a broker without a connection).
+    fn is_connected(&self) -> bool {
+        true
+    }
 }
 
 #[async_trait]
@@ -120,5 +136,11 @@ impl<T: Broker + ?Sized> Broker for Arc<T> {
     }
     async fn next_dead_letter(&self) -> Result<Option<Delivery>, Error> {
         (**self).next_dead_letter().await
+    }
+    fn destination(&self) -> Option<String> {
+        (**self).destination()
+    }
+    fn is_connected(&self) -> bool {
+        (**self).is_connected()
     }
 }

@@ -43,6 +43,12 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Metrics and health
+//!
+//! The engine counts through the `metrics` facade, under the names of
+//! [`metric_names`] (install a recorder before building the engine);
+//! [`Engine::health`] hands out a [`Health`] handle for readiness probes.
+//!
 //! ## Features
 //!
 //! * `mock`: `MockBroker` and `MockDedupStore` (mockall), for unit
@@ -62,6 +68,7 @@ pub mod handler;
 pub mod key;
 pub mod memory;
 pub mod message;
+pub mod metric_names;
 pub mod policy;
 pub mod replay;
 pub mod store;
@@ -70,7 +77,9 @@ pub mod testing;
 
 pub use broker::Broker;
 pub use coalesce::Coalescing;
-pub use engine::{Config, Engine, EngineBuilder, RELEASE_BOUND, Report, Stopped};
+pub use engine::{
+    Config, Engine, EngineBuilder, EngineState, Health, RELEASE_BOUND, Report, Stopped,
+};
 pub use error::{BoxError, Error};
 pub use handler::{Completion, Handler, HandlerError, HandlerResultExt, JsonHandler, json};
 pub use key::KeyStrategy;

@@ -28,9 +28,18 @@ fn lease(key: &str, attempt: u32) -> Lease {
     }
 }
 
+/// A mock broker that answers what the engine asks of every broker: no
+/// queue name (asked at build), and connected (polled for its health).
+fn mock_broker() -> MockBroker {
+    let mut broker = MockBroker::new();
+    broker.expect_destination().return_const(None::<String>);
+    broker.expect_is_connected().return_const(true);
+    broker
+}
+
 /// A broker that hands out `deliveries` once each, then reports closed.
 fn broker_with(deliveries: Vec<Delivery>, seq: &mut Sequence) -> MockBroker {
-    let mut broker = MockBroker::new();
+    let mut broker = mock_broker();
     // Told the concurrency once, before the first delivery.
     broker
         .expect_prepare()
@@ -244,7 +253,7 @@ async fn a_dead_letter_that_does_not_land_releases_instead_of_burying() {
 #[tokio::test(start_paused = true)]
 async fn transient_broker_errors_are_retried_and_permanent_ones_stop_the_run() {
     let mut seq = Sequence::new();
-    let mut broker = MockBroker::new();
+    let mut broker = mock_broker();
     broker.expect_prepare().returning(|_| None);
     broker
         .expect_next()
@@ -285,7 +294,7 @@ type Builder = idemq::EngineBuilder<MockBroker, MockDedupStore, Noop>;
 fn build(f: fn(Builder) -> Builder) -> Result<(), Error> {
     let handler: Noop = |_| std::future::ready(Ok(()));
     f(Engine::builder(
-        MockBroker::new(),
+        mock_broker(),
         MockDedupStore::new(),
         handler,
     ))

@@ -354,6 +354,12 @@ impl Broker for Reconnecting {
     async fn next_dead_letter(&self) -> Result<Option<idemq::Delivery>, Error> {
         self.inner.next_dead_letter().await
     }
+    fn destination(&self) -> Option<String> {
+        self.inner.destination()
+    }
+    fn is_connected(&self) -> bool {
+        self.inner.is_connected()
+    }
 }
 
 /// A store whose every claim fails transiently: the engine's gate closes.

@@ -412,6 +412,12 @@ impl Broker for TrackedBroker {
     async fn next_dead_letter(&self) -> Result<Option<Delivery>, Error> {
         self.inner.next_dead_letter().await
     }
+    fn destination(&self) -> Option<String> {
+        self.inner.destination()
+    }
+    fn is_connected(&self) -> bool {
+        self.inner.is_connected()
+    }
 }
 
 /// A store noting the answers `complete` gets, per lease token.

@@ -265,4 +265,10 @@ impl<B: Broker> Broker for TimedBroker<B> {
     async fn next_dead_letter(&self) -> Result<Option<Delivery>, Error> {
         self.inner.next_dead_letter().await
     }
+    fn destination(&self) -> Option<String> {
+        self.inner.destination()
+    }
+    fn is_connected(&self) -> bool {
+        self.inner.is_connected()
+    }
 }

@@ -4,6 +4,8 @@
 //! the table in the design.
 
 mod builder;
+mod health;
+mod meters;
 mod process;
 mod report;
 
@@ -17,9 +19,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use builder::{BROKER_ACK_TIMEOUT, Config, EngineBuilder};
+pub use health::{EngineState, Health};
 pub use report::{Report, Stopped};
 
 use crate::{Broker, DedupStore, Handler};
+use health::{HealthCell, Phase};
+use meters::{BaseLabels, BrokerOp, Meters, StoreOp};
 use report::Counters;
 
 /// How long, after the shutdown grace, the engine waits for the deliveries
@@ -32,6 +37,10 @@ pub const RELEASE_BOUND: Duration = Duration::from_secs(2);
 /// How soon a pause that failed (a broker client reconnecting) is tried
 /// again while the store stays unreachable.
 const PAUSE_RETRY: Duration = Duration::from_millis(200);
+
+/// How often the engine asks the broker whether it is connected
+/// ([`Broker::is_connected`]), for [`Health`].
+const BROKER_POLL: Duration = Duration::from_millis(200);
 
 /// A consumer that makes message handling idempotent.
 ///
@@ -71,6 +80,8 @@ pub(crate) struct Shared<B, S, H> {
     pub(crate) handler: H,
     pub(crate) cfg: Config,
     pub(crate) counters: Counters,
+    pub(crate) meters: Meters,
+    health: HealthCell,
     gate: StoreGate,
     /// Set once the broker paused on request ([`Broker::pause`]): a
     /// delivery the store failed for is then given back at once, for
@@ -100,10 +111,38 @@ impl StoreGate {
     }
 }
 
+impl<B, S, H> Drop for Shared<B, S, H> {
+    /// An engine dropped without running to its end is stopped all the same.
+    fn drop(&mut self) {
+        self.health.set_phase(Phase::Stopped, &self.gate.failures);
+    }
+}
+
 impl<B: Broker, S: DedupStore, H: Handler> Shared<B, S, H> {
-    /// Notes a store failure; answers how long to back off.
-    pub(crate) fn store_failed(&self, op: &'static str, err: &crate::Error) -> Duration {
-        self.counters.store_errors.inc();
+    /// Makes a store call, timed and (when it fails) counted by operation.
+    pub(crate) async fn store_call<T>(
+        &self,
+        op: StoreOp,
+        call: impl Future<Output = Result<T, crate::Error>>,
+    ) -> Result<T, crate::Error> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        self.meters.store_call(op, started, result.is_err());
+        if result.is_err() {
+            self.counters.store_errors.inc();
+        }
+        result
+    }
+
+    /// Notes a broker call that failed.
+    pub(crate) fn broker_failed(&self, op: BrokerOp) {
+        self.counters.broker_errors.inc();
+        self.meters.broker_failed(op);
+    }
+
+    /// Notes a store failure that closes the gate; answers how long to
+    /// back off.
+    pub(crate) fn store_failed(&self, op: StoreOp, err: &crate::Error) -> Duration {
         let n = self
             .gate
             .failures
@@ -111,6 +150,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Shared<B, S, H> {
             .saturating_add(1);
         if n == 1 {
             self.gate.closed.notify_waiters();
+            self.health.refresh(&self.gate.failures);
         }
         let delay = self.cfg.store_backoff.delay(n);
         let until = (Instant::now() + delay).duration_since(self.gate.epoch);
@@ -118,7 +158,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Shared<B, S, H> {
             u64::try_from(until.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        tracing::warn!(op, error = %err, transient = err.is_transient(), backoff = ?delay,
+        tracing::warn!(op = op.as_str(), error = %err, transient = err.is_transient(), backoff = ?delay,
             "dedup store failed; pausing consumption (fail closed)");
         delay
     }
@@ -126,6 +166,27 @@ impl<B: Broker, S: DedupStore, H: Handler> Shared<B, S, H> {
     pub(crate) fn store_ok(&self) {
         if self.gate.failures.load(Ordering::Relaxed) != 0 {
             self.gate.failures.store(0, Ordering::Relaxed);
+            self.health.refresh(&self.gate.failures);
+        }
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.health.set_phase(phase, &self.gate.failures);
+    }
+
+    /// Polls [`Broker::is_connected`] for [`Health`] until `stop`.
+    async fn watch_broker(&self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(BROKER_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if self.health.set_broker_down(!self.broker.is_connected()) {
+                self.health.refresh(&self.gate.failures);
+            }
         }
     }
 }
@@ -137,13 +198,18 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
     }
 
     fn from_parts(broker: B, store: S, handler: H, cfg: Config) -> Self {
-        let counters = Counters::new(&cfg.scope);
+        let labels = BaseLabels::new(&cfg.scope, broker.destination());
+        let counters = Counters::new(&labels);
+        let meters = Meters::new(&labels);
+        let health = HealthCell::new(&cfg.scope);
         Engine {
             shared: Arc::new(Shared {
                 broker,
                 store,
                 handler,
                 counters,
+                meters,
+                health,
                 cfg,
                 gate: StoreGate {
                     epoch: Instant::now(),
@@ -161,6 +227,16 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
         &self.shared.cfg
     }
 
+    /// A handle on the engine's state ([`EngineState`]): take it before
+    /// [`Engine::run`] (which takes the engine) and keep it for as long as
+    /// you like; it reads [`EngineState::Stopped`] once the run returned.
+    /// Changes are logged once each (a warning when the engine degrades,
+    /// info otherwise), never per message. See [`Health`] for a readiness
+    /// probe.
+    pub fn health(&self) -> Health {
+        self.shared.health.subscribe()
+    }
+
     /// Consumes until `shutdown` is cancelled or the broker closes, with up
     /// to `concurrency` deliveries in flight, each settled on its own.
     ///
@@ -174,13 +250,24 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
     /// ([`Stopped::BrokerFailed`]) after in-flight work is settled.
     pub async fn run(self, shutdown: CancellationToken) -> Report {
         let sh = self.shared;
+        // The poller ends with the run, also when the run is dropped.
+        let poller = CancellationToken::new();
+        let _poller_guard = poller.clone().drop_guard();
+        tokio::spawn({
+            let sh = sh.clone();
+            async move { sh.watch_broker(poller).await }
+        });
         // Preparing may wait on a broker that is being recovered; shutdown
         // does not wait for it.
         let prepared = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return sh.counters.report(Stopped::Shutdown),
+            _ = shutdown.cancelled() => {
+                sh.set_phase(Phase::Stopped);
+                return sh.counters.report(Stopped::Shutdown);
+            }
             prepared = sh.broker.prepare(sh.cfg.concurrency) => prepared,
         };
+        sh.set_phase(Phase::Running);
         if let Some(limit) = prepared
             && limit < sh.cfg.concurrency
         {
@@ -271,13 +358,16 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                 Ok(Some(delivery)) => {
                     broker_failures = 0;
                     sh.counters.received.inc();
+                    let started = std::time::Instant::now();
                     let (sh, abort, stop) = (sh.clone(), abort.clone(), stop.clone());
                     // Boxed: tokio moves a spawned future several times, and
                     // the state machine is over a kilobyte; a box is 8 bytes.
                     tracker.spawn(Box::pin(async move {
                         tokio::select! {
                             biased;
-                            _ = process::process(&sh, delivery, &abort) => {}
+                            outcome = process::process(&sh, delivery, &abort) => {
+                                sh.meters.processed(outcome, started);
+                            }
                             _ = stop.cancelled() => {}
                         }
                         drop(slot);
@@ -285,7 +375,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                 }
                 Ok(None) => break Stopped::BrokerClosed,
                 Err(e) if e.is_transient() => {
-                    sh.counters.broker_errors.inc();
+                    sh.broker_failed(BrokerOp::Receive);
                     broker_failures = broker_failures.saturating_add(1);
                     let delay = sh.cfg.store_backoff.delay(broker_failures);
                     tracing::warn!(error = %e, backoff = ?delay, "broker failed to deliver; retrying");
@@ -295,12 +385,13 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                     }
                 }
                 Err(e) => {
-                    sh.counters.broker_errors.inc();
+                    sh.broker_failed(BrokerOp::Receive);
                     tracing::error!(error = %e, "broker failed for good; stopping");
                     break Stopped::BrokerFailed(e.to_string());
                 }
             }
         };
+        sh.set_phase(Phase::ShuttingDown);
         tracker.close();
         if tokio::time::timeout(sh.cfg.shutdown_grace, tracker.wait())
             .await
@@ -320,6 +411,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                 tracker.wait().await;
             }
         }
+        sh.set_phase(Phase::Stopped);
         sh.counters.report(stopped)
     }
 }

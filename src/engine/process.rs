@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Shared;
+use super::meters::{BrokerOp, Outcome, StoreOp};
 use crate::handler::{Completion, HandlerError};
 use crate::message::Message;
 use crate::message::{DeadLetter, DeadReason, Delivery, headers};
@@ -23,11 +24,12 @@ use crate::{Broker, DedupStore, Error, Handler};
 /// delivery is requeued instead.
 const SETTLE_TRIES: u32 = 4;
 
+/// Takes one delivery through the state machine; answers what became of it.
 pub(crate) async fn process<B: Broker, S: DedupStore, H: Handler>(
     sh: &Shared<B, S, H>,
     delivery: Delivery,
     abort: &CancellationToken,
-) {
+) -> Outcome {
     let d = Arc::new(delivery);
     // 1. Key: message id, else the configured header, else (opt-in) the body hash.
     let Some(key) = sh.cfg.key.extract(&d) else {
@@ -37,11 +39,10 @@ pub(crate) async fn process<B: Broker, S: DedupStore, H: Handler>(
             "no message_id, no key header, and body hashing is not enabled",
             0,
         );
-        dead_letter(sh, &d, &letter).instrument(span).await;
-        return;
+        return dead_letter(sh, &d, &letter).instrument(span).await;
     };
     let span = tracing::info_span!("idemq.message", scope = %sh.cfg.scope, key = %key, tag = d.tag);
-    claim_and_handle(sh, d, key, abort).instrument(span).await;
+    claim_and_handle(sh, d, key, abort).instrument(span).await
 }
 
 async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
@@ -49,7 +50,7 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
     d: Arc<Delivery>,
     key: String,
     abort: &CancellationToken,
-) {
+) -> Outcome {
     let cfg = &sh.cfg;
     // 2. Claim with the lease. The record is kept for the dedup window even
     //    if the lease lapses, so its attempt count survives a crash.
@@ -57,7 +58,10 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
         lease: cfg.lease,
         retain: cfg.keep_for,
     };
-    let claim = match sh.store.claim(&cfg.scope, &key, ttl).await {
+    let claim = match sh
+        .store_call(StoreOp::Claim, sh.store.claim(&cfg.scope, &key, ttl))
+        .await
+    {
         Ok(claim) => {
             sh.store_ok();
             claim
@@ -67,7 +71,7 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
             //    delivery back to the broker, at once when the consumer is
             //    paused (others that reach the store take it), else after
             //    the backoff (it would come straight back to this one).
-            let delay = sh.store_failed("claim", &e);
+            let delay = sh.store_failed(StoreOp::Claim, &e);
             if !sh.pausable.load(Ordering::Relaxed) {
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -76,7 +80,7 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
             }
             sh.counters.requeued.inc();
             nack_requeue(sh, &d).await;
-            return;
+            return Outcome::Requeued;
         }
     };
     match claim {
@@ -84,6 +88,7 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
             tracing::debug!("duplicate of a completed message; acking");
             sh.counters.duplicates.inc();
             ack(sh, &d).await;
+            Outcome::Duplicate
         }
         Claim::InProgress { retry_after } => {
             // The other consumer usually finishes long before its lease
@@ -104,11 +109,13 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
                 (deferrals.saturating_add(1)).into(),
             );
             retry_later(sh, &copy, delay, d.retry_attempt()).await;
+            Outcome::Deferred
         }
         Claim::Dead if cfg.on_dead == OnDead::Ack => {
             tracing::debug!("copy of a dead message; acking");
             sh.counters.dead_duplicates.inc();
             ack(sh, &d).await;
+            Outcome::DeadDuplicate
         }
         Claim::Dead => {
             let letter = DeadLetter::new(
@@ -117,7 +124,7 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
                 d.retry_attempt(),
             )
             .with_record(&cfg.scope, &key);
-            dead_letter(sh, &d, &letter).await;
+            dead_letter(sh, &d, &letter).await
         }
         Claim::Claimed(lease) if lease.attempt > cfg.max_attempts => {
             // A crash loop (handler never returned) used up the attempts.
@@ -130,7 +137,7 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
                 lease.attempt - 1,
             )
             .with_record(&lease.scope, &lease.key);
-            dead_letter_and_bury(sh, &d, &lease, &letter).await;
+            dead_letter_and_bury(sh, &d, &lease, &letter).await
         }
         Claim::Claimed(lease) => run_handler(sh, d, lease, abort).await,
     }
@@ -141,11 +148,12 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
     d: Arc<Delivery>,
     lease: Lease,
     abort: &CancellationToken,
-) {
+) -> Outcome {
     let cfg = &sh.cfg;
     let lease = Arc::new(lease);
     let msg = Message::new(d.clone(), lease.clone(), cfg.keep_for);
     let lost = AtomicBool::new(false);
+    let running = sh.meters.handler_running();
     let handled = AssertUnwindSafe(sh.handler.handle(msg)).catch_unwind();
     let outcome = tokio::select! {
         biased;
@@ -153,17 +161,19 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
         _ = abort.cancelled() => None,
         _ = renew_while_running(sh, &lease, &lost) => None, // never completes
     };
+    drop(running);
     let result = match outcome {
         None => {
             // 8. Shutdown grace is over: give the claim back uncounted and
             //    let the broker deliver the message again.
             tracing::warn!("handler did not finish within the shutdown grace period; releasing");
-            if let Err(e) = sh.store.fail(&lease, Release::RefundAttempt).await {
+            let release = sh.store.fail(&lease, Release::RefundAttempt);
+            if let Err(e) = sh.store_call(StoreOp::Fail, release).await {
                 tracing::warn!(error = %e, "could not release the claim; its lease will lapse");
             }
             sh.counters.released.inc();
             nack_requeue(sh, &d).await;
-            return;
+            return Outcome::Released;
         }
         Some(Err(panic)) => {
             let what = panic
@@ -181,17 +191,17 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
         // A handler that commits its own done mark failed transiently: its
         // COMMIT may have landed with the answer lost. Find out first.
         match commit_outcome(sh, &lease).await {
-            Outcome::Committed => {
+            Commit::Committed => {
                 tracing::info!(
                     "the handler's commit landed though it reported a failure (its answer was \
                      lost): the message is handled; acking"
                 );
                 sh.counters.handled.inc();
                 ack(sh, &d).await;
-                return;
+                return Outcome::Handled;
             }
-            Outcome::NotCommitted => {}
-            Outcome::Unknown => {
+            Commit::NotCommitted => {}
+            Commit::Unknown => {
                 // Keep the lease: a redelivery waits for it to lapse, then
                 // finds the key done (committed) or takes it over (not).
                 tracing::error!(
@@ -201,7 +211,7 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
                 );
                 sh.counters.requeued.inc();
                 nack_requeue(sh, &d).await;
-                return;
+                return Outcome::Requeued;
             }
         }
     }
@@ -210,6 +220,7 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
         Ok(()) if in_handler => {
             sh.counters.handled.inc();
             ack(sh, &d).await;
+            Outcome::Handled
         }
         Ok(()) => complete(sh, &d, &lease, abort).await,
         Err(HandlerError::LeaseLost) => lease_lost(sh, &d, "handler").await,
@@ -219,21 +230,23 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
             let letter = DeadLetter::new(DeadReason::MaxAttempts, e.to_string(), lease.attempt)
                 .with_record(&lease.scope, &lease.key);
             tracing::warn!(attempt = lease.attempt, error = %e, "attempts exhausted; dead-lettering");
-            dead_letter_and_bury(sh, &d, &lease, &letter).await;
+            dead_letter_and_bury(sh, &d, &lease, &letter).await
         }
         Err(HandlerError::Retry(e)) => {
             tracing::info!(attempt = lease.attempt, error = %e, "handler failed; retrying later");
-            match sh.store.fail(&lease, Release::CountAttempt).await {
+            let release = sh.store.fail(&lease, Release::CountAttempt);
+            match sh.store_call(StoreOp::Fail, release).await {
                 Ok(Fenced::Applied) => sh.store_ok(),
                 Ok(Fenced::LeaseLost) => return lease_lost(sh, &d, "fail").await,
                 // The lease then lapses by itself and the count is kept.
                 Err(e) => {
-                    sh.store_failed("fail", &e);
+                    sh.store_failed(StoreOp::Fail, &e);
                 }
             }
             sh.counters.retried.inc();
             let delay = cfg.retry_backoff.delay(lease.attempt);
             retry_later(sh, &d, delay, lease.attempt).await;
+            Outcome::Retried
         }
         // 5. Permanent (or undecodable): bury and dead-letter at once.
         Err(HandlerError::Permanent(e)) => {
@@ -249,11 +262,11 @@ async fn permanent<B: Broker, S: DedupStore, H: Handler>(
     lease: &Lease,
     reason: DeadReason,
     e: crate::BoxError,
-) {
+) -> Outcome {
     tracing::warn!(%reason, error = %e, "handler failed permanently; dead-lettering");
     let letter =
         DeadLetter::new(reason, e.to_string(), lease.attempt).with_record(&lease.scope, &lease.key);
-    dead_letter_and_bury(sh, d, lease, &letter).await;
+    dead_letter_and_bury(sh, d, lease, &letter).await
 }
 
 /// Renews the lease every third of it while the handler runs. Never returns.
@@ -268,7 +281,8 @@ async fn renew_while_running<B: Broker, S: DedupStore, H: Handler>(
         if lost.load(Ordering::Relaxed) {
             continue;
         }
-        match sh.store.renew(lease, sh.cfg.lease).await {
+        let renewal = sh.store.renew(lease, sh.cfg.lease);
+        match sh.store_call(StoreOp::Renew, renewal).await {
             Ok(Fenced::Applied) => sh.store_ok(),
             Ok(Fenced::LeaseLost) => {
                 lost.store(true, Ordering::Relaxed);
@@ -282,7 +296,7 @@ async fn renew_while_running<B: Broker, S: DedupStore, H: Handler>(
 }
 
 /// What became of a transactional handler's commit that reported a failure.
-enum Outcome {
+enum Commit {
     /// The key is done under this lease: the commit landed.
     Committed,
     /// The lease still holds the claim (or lost it): it did not.
@@ -296,19 +310,22 @@ enum Outcome {
 async fn commit_outcome<B: Broker, S: DedupStore, H: Handler>(
     sh: &Shared<B, S, H>,
     lease: &Lease,
-) -> Outcome {
+) -> Commit {
     for attempt in 1..=SETTLE_TRIES {
-        match sh.store.lease_state(lease).await {
+        match sh
+            .store_call(StoreOp::LeaseState, sh.store.lease_state(lease))
+            .await
+        {
             Ok(Some(RecordState::Done)) => {
                 sh.store_ok();
-                return Outcome::Committed;
+                return Commit::Committed;
             }
             Ok(_) => {
                 sh.store_ok();
-                return Outcome::NotCommitted;
+                return Commit::NotCommitted;
             }
             Err(e) => {
-                let delay = sh.store_failed("lease_state", &e);
+                let delay = sh.store_failed(StoreOp::LeaseState, &e);
                 if attempt < SETTLE_TRIES && e.is_transient() {
                     tokio::time::sleep(delay).await;
                 } else {
@@ -317,7 +334,7 @@ async fn commit_outcome<B: Broker, S: DedupStore, H: Handler>(
             }
         }
     }
-    Outcome::Unknown
+    Commit::Unknown
 }
 
 /// Marks the key done and acks. A completion that fails is retried: the
@@ -329,18 +346,19 @@ async fn complete<B: Broker, S: DedupStore, H: Handler>(
     d: &Delivery,
     lease: &Lease,
     abort: &CancellationToken,
-) {
+) -> Outcome {
     for attempt in 1..=SETTLE_TRIES {
-        match sh.store.complete(lease, sh.cfg.keep_for).await {
+        let completion = sh.store.complete(lease, sh.cfg.keep_for);
+        match sh.store_call(StoreOp::Complete, completion).await {
             Ok(Fenced::Applied) => {
                 sh.store_ok();
                 sh.counters.handled.inc();
                 ack(sh, d).await;
-                return;
+                return Outcome::Handled;
             }
             Ok(Fenced::LeaseLost) => return lease_lost(sh, d, "complete").await,
             Err(e) => {
-                let delay = sh.store_failed("complete", &e);
+                let delay = sh.store_failed(StoreOp::Complete, &e);
                 if attempt == SETTLE_TRIES || abort.is_cancelled() {
                     break;
                 }
@@ -357,13 +375,14 @@ async fn complete<B: Broker, S: DedupStore, H: Handler>(
         "could not record completion; requeueing (the handler may run again after the lease lapses)"
     );
     nack_requeue(sh, d).await;
+    Outcome::Requeued
 }
 
 async fn lease_lost<B: Broker, S: DedupStore, H: Handler>(
     sh: &Shared<B, S, H>,
     d: &Delivery,
     during: &'static str,
-) {
+) -> Outcome {
     sh.counters.lease_lost.inc();
     tracing::error!(
         during,
@@ -371,6 +390,7 @@ async fn lease_lost<B: Broker, S: DedupStore, H: Handler>(
         its record is left untouched and this delivery is acked (raise the lease if handlers are slow)"
     );
     ack(sh, d).await;
+    Outcome::LeaseLost
 }
 
 /// Dead-letters first, then buries the key, so that a `Dead` record always
@@ -383,17 +403,18 @@ async fn dead_letter_and_bury<B: Broker, S: DedupStore, H: Handler>(
     d: &Delivery,
     lease: &Lease,
     letter: &DeadLetter,
-) {
-    if !dead_letter(sh, d, letter).await {
-        if let Err(e) = sh.store.fail(lease, Release::CountAttempt).await {
+) -> Outcome {
+    let outcome = dead_letter(sh, d, letter).await;
+    if outcome != Outcome::DeadLettered {
+        let release = sh.store.fail(lease, Release::CountAttempt);
+        if let Err(e) = sh.store_call(StoreOp::Fail, release).await {
             // The lease lapses by itself; the count is kept.
-            {
-                sh.store_failed("fail", &e);
-            };
+            sh.store_failed(StoreOp::Fail, &e);
         }
-        return;
+        return outcome;
     }
-    match sh.store.bury(lease, sh.cfg.keep_for).await {
+    let burial = sh.store.bury(lease, sh.cfg.keep_for);
+    match sh.store_call(StoreOp::Bury, burial).await {
         Ok(Fenced::Applied) => sh.store_ok(),
         Ok(Fenced::LeaseLost) => {
             sh.counters.lease_lost.inc();
@@ -404,28 +425,31 @@ async fn dead_letter_and_bury<B: Broker, S: DedupStore, H: Handler>(
         // The message is in the dead-letter queue; the unburied claim lapses,
         // and a later copy counts one more attempt and comes here too.
         Err(e) => {
-            sh.store_failed("bury", &e);
+            sh.store_failed(StoreOp::Bury, &e);
         }
     }
+    outcome
 }
 
-/// Publishes the dead letter (retrying transient failures); answers whether
-/// it landed. When it did not, the delivery is requeued: never dropped.
+/// Publishes the dead letter (retrying transient failures); answers
+/// `DeadLettered` when it landed. When it did not, the delivery is
+/// requeued (never dropped) and the answer is `Requeued`.
 async fn dead_letter<B: Broker, S: DedupStore, H: Handler>(
     sh: &Shared<B, S, H>,
     d: &Delivery,
     letter: &DeadLetter,
-) -> bool {
+) -> Outcome {
     tracing::warn!(reason = %letter.reason, detail = %letter.detail, "dead-lettering");
     let mut last = None;
     for attempt in 1..=SETTLE_TRIES {
         match sh.broker.dead_letter(d, letter).await {
             Ok(()) => {
                 sh.counters.dead_lettered.inc();
-                return true;
+                sh.meters.dead_lettered(letter.reason);
+                return Outcome::DeadLettered;
             }
             Err(e) => {
-                sh.counters.broker_errors.inc();
+                sh.broker_failed(BrokerOp::DeadLetter);
                 let retry = e.is_transient() && attempt < SETTLE_TRIES;
                 last = Some(e);
                 if !retry {
@@ -439,7 +463,7 @@ async fn dead_letter<B: Broker, S: DedupStore, H: Handler>(
         tracing::error!(error = %e, "dead-lettering failed; requeueing the delivery so it is not lost");
     }
     nack_requeue(sh, d).await;
-    false
+    Outcome::Requeued
 }
 
 async fn retry_later<B: Broker, S: DedupStore, H: Handler>(
@@ -449,7 +473,7 @@ async fn retry_later<B: Broker, S: DedupStore, H: Handler>(
     attempt: u32,
 ) {
     if let Err(e) = sh.broker.retry_later(d, delay, attempt).await {
-        sh.counters.broker_errors.inc();
+        sh.broker_failed(BrokerOp::RetryLater);
         tracing::warn!(error = %e, "could not schedule the retry; requeueing after a pause");
         tokio::time::sleep(delay.min(sh.cfg.store_backoff.delay(1))).await;
         nack_requeue(sh, d).await;
@@ -458,23 +482,23 @@ async fn retry_later<B: Broker, S: DedupStore, H: Handler>(
 
 async fn ack<B: Broker, S: DedupStore, H: Handler>(sh: &Shared<B, S, H>, d: &Delivery) {
     if let Err(e) = sh.broker.ack(d).await {
-        settle_failed(sh, "ack", &e);
+        settle_failed(sh, BrokerOp::Ack, &e);
     }
 }
 
 async fn nack_requeue<B: Broker, S: DedupStore, H: Handler>(sh: &Shared<B, S, H>, d: &Delivery) {
     if let Err(e) = sh.broker.nack(d, true).await {
-        settle_failed(sh, "nack", &e);
+        settle_failed(sh, BrokerOp::Nack, &e);
     }
 }
 
 fn settle_failed<B: Broker, S: DedupStore, H: Handler>(
     sh: &Shared<B, S, H>,
-    op: &'static str,
+    op: BrokerOp,
     e: &Error,
 ) {
-    sh.counters.broker_errors.inc();
+    sh.broker_failed(op);
     // The broker redelivers an unsettled message; its dedup record makes
     // the redelivery harmless.
-    tracing::warn!(op, error = %e, "could not settle the delivery; the broker will redeliver it");
+    tracing::warn!(op = op.as_str(), error = %e, "could not settle the delivery; the broker will redeliver it");
 }

@@ -2,13 +2,18 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::meters::{BaseLabels, Outcome};
+
 macro_rules! counters {
-    ($( $(#[$doc:meta])* $field:ident ),* $(,)?) => {
+    ($( $(#[$doc:meta])* $field:ident => $metric:ident $(($outcome:expr))? ),* $(,)?) => {
         /// What one engine run did, returned by [`crate::Engine::run`].
         ///
-        /// The same figures are exported through the `metrics` facade as
-        /// the counter `idemq_messages_total{scope, event}` (install the
-        /// recorder before building the engine).
+        /// The same figures are exported through the `metrics` facade
+        /// (install the recorder before building the engine): `received`
+        /// as [`crate::metric_names::CONSUMED_MESSAGES`], the outcomes as
+        /// [`crate::metric_names::MESSAGES`] by `idemq.outcome`, the
+        /// errors as [`crate::metric_names::STORE_ERRORS`] and
+        /// [`crate::metric_names::BROKER_ERRORS`] by operation.
         #[derive(Clone, Debug, Default, PartialEq, Eq)]
         pub struct Report {
             $( $(#[$doc])* pub $field: u64, )*
@@ -29,9 +34,9 @@ macro_rules! counters {
         }
 
         impl Counters {
-            pub(crate) fn new(scope: &str) -> Self {
+            pub(crate) fn new(labels: &BaseLabels) -> Self {
                 Counters {
-                    $( $field: Counter::new(scope, stringify!($field)), )*
+                    $( $field: Counter::new(labels.$metric($($outcome)?)), )*
                 }
             }
 
@@ -47,33 +52,34 @@ macro_rules! counters {
 
 counters! {
     /// Deliveries taken from the broker.
-    received,
+    received => consumed,
     /// Messages whose handler succeeded and whose done mark was written.
-    handled,
+    handled => outcome(Outcome::Handled),
     /// Duplicates of completed messages, acked without running the handler.
-    duplicates,
+    duplicates => outcome(Outcome::Duplicate),
     /// Copies of dead (buried) messages, acked without running the handler.
-    dead_duplicates,
+    dead_duplicates => outcome(Outcome::DeadDuplicate),
     /// Deliveries deferred with `retry_later` because another consumer
     /// held a live lease on their key.
-    deferred,
+    deferred => outcome(Outcome::Deferred),
     /// Failed attempts sent back with `retry_later` and backoff.
-    retried,
+    retried => outcome(Outcome::Retried),
     /// Messages sent to the dead-letter queue.
-    dead_lettered,
+    dead_lettered => outcome(Outcome::DeadLettered),
     /// Completions (or releases) refused because another consumer took the
     /// key over after this one's lease lapsed.
-    lease_lost,
-    /// Store calls that failed (the store was unreachable or erred).
-    store_errors,
+    lease_lost => outcome(Outcome::LeaseLost),
+    /// Store calls that failed (the store was unreachable or erred),
+    /// lease renewals and releases at shutdown included.
+    store_errors => none,
     /// Broker calls that failed.
-    broker_errors,
+    broker_errors => none,
     /// Claims given back at shutdown because their handler did not finish
     /// within the grace period (their deliveries were requeued).
-    released,
+    released => outcome(Outcome::Released),
     /// Deliveries requeued without running the handler because the store
     /// could not be reached (fail closed).
-    requeued,
+    requeued => outcome(Outcome::Requeued),
 }
 
 /// Why [`crate::Engine::run`] returned.
@@ -88,7 +94,8 @@ pub enum Stopped {
     BrokerFailed(String),
 }
 
-/// Padded to a cache line: counters are bumped from every worker thread.
+/// A figure of the report and the metric it is exported as. Padded to a
+/// cache line: counters are bumped from every worker thread.
 #[repr(align(64))]
 pub(crate) struct Counter {
     value: AtomicU64,
@@ -96,10 +103,10 @@ pub(crate) struct Counter {
 }
 
 impl Counter {
-    fn new(scope: &str, event: &'static str) -> Self {
+    fn new(metric: metrics::Counter) -> Self {
         Counter {
             value: AtomicU64::new(0),
-            metric: metrics::counter!("idemq_messages_total", "scope" => scope.to_owned(), "event" => event),
+            metric,
         }
     }
 

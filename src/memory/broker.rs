@@ -348,6 +348,11 @@ impl Broker for MemoryBroker {
         self.inner.prefetch
     }
 
+    /// The work queue's name, as given to [`MemoryBroker::new`].
+    fn destination(&self) -> Option<String> {
+        Some(self.inner.queue.clone())
+    }
+
     async fn next(&self) -> Result<Option<Delivery>, Error> {
         // Fast path: something is ready, no need to register for wake-ups.
         if let Some(found) = self.try_next() {

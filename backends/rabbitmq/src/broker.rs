@@ -163,6 +163,17 @@ impl Broker for RabbitBroker {
         self.link.shared.next().await
     }
 
+    /// The work queue's name ([`RabbitConfig::queue`]).
+    fn destination(&self) -> Option<String> {
+        Some(self.config().queue().to_owned())
+    }
+
+    /// The same as [`RabbitBroker::is_connected`]: `false` while lapin
+    /// recovers the connection or the supervisor rebuilds it.
+    fn is_connected(&self) -> bool {
+        self.link.shared.is_connected()
+    }
+
     /// Cancels the consumer (`basic.cancel`) and requeues what it had
     /// prefetched but not handed out; the next [`Broker::next`] starts it
     /// again.
