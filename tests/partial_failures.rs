@@ -47,6 +47,21 @@ fn engine<S: DedupStore, H: Handler>(
         .expect("engine")
 }
 
+/// Cancels `shutdown` and waits (an hour of tokio's paused clock at most)
+/// for `run` to return: its report and how long the stop took.
+async fn stop(
+    shutdown: &CancellationToken,
+    run: tokio::task::JoinHandle<idemq::Report>,
+) -> (idemq::Report, Duration) {
+    let asked = tokio::time::Instant::now();
+    shutdown.cancel();
+    let report = tokio::time::timeout(Duration::from_secs(3600), run)
+        .await
+        .expect("run must return while the store or the broker hangs")
+        .expect("run task");
+    (report, asked.elapsed())
+}
+
 /// Counts runs and succeeds.
 fn counting(runs: &Arc<AtomicU32>) -> impl Handler + use<> {
     let runs = runs.clone();
@@ -265,13 +280,7 @@ async fn shutdown_is_bounded_while_the_store_hangs() {
     while runs.load(Ordering::SeqCst) < 6 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let asked = tokio::time::Instant::now();
-    shutdown.cancel();
-    let report = tokio::time::timeout(Duration::from_secs(3600), run)
-        .await
-        .expect("run must return while the store hangs")
-        .unwrap();
-    let took = asked.elapsed();
+    let (report, took) = stop(&shutdown, run).await;
     assert!(took <= grace + RELEASE_BOUND, "{took:?}");
     assert_eq!(report.stopped, Stopped::Shutdown);
     assert_eq!(report.handled, 0);
@@ -397,13 +406,7 @@ async fn shutdown_does_not_wait_for_a_broker_stuck_in_prepare_or_pause() {
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let asked = tokio::time::Instant::now();
-        shutdown.cancel();
-        let report = tokio::time::timeout(Duration::from_secs(3600), run)
-            .await
-            .expect("run must return while the broker hangs")
-            .unwrap();
-        let took = asked.elapsed();
+        let (report, took) = stop(&shutdown, run).await;
         assert!(
             took <= grace + RELEASE_BOUND,
             "in_prepare={in_prepare}: {took:?}"
