@@ -91,6 +91,8 @@ struct State {
     runs: HashMap<u32, Vec<Run>>,
     effects: HashMap<u32, Vec<Effect>>,
     completes: HashMap<u64, Completions>,
+    /// The copy each lease token was handed with (its handler ran).
+    lease_copy: HashMap<u64, u64>,
     aborted: HashSet<u32>,
     max_attempt: u32,
     over_limit: Vec<String>,
@@ -242,6 +244,19 @@ impl Tracker {
     /// A handler recorded the effect of `id` (outside the dedup store).
     pub fn effect(&self, id: u32, effect: Effect) {
         self.lock().effects.entry(id).or_default().push(effect);
+    }
+
+    /// A store operation under the lease `token` starts (`answer` None) or
+    /// ends: the engine is working on the copy, which is not idle then.
+    fn store_op(&self, token: u64, op: &'static str, answer: Option<String>) {
+        let mut s = self.lock();
+        let Some(&copy) = s.lease_copy.get(&token) else {
+            return;
+        };
+        Self::touch(&mut s, copy, None, || match answer {
+            None => format!("store {op}..."),
+            Some(a) => format!("store {op}: {a}"),
+        });
     }
 
     fn completed(&self, token: u64, answer: &Result<Fenced, Error>) {
@@ -429,6 +444,27 @@ pub struct RecordedStore {
     pub tracker: Arc<Tracker>,
 }
 
+impl RecordedStore {
+    /// Runs a store operation under `lease`, noting its start and answer on
+    /// the copy the lease was handed with.
+    async fn noted<T: std::fmt::Debug>(
+        &self,
+        lease: &Lease,
+        op: &'static str,
+        call: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let token = lease.token.0;
+        self.tracker.store_op(token, op, None);
+        let r = call.await;
+        let answer = match &r {
+            Ok(v) => format!("{v:?}"),
+            Err(e) => format!("error: {e}"),
+        };
+        self.tracker.store_op(token, op, Some(answer));
+        r
+    }
+}
+
 #[async_trait]
 impl DedupStore for RecordedStore {
     async fn claim(&self, scope: &str, key: &str, ttl: ClaimTtl) -> Result<Claim, Error> {
@@ -438,21 +474,26 @@ impl DedupStore for RecordedStore {
         self.inner.renew(lease, extend).await
     }
     async fn complete(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
-        let r = self.inner.complete(lease, keep_for).await;
+        let r = self
+            .noted(lease, "complete", self.inner.complete(lease, keep_for))
+            .await;
         self.tracker.completed(lease.token.0, &r);
         r
     }
     async fn fail(&self, lease: &Lease, release: Release) -> Result<Fenced, Error> {
-        self.inner.fail(lease, release).await
+        self.noted(lease, "fail", self.inner.fail(lease, release))
+            .await
     }
     async fn bury(&self, lease: &Lease, keep_for: Duration) -> Result<Fenced, Error> {
-        self.inner.bury(lease, keep_for).await
+        self.noted(lease, "bury", self.inner.bury(lease, keep_for))
+            .await
     }
     async fn get(&self, scope: &str, key: &str) -> Result<Option<Record>, Error> {
         self.inner.get(scope, key).await
     }
     async fn lease_state(&self, lease: &Lease) -> Result<Option<RecordState>, Error> {
-        self.inner.lease_state(lease).await
+        self.noted(lease, "lease_state", self.inner.lease_state(lease))
+            .await
     }
     async fn forget(&self, scope: &str, key: &str) -> Result<bool, Error> {
         self.inner.forget(scope, key).await
@@ -545,7 +586,12 @@ impl Drop for Handling<'_> {
 #[async_trait]
 impl Handler for TrackedHandler {
     async fn handle(&self, msg: Message) -> Result<(), HandlerError> {
-        let _handling = Handling::new(&self.tracker, copy_of(msg.delivery()));
+        let copy = copy_of(msg.delivery());
+        if let Some(copy) = copy {
+            let token = msg.lease().token.0;
+            self.tracker.lock().lease_copy.insert(token, copy);
+        }
+        let _handling = Handling::new(&self.tracker, copy);
         let id = id_of(&msg)?;
         self.tracker.run_started(
             id,

@@ -190,7 +190,7 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
     if in_handler && matches!(result, Err(HandlerError::Retry(_))) {
         // A handler that commits its own done mark failed transiently: its
         // COMMIT may have landed with the answer lost. Find out first.
-        match commit_outcome(sh, &lease).await {
+        match commit_outcome(sh, &lease, abort).await {
             Commit::Committed => {
                 tracing::info!(
                     "the handler's commit landed though it reported a failure (its answer was \
@@ -306,12 +306,17 @@ enum Commit {
 }
 
 /// Reads the record as the lease sees it (a fenced read), retried like a
-/// settlement while the store fails transiently.
+/// settlement while the store fails transiently, until the shutdown grace
+/// is over.
 async fn commit_outcome<B: Broker, S: DedupStore, H: Handler>(
     sh: &Shared<B, S, H>,
     lease: &Lease,
+    abort: &CancellationToken,
 ) -> Commit {
     for attempt in 1..=SETTLE_TRIES {
+        if abort.is_cancelled() {
+            break;
+        }
         match sh
             .store_call(StoreOp::LeaseState, sh.store.lease_state(lease))
             .await
@@ -326,10 +331,12 @@ async fn commit_outcome<B: Broker, S: DedupStore, H: Handler>(
             }
             Err(e) => {
                 let delay = sh.store_failed(StoreOp::LeaseState, &e);
-                if attempt < SETTLE_TRIES && e.is_transient() {
-                    tokio::time::sleep(delay).await;
-                } else {
+                if attempt == SETTLE_TRIES || !e.is_transient() {
                     break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = abort.cancelled() => break,
                 }
             }
         }
