@@ -40,6 +40,11 @@ struct Copy {
     touched: Instant,
     /// Already reported as stuck (reported once until touched again).
     stuck: bool,
+    /// The last thing that happened to it was a store operation under its
+    /// lease that failed: the engine is retrying its settlement through a
+    /// store outage (backing off up to the store backoff's cap), which holds
+    /// the copy by design rather than hoarding it.
+    store_waiting: bool,
     /// The last few things that happened to it.
     history: Vec<(Instant, String)>,
 }
@@ -142,6 +147,7 @@ impl Tracker {
                 live: true,
                 touched: Instant::now(),
                 stuck: false,
+                store_waiting: false,
                 history: vec![(Instant::now(), "published".into())],
             },
         );
@@ -155,6 +161,7 @@ impl Tracker {
             }
             c.history.push((c.touched, what()));
             c.stuck = false;
+            c.store_waiting = false;
             if let Some(live) = live {
                 c.live = live;
             }
@@ -253,10 +260,14 @@ impl Tracker {
         let Some(&copy) = s.lease_copy.get(&token) else {
             return;
         };
+        let failed = answer.as_deref().is_some_and(|a| a.starts_with("error"));
         Self::touch(&mut s, copy, None, || match answer {
             None => format!("store {op}..."),
             Some(a) => format!("store {op}: {a}"),
         });
+        if failed && let Some(c) = s.copies.get_mut(&copy) {
+            c.store_waiting = true;
+        }
     }
 
     fn completed(&self, token: u64, answer: &Result<Fenced, Error>) {
@@ -331,15 +342,22 @@ impl Tracker {
     /// Live copies whose handler is not running, untouched for longer than
     /// `after` (not taken, not settled, not handled: waiting in a
     /// consumer's prefetch, or taken and held while the engine backs off),
-    /// not reported before.
-    pub fn newly_stuck(&self, after: Duration) -> Vec<Stuck> {
+    /// not reported before. A copy whose last store operation failed gets
+    /// `store_grace` more: its engine waits out the store backoff before the
+    /// next try, as designed.
+    pub fn newly_stuck(&self, after: Duration, store_grace: Duration) -> Vec<Stuck> {
         let mut guard = self.lock();
         let s = &mut *guard;
         let now = Instant::now();
         let mut out = Vec::new();
         for (n, c) in s.copies.iter_mut() {
             let untouched = now.saturating_duration_since(c.touched);
-            if c.live && !c.stuck && untouched > after && !s.in_handler.contains_key(n) {
+            let limit = if c.store_waiting {
+                after + store_grace
+            } else {
+                after
+            };
+            if c.live && !c.stuck && untouched > limit && !s.in_handler.contains_key(n) {
                 c.stuck = true;
                 let history: Vec<String> = c
                     .history
