@@ -30,10 +30,10 @@
 //!
 //! ## Connection loss
 //!
-//! lapin's automatic recovery reconnects and replays channels, QoS,
-//! publisher confirms, queue declarations and the consumer. When it gives up,
-//! a supervisor task rebuilds connection, topology and consumer with
-//! exponential backoff ([`RecoveryConfig`]). Meanwhile
+//! A supervisor task rebuilds connection, topology and consumer with
+//! exponential backoff ([`RecoveryConfig`]); lapin's own automatic recovery
+//! can go first, but is off by default (lapin 4.12.3 can deadlock in it, see
+//! [`RecoveryConfig::auto_recover`]). Meanwhile
 //! [`idemq::Broker::next`] waits and publishes wait (up to the publish
 //! timeout). Deliveries of a lost connection cannot be settled any more:
 //! `ack`/`nack`/`retry_later`/`dead_letter` report

@@ -51,9 +51,11 @@ async fn proxy() -> Option<FaultProxy> {
     )
 }
 
-/// Quick lapin recovery: many attempts, short delays.
+/// Quick lapin recovery (opted into: off by default): many attempts,
+/// short delays.
 fn patient() -> RecoveryConfig {
     RecoveryConfig {
+        auto_recover: true,
         attempts: 200,
         min_delay: Duration::from_millis(50),
         max_delay: Duration::from_millis(300),

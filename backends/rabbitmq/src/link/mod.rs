@@ -1,11 +1,12 @@
 //! The connection and its supervisor.
 //!
-//! A [`Link`] owns one *generation* at a time: a lapin connection with
-//! automatic recovery enabled, the consumer channel (topology declared on
+//! A [`Link`] owns one *generation* at a time: a lapin connection (with
+//! lapin's automatic recovery when `RecoveryConfig::auto_recover` asks for
+//! it), the consumer channel (topology declared on
 //! it, so lapin's recovery redeclares it too), a pool of publisher-confirm
 //! channels and a channel for `basic.get`.
 //!
-//! lapin recovers a broken connection by itself: it reconnects, reopens
+//! With recovery on, lapin recovers a broken connection by itself: it reconnects, reopens
 //! the channels, replays `confirm.select`, `basic.qos`, the queue
 //! declarations and the consumer, and poisons the ackers of every delivery
 //! of the old incarnation (an ack on them reports `Ok(false)`). When lapin
