@@ -65,6 +65,35 @@ pub enum Claim {
     Dead,
 }
 
+impl Claim {
+    /// The lease of a won claim; any other answer is handed back as the
+    /// error, unchanged, so the caller can still tell a duplicate from a
+    /// busy key.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idemq::memory::MemoryDedupStore;
+    /// use idemq::{Claim, ClaimTtl, DedupStore};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idemq::Error> {
+    /// let store = MemoryDedupStore::new();
+    /// let ttl = ClaimTtl { lease: Duration::from_secs(30), retain: Duration::from_secs(60) };
+    ///
+    /// let lease = store.claim("orders", "o-1", ttl).await?.into_lease().expect("a new key");
+    /// assert_eq!((lease.key.as_str(), lease.attempt), ("o-1", 1));
+    ///
+    /// // Claimed again while the lease is live: no lease, the answer says why.
+    /// let busy = store.claim("orders", "o-1", ttl).await?.into_lease();
+    /// assert!(matches!(busy, Err(Claim::InProgress { .. })));
+    /// # Ok(()) }
+    /// ```
+    pub fn into_lease(self) -> Result<Lease, Claim> {
+        match self {
+            Claim::Claimed(lease) => Ok(lease),
+            other => Err(other),
+        }
+    }
+}
+
 /// The answer of a fenced operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use = "a lost lease means another consumer owns the record now"]
