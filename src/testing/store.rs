@@ -28,7 +28,8 @@ async fn sleep(d: Duration) {
     tokio::time::sleep(d).await;
 }
 
-/// Claims and insists it is won.
+/// Claims and insists it is won: the lease, or a panic naming the key and
+/// what the store answered instead.
 pub async fn must_claim<S: DedupStore + ?Sized>(
     store: &S,
     scope: &str,
@@ -36,8 +37,40 @@ pub async fn must_claim<S: DedupStore + ?Sized>(
     ttl: ClaimTtl,
 ) -> Lease {
     match store.claim(scope, key, ttl).await {
-        Ok(Claim::Claimed(lease)) => lease,
-        other => panic!("claim of {scope}/{key}: expected Claimed, got {other:?}"),
+        Ok(claim) => claim.into_lease().unwrap_or_else(|other| {
+            panic!("claim of {scope}/{key}: expected Claimed, got {other:?}")
+        }),
+        Err(e) => panic!("claim of {scope}/{key}: expected Claimed, got the error {e} ({e:?})"),
+    }
+}
+
+/// Insists a fenced operation (`renew`, `complete`, `fail`, `bury`) took
+/// effect; panics at the caller with what came back instead.
+#[track_caller]
+pub fn assert_applied(result: Result<Fenced, Error>) {
+    match result {
+        Ok(Fenced::Applied) => {}
+        Ok(Fenced::LeaseLost) => {
+            panic!(
+                "expected Fenced::Applied, got Fenced::LeaseLost (the record is not this lease's)"
+            )
+        }
+        Err(e) => panic!("expected Fenced::Applied, got the error {e} ({e:?})"),
+    }
+}
+
+/// Insists a fenced operation was refused as [`Fenced::LeaseLost`];
+/// panics at the caller with what came back instead.
+#[track_caller]
+pub fn assert_lease_lost(result: Result<Fenced, Error>) {
+    match result {
+        Ok(Fenced::LeaseLost) => {}
+        Ok(Fenced::Applied) => {
+            panic!(
+                "expected Fenced::LeaseLost, got Fenced::Applied (the lease still owned the record)"
+            )
+        }
+        Err(e) => panic!("expected Fenced::LeaseLost, got the error {e} ({e:?})"),
     }
 }
 
@@ -98,33 +131,18 @@ pub async fn concurrent_claims_have_one_winner<S: DedupStore + ?Sized>(store: &S
 /// Completion turns later claims into `Done`; a second completion is fenced.
 pub async fn complete_makes_duplicates_done<S: DedupStore + ?Sized>(store: &S, scope: &str) {
     let lease = must_claim(store, scope, "k", ttl(LONG)).await;
-    assert_eq!(
-        store.complete(&lease, LONG).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&lease, LONG).await);
     assert_eq!(
         store.claim(scope, "k", ttl(LONG)).await.expect("claim"),
         Claim::Done
     );
     assert_eq!(state(store, scope, "k").await, Some((RecordState::Done, 1)));
     // The same completion again (its first answer lost): applied, no change.
-    assert_eq!(
-        store.complete(&lease, LONG).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&lease, LONG).await);
     assert_eq!(state(store, scope, "k").await, Some((RecordState::Done, 1)));
     // Another settlement of a done key is refused.
-    assert_eq!(
-        store.bury(&lease, LONG).await.expect("bury"),
-        Fenced::LeaseLost
-    );
-    assert_eq!(
-        store
-            .fail(&lease, Release::CountAttempt)
-            .await
-            .expect("fail"),
-        Fenced::LeaseLost
-    );
+    assert_lease_lost(store.bury(&lease, LONG).await);
+    assert_lease_lost(store.fail(&lease, Release::CountAttempt).await);
     assert_eq!(
         store.claim(scope, "k", ttl(LONG)).await.expect("claim"),
         Claim::Done
@@ -136,31 +154,13 @@ pub async fn non_owner_is_fenced<S: DedupStore + ?Sized>(store: &S, scope: &str)
     let lease = must_claim(store, scope, "k", ttl(LONG)).await;
     let mut forged = lease.clone();
     forged.token = LeaseToken(lease.token.0.wrapping_add(1));
-    assert_eq!(
-        store.renew(&forged, LONG).await.expect("renew"),
-        Fenced::LeaseLost
-    );
-    assert_eq!(
-        store.complete(&forged, LONG).await.expect("complete"),
-        Fenced::LeaseLost
-    );
-    assert_eq!(
-        store
-            .fail(&forged, Release::CountAttempt)
-            .await
-            .expect("fail"),
-        Fenced::LeaseLost
-    );
-    assert_eq!(
-        store.bury(&forged, LONG).await.expect("bury"),
-        Fenced::LeaseLost
-    );
+    assert_lease_lost(store.renew(&forged, LONG).await);
+    assert_lease_lost(store.complete(&forged, LONG).await);
+    assert_lease_lost(store.fail(&forged, Release::CountAttempt).await);
+    assert_lease_lost(store.bury(&forged, LONG).await);
     let mut elsewhere = lease.clone();
     elsewhere.key = "other".into();
-    assert_eq!(
-        store.complete(&elsewhere, LONG).await.expect("complete"),
-        Fenced::LeaseLost
-    );
+    assert_lease_lost(store.complete(&elsewhere, LONG).await);
     assert_eq!(
         state(store, scope, "k").await,
         Some((RecordState::Claimed, 1))
@@ -170,14 +170,8 @@ pub async fn non_owner_is_fenced<S: DedupStore + ?Sized>(store: &S, scope: &str)
         None,
         "a fenced op must not create a record"
     );
-    assert_eq!(
-        store.renew(&lease, LONG).await.expect("renew"),
-        Fenced::Applied
-    );
-    assert_eq!(
-        store.complete(&lease, LONG).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.renew(&lease, LONG).await);
+    assert_applied(store.complete(&lease, LONG).await);
 }
 
 /// A lapsed lease is taken over with the attempt counted, and the old owner
@@ -195,26 +189,14 @@ pub async fn lapsed_lease_is_taken_over<S: DedupStore + ?Sized>(store: &S, scope
     let new = must_claim(store, scope, "k", ttl(LONG)).await;
     assert_eq!(new.attempt, 2, "a takeover is an attempt");
     assert_ne!(new.token, old.token);
-    assert_eq!(
-        store.renew(&old, LONG).await.expect("renew"),
-        Fenced::LeaseLost
-    );
-    assert_eq!(
-        store.complete(&old, LONG).await.expect("complete"),
-        Fenced::LeaseLost
-    );
-    assert_eq!(
-        store.bury(&old, LONG).await.expect("bury"),
-        Fenced::LeaseLost
-    );
+    assert_lease_lost(store.renew(&old, LONG).await);
+    assert_lease_lost(store.complete(&old, LONG).await);
+    assert_lease_lost(store.bury(&old, LONG).await);
     assert_eq!(
         state(store, scope, "k").await,
         Some((RecordState::Claimed, 2))
     );
-    assert_eq!(
-        store.complete(&new, LONG).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&new, LONG).await);
     assert_eq!(
         store.claim(scope, "k", ttl(LONG)).await.expect("claim"),
         Claim::Done
@@ -226,67 +208,34 @@ pub async fn fail_releases_and_counts_attempts<S: DedupStore + ?Sized>(store: &S
     for expected in 1..=3 {
         let lease = must_claim(store, scope, "k", ttl(LONG)).await;
         assert_eq!(lease.attempt, expected);
-        assert_eq!(
-            store
-                .fail(&lease, Release::CountAttempt)
-                .await
-                .expect("fail"),
-            Fenced::Applied
-        );
+        assert_applied(store.fail(&lease, Release::CountAttempt).await);
         assert_eq!(
             state(store, scope, "k").await,
             Some((RecordState::Released, expected))
         );
         // Retried (its first answer lost): applied, nothing changes.
-        assert_eq!(
-            store
-                .fail(&lease, Release::CountAttempt)
-                .await
-                .expect("fail"),
-            Fenced::Applied
-        );
+        assert_applied(store.fail(&lease, Release::CountAttempt).await);
         assert_eq!(
             state(store, scope, "k").await,
             Some((RecordState::Released, expected))
         );
-        assert_eq!(
-            store.complete(&lease, LONG).await.expect("complete"),
-            Fenced::LeaseLost
-        );
+        assert_lease_lost(store.complete(&lease, LONG).await);
     }
 }
 
 /// `fail` with [`Release::RefundAttempt`] gives the attempt back.
 pub async fn refund_gives_the_attempt_back<S: DedupStore + ?Sized>(store: &S, scope: &str) {
     let first = must_claim(store, scope, "k", ttl(LONG)).await;
-    assert_eq!(
-        store
-            .fail(&first, Release::CountAttempt)
-            .await
-            .expect("fail"),
-        Fenced::Applied
-    );
+    assert_applied(store.fail(&first, Release::CountAttempt).await);
     let second = must_claim(store, scope, "k", ttl(LONG)).await;
     assert_eq!(second.attempt, 2);
-    assert_eq!(
-        store
-            .fail(&second, Release::RefundAttempt)
-            .await
-            .expect("fail"),
-        Fenced::Applied
-    );
+    assert_applied(store.fail(&second, Release::RefundAttempt).await);
     assert_eq!(
         state(store, scope, "k").await,
         Some((RecordState::Released, 1))
     );
     // A refund retried does not give back a second attempt.
-    assert_eq!(
-        store
-            .fail(&second, Release::RefundAttempt)
-            .await
-            .expect("fail"),
-        Fenced::Applied
-    );
+    assert_applied(store.fail(&second, Release::RefundAttempt).await);
     assert_eq!(
         state(store, scope, "k").await,
         Some((RecordState::Released, 1))
@@ -297,23 +246,14 @@ pub async fn refund_gives_the_attempt_back<S: DedupStore + ?Sized>(store: &S, sc
 /// A buried key answers `Dead`.
 pub async fn bury_makes_dead<S: DedupStore + ?Sized>(store: &S, scope: &str) {
     let lease = must_claim(store, scope, "k", ttl(LONG)).await;
-    assert_eq!(
-        store.bury(&lease, LONG).await.expect("bury"),
-        Fenced::Applied
-    );
+    assert_applied(store.bury(&lease, LONG).await);
     assert_eq!(
         store.claim(scope, "k", ttl(LONG)).await.expect("claim"),
         Claim::Dead
     );
     assert_eq!(state(store, scope, "k").await, Some((RecordState::Dead, 1)));
-    assert_eq!(
-        store.bury(&lease, LONG).await.expect("bury retried"),
-        Fenced::Applied
-    );
-    assert_eq!(
-        store.complete(&lease, LONG).await.expect("complete"),
-        Fenced::LeaseLost
-    );
+    assert_applied(store.bury(&lease, LONG).await);
+    assert_lease_lost(store.complete(&lease, LONG).await);
     assert_eq!(state(store, scope, "k").await, Some((RecordState::Dead, 1)));
 }
 
@@ -341,10 +281,7 @@ pub async fn settlements_retried_find_their_own<S: DedupStore + ?Sized>(store: &
     );
     assert_eq!(read(lease.clone()).await, Some(RecordState::Done));
     for _ in 0..2 {
-        assert_eq!(
-            store.complete(&lease, LONG).await.expect("complete"),
-            Fenced::Applied
-        );
+        assert_applied(store.complete(&lease, LONG).await);
         assert_eq!(
             store
                 .complete_many(std::slice::from_ref(&lease), LONG)
@@ -358,47 +295,29 @@ pub async fn settlements_retried_find_their_own<S: DedupStore + ?Sized>(store: &
     // Released, then taken over by a new claim: the old lease's retries
     // are refused and its reads show nothing.
     let old = must_claim(store, scope, "r", ttl(LONG)).await;
-    assert_eq!(
-        store.fail(&old, Release::CountAttempt).await.expect("fail"),
-        Fenced::Applied
-    );
+    assert_applied(store.fail(&old, Release::CountAttempt).await);
     assert_eq!(read(old.clone()).await, Some(RecordState::Released));
     let new = must_claim(store, scope, "r", ttl(LONG)).await;
     assert_eq!(new.attempt, 2);
     assert_eq!(read(old.clone()).await, None);
     assert_eq!(read(new.clone()).await, Some(RecordState::Claimed));
-    assert_eq!(
-        store.fail(&old, Release::CountAttempt).await.expect("fail"),
-        Fenced::LeaseLost
-    );
-    assert_eq!(
-        store.complete(&old, LONG).await.expect("complete"),
-        Fenced::LeaseLost
-    );
+    assert_lease_lost(store.fail(&old, Release::CountAttempt).await);
+    assert_lease_lost(store.complete(&old, LONG).await);
     assert_eq!(
         state(store, scope, "r").await,
         Some((RecordState::Claimed, 2))
     );
 
     // Buried: its own reads show it dead.
-    assert_eq!(store.bury(&new, LONG).await.expect("bury"), Fenced::Applied);
+    assert_applied(store.bury(&new, LONG).await);
     assert_eq!(read(new).await, Some(RecordState::Dead));
 
     // Absent: nothing to read, nothing created.
     let mut absent = lease.clone();
     absent.key = "absent".into();
     assert_eq!(read(absent.clone()).await, None);
-    assert_eq!(
-        store.complete(&absent, LONG).await.expect("complete"),
-        Fenced::LeaseLost
-    );
-    assert_eq!(
-        store
-            .fail(&absent, Release::RefundAttempt)
-            .await
-            .expect("fail"),
-        Fenced::LeaseLost
-    );
+    assert_lease_lost(store.complete(&absent, LONG).await);
+    assert_lease_lost(store.fail(&absent, Release::RefundAttempt).await);
     assert_eq!(state(store, scope, "absent").await, None);
 }
 
@@ -406,10 +325,7 @@ pub async fn settlements_retried_find_their_own<S: DedupStore + ?Sized>(store: &
 pub async fn scopes_are_isolated<S: DedupStore + ?Sized>(store: &S, scope: &str) {
     let other = format!("{scope}.b");
     let lease = must_claim(store, scope, "shared", ttl(LONG)).await;
-    assert_eq!(
-        store.complete(&lease, LONG).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&lease, LONG).await);
     let there = must_claim(store, &other, "shared", ttl(LONG)).await;
     assert_eq!(there.attempt, 1);
     assert!(store.forget(&other, "shared").await.expect("forget"));
@@ -425,10 +341,7 @@ pub async fn scopes_are_isolated<S: DedupStore + ?Sized>(store: &S, scope: &str)
 /// Done records expire after `keep_for`; the key is then new again.
 pub async fn done_expires_after_keep_for<S: DedupStore + ?Sized>(store: &S, scope: &str) {
     let lease = must_claim(store, scope, "k", ttl(SHORT)).await;
-    assert_eq!(
-        store.complete(&lease, SHORT).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&lease, SHORT).await);
     assert_eq!(
         store.claim(scope, "k", ttl(LONG)).await.expect("claim"),
         Claim::Done
@@ -441,19 +354,13 @@ pub async fn done_expires_after_keep_for<S: DedupStore + ?Sized>(store: &S, scop
 /// `forget` removes any record; the key can be handled again.
 pub async fn forget_makes_key_claimable<S: DedupStore + ?Sized>(store: &S, scope: &str) {
     let lease = must_claim(store, scope, "k", ttl(LONG)).await;
-    assert_eq!(
-        store.complete(&lease, LONG).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&lease, LONG).await);
     assert!(store.forget(scope, "k").await.expect("forget"));
     assert!(!store.forget(scope, "k").await.expect("forget"));
     let again = must_claim(store, scope, "k", ttl(LONG)).await;
     assert_eq!(again.attempt, 1);
     assert!(store.forget(scope, "k").await.expect("forget"));
-    assert_eq!(
-        store.complete(&again, LONG).await.expect("complete"),
-        Fenced::LeaseLost
-    );
+    assert_lease_lost(store.complete(&again, LONG).await);
     assert_eq!(store.get(scope, "k").await.expect("get"), None);
 }
 
@@ -472,10 +379,7 @@ pub async fn revive_touches_only_what_is_safe<S: DedupStore + ?Sized>(store: &S,
 
     // Dead: removed, attempts start again.
     let lease = must_claim(store, scope, "dead", ttl(LONG)).await;
-    assert_eq!(
-        store.bury(&lease, LONG).await.expect("bury"),
-        Fenced::Applied
-    );
+    assert_applied(store.bury(&lease, LONG).await);
     assert_eq!(
         revive("dead").await,
         Revival::Revived {
@@ -489,7 +393,7 @@ pub async fn revive_touches_only_what_is_safe<S: DedupStore + ?Sized>(store: &S,
     for _ in 0..2 {
         let lease = must_claim(store, scope, "released", ttl(LONG)).await;
         let failed = store.fail(&lease, Release::CountAttempt).await;
-        assert_eq!(failed.expect("fail"), Fenced::Applied);
+        assert_applied(failed);
     }
     assert_eq!(
         revive("released").await,
@@ -510,10 +414,7 @@ pub async fn revive_touches_only_what_is_safe<S: DedupStore + ?Sized>(store: &S,
     let live = must_claim(store, scope, "live", ttl(LONG)).await;
     // Done: left alone.
     let done = must_claim(store, scope, "done", ttl(LONG)).await;
-    assert_eq!(
-        store.complete(&done, LONG).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&done, LONG).await);
     sleep(PAST_SHORT).await;
     assert_eq!(
         revive("lapsed").await,
@@ -521,10 +422,7 @@ pub async fn revive_touches_only_what_is_safe<S: DedupStore + ?Sized>(store: &S,
             previous: Some(RecordState::Claimed)
         }
     );
-    assert_eq!(
-        store.complete(&lapsed, LONG).await.expect("complete"),
-        Fenced::LeaseLost
-    );
+    assert_lease_lost(store.complete(&lapsed, LONG).await);
     assert_eq!(state(store, scope, "lapsed").await, None);
     match revive("live").await {
         Revival::InProgress { retry_after } => assert!(
@@ -537,10 +435,7 @@ pub async fn revive_touches_only_what_is_safe<S: DedupStore + ?Sized>(store: &S,
         state(store, scope, "live").await,
         Some((RecordState::Claimed, 1))
     );
-    assert_eq!(
-        store.renew(&live, LONG).await.expect("renew"),
-        Fenced::Applied
-    );
+    assert_applied(store.renew(&live, LONG).await);
     assert_eq!(revive("done").await, Revival::Done);
     assert_eq!(
         state(store, scope, "done").await,
@@ -553,10 +448,7 @@ pub async fn revive_touches_only_what_is_safe<S: DedupStore + ?Sized>(store: &S,
 
     // A done record that expired is absent.
     let short = must_claim(store, scope, "expired", ttl(SHORT)).await;
-    assert_eq!(
-        store.complete(&short, SHORT).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&short, SHORT).await);
     sleep(PAST_SHORT).await;
     assert_eq!(revive("expired").await, Revival::Revived { previous: None });
 
@@ -574,16 +466,10 @@ pub async fn revive_many_answers_in_order<S: DedupStore + ?Sized>(store: &S, sco
     let other = format!("{scope}.b");
     for (s, key) in [(scope, "dead"), (other.as_str(), "dead")] {
         let lease = must_claim(store, s, key, ttl(LONG)).await;
-        assert_eq!(
-            store.bury(&lease, LONG).await.expect("bury"),
-            Fenced::Applied
-        );
+        assert_applied(store.bury(&lease, LONG).await);
     }
     let done = must_claim(store, scope, "done", ttl(LONG)).await;
-    assert_eq!(
-        store.complete(&done, LONG).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&done, LONG).await);
     let _live = must_claim(store, scope, "live", ttl(LONG)).await;
     let records: Vec<(String, String)> = [
         (scope, "dead"),
@@ -636,10 +522,7 @@ pub async fn revive_races_claims_safely<S: DedupStore + ?Sized>(store: &S, scope
     for round in 0..5 {
         let key = format!("race-{round}");
         let lease = must_claim(store, scope, &key, ttl(LONG)).await;
-        assert_eq!(
-            store.bury(&lease, LONG).await.expect("bury"),
-            Fenced::Applied
-        );
+        assert_applied(store.bury(&lease, LONG).await);
         let revivals = join_all((0..8).map(|_| store.revive(scope, &key)));
         let claims = join_all((0..16).map(|_| store.claim(scope, &key, ttl(LONG))));
         let (revivals, claims) = futures::join!(revivals, claims);
@@ -671,13 +554,7 @@ pub async fn revive_races_claims_safely<S: DedupStore + ?Sized>(store: &S, scope
 pub async fn renew_extends_lease<S: DedupStore + ?Sized>(store: &S, scope: &str) {
     let lease = must_claim(store, scope, "k", ttl(SHORT)).await;
     sleep(SHORT / 2).await;
-    assert_eq!(
-        store
-            .renew(&lease, Duration::from_secs(5))
-            .await
-            .expect("renew"),
-        Fenced::Applied
-    );
+    assert_applied(store.renew(&lease, Duration::from_secs(5)).await);
     sleep(PAST_SHORT).await;
     assert!(
         matches!(
@@ -686,19 +563,13 @@ pub async fn renew_extends_lease<S: DedupStore + ?Sized>(store: &S, scope: &str)
         ),
         "a renewed lease must still hold"
     );
-    assert_eq!(
-        store.complete(&lease, LONG).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&lease, LONG).await);
 }
 
 /// `claim_many` and `complete_many` answer per item, in order.
 pub async fn batch_forms_answer_in_order<S: DedupStore + ?Sized>(store: &S, scope: &str) {
     let done = must_claim(store, scope, "b1", ttl(LONG)).await;
-    assert_eq!(
-        store.complete(&done, LONG).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&done, LONG).await);
     let keys: Vec<String> = ["b0", "b1", "b2"].map(String::from).to_vec();
     let claims = store
         .claim_many(scope, &keys, ttl(LONG))
@@ -707,12 +578,8 @@ pub async fn batch_forms_answer_in_order<S: DedupStore + ?Sized>(store: &S, scop
     assert_eq!(claims.len(), 3);
     assert_eq!(claims[1], Claim::Done);
     let mut leases: Vec<Lease> = [&claims[0], &claims[2]]
-        .iter()
-        .map(|c| match c {
-            Claim::Claimed(l) => l.clone(),
-            other => panic!("expected Claimed, got {other:?}"),
-        })
-        .collect();
+        .map(|c| c.clone().into_lease().expect("a new key is won"))
+        .to_vec();
     assert_eq!(
         (leases[0].key.as_str(), leases[1].key.as_str()),
         ("b0", "b2")
@@ -777,8 +644,7 @@ pub async fn coalesced_calls_go_out_in_batches<S: DedupStore + 'static>(
             match store.claim(&scope, &format!("k{}", i % 400), ttl).await {
                 Ok(Claim::Claimed(lease)) => {
                     assert_eq!(lease.attempt, 1, "{}", lease.key);
-                    let done = store.complete(&lease, LONG).await;
-                    assert_eq!(done.expect("complete"), Fenced::Applied);
+                    assert_applied(store.complete(&lease, LONG).await);
                     1
                 }
                 Ok(Claim::InProgress { .. } | Claim::Done) => 0,
