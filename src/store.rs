@@ -275,6 +275,12 @@ pub trait DedupStore: Send + Sync + 'static {
 
     /// Claims many keys; answers in the order of `keys`. The default loops
     /// over [`DedupStore::claim`]; backends override it with one round trip.
+    ///
+    /// A key named more than once answers exactly as the same claims made
+    /// one after another would: the first occurrence that can take the key
+    /// wins it (one attempt counted), and the repeats after it meet that
+    /// live lease ([`Claim::InProgress`]); a done or dead key answers so
+    /// every time.
     async fn claim_many(
         &self,
         scope: &str,
@@ -298,7 +304,16 @@ pub trait DedupStore: Send + Sync + 'static {
     }
 
     /// Completes many leases; answers in the order of `leases`. The default
-    /// loops over [`DedupStore::complete`].
+    /// loops over [`DedupStore::complete`]; backends override it with one
+    /// round trip.
+    ///
+    /// A lease named more than once answers exactly as the same
+    /// completions made one after another would: the first completes the
+    /// record, and a repeat finds the done record it left
+    /// ([`Fenced::Applied`], nothing changed), or, when `keep_for` is zero
+    /// and the record was dropped at once, finds none
+    /// ([`Fenced::LeaseLost`]). Two leases on one key (another token, an
+    /// older claim) never both apply.
     async fn complete_many(
         &self,
         leases: &[Lease],

@@ -97,7 +97,8 @@ macro_rules! dedup_store_conformance {
             refund_gives_the_attempt_back, bury_makes_dead, scopes_are_isolated,
             done_expires_after_keep_for, forget_makes_key_claimable, revive_touches_only_what_is_safe,
             revive_races_claims_safely, revive_many_answers_in_order, renew_extends_lease,
-            batch_forms_answer_in_order, rejects_bad_scope_and_key,
+            batch_forms_answer_in_order, batch_repeats_answer_like_calls_in_a_row,
+            fenced_ops_on_an_absent_key_create_nothing, rejects_bad_scope_and_key,
             settlements_retried_find_their_own);
     };
     (@tests $setup:expr; $($name:ident),* $(,)?) => {

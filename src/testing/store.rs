@@ -2,6 +2,7 @@
 //! and a scope nobody else uses, and panics (fails the test) on a
 //! deviation. Real stores are timed with real sleeps of well under a second.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -607,6 +608,278 @@ pub async fn batch_forms_answer_in_order<S: DedupStore + ?Sized>(store: &S, scop
             .expect("empty batch"),
         vec![]
     );
+}
+
+/// A claim without its token, for comparing answers across scopes: a wait
+/// on a lease of [`LONG`] (give or take the time a test takes) is just
+/// "in progress".
+fn shape(claim: &Claim) -> String {
+    match claim {
+        Claim::Claimed(lease) => format!("claimed {} #{}", lease.key, lease.attempt),
+        Claim::Done => "done".into(),
+        Claim::Dead => "dead".into(),
+        Claim::InProgress { retry_after }
+            if *retry_after <= LONG && *retry_after > LONG - Duration::from_secs(10) =>
+        {
+            "in progress".into()
+        }
+        Claim::InProgress { retry_after } => format!("in progress for {retry_after:?}"),
+    }
+}
+
+/// Keys in every state a claim can meet, each made by its own lease:
+/// `released` (one failed attempt), `lapsed` (a lease of [`SHORT`]; wait
+/// [`PAST_SHORT`] before relying on it), `live`, `done` and `dead`.
+/// Answers those leases by key.
+async fn keys_in_every_state<S: DedupStore + ?Sized>(
+    store: &S,
+    scope: &str,
+) -> HashMap<&'static str, Lease> {
+    let mut leases = HashMap::new();
+    for (key, lease) in [
+        ("released", LONG),
+        ("lapsed", SHORT),
+        ("live", LONG),
+        ("done", LONG),
+        ("dead", LONG),
+    ] {
+        leases.insert(key, must_claim(store, scope, key, ttl(lease)).await);
+    }
+    assert_applied(store.fail(&leases["released"], Release::CountAttempt).await);
+    assert_applied(store.complete(&leases["done"], LONG).await);
+    assert_applied(store.bury(&leases["dead"], LONG).await);
+    leases
+}
+
+/// A key named more than once in one `claim_many`, and a lease named more
+/// than once in one `complete_many`, answer exactly as the same calls made
+/// one after another would, and leave the same records. Two scopes start
+/// out alike, with a new key and one in every other state; one is handled
+/// with batches, the other with single calls.
+pub async fn batch_repeats_answer_like_calls_in_a_row<S: DedupStore + ?Sized>(
+    store: &S,
+    scope: &str,
+) {
+    let twins = [format!("{scope}.batch"), format!("{scope}.single")];
+    let mut made = Vec::new();
+    for twin in &twins {
+        made.push(keys_in_every_state(store, twin).await);
+    }
+    sleep(PAST_SHORT).await;
+    let keys: Vec<String> = [
+        "new", "new", "released", "done", "released", "dead", "live", "lapsed", "new", "lapsed",
+        "done", "dead", "live",
+    ]
+    .map(String::from)
+    .to_vec();
+    let batched = store
+        .claim_many(&twins[0], &keys, ttl(LONG))
+        .await
+        .expect("claim_many");
+    let mut single = Vec::new();
+    for key in &keys {
+        single.push(store.claim(&twins[1], key, ttl(LONG)).await.expect("claim"));
+    }
+    let expected = [
+        "claimed new #1",
+        "in progress",
+        "claimed released #2",
+        "done",
+        "in progress",
+        "dead",
+        "in progress",
+        "claimed lapsed #2",
+        "in progress",
+        "in progress",
+        "done",
+        "dead",
+        "in progress",
+    ];
+    let shapes = |claims: &[Claim]| claims.iter().map(shape).collect::<Vec<_>>();
+    assert_eq!(shapes(&single), expected, "claims one after another");
+    assert_eq!(shapes(&batched), expected, "claim_many with repeats");
+    let all = ["new", "released", "lapsed", "live", "done", "dead"];
+    let records = async |twin: &str| {
+        let mut out = Vec::new();
+        for key in all {
+            out.push((key, state(store, twin, key).await));
+        }
+        out
+    };
+    let claimed = |attempts| Some((RecordState::Claimed, attempts));
+    let after_claims = vec![
+        ("new", claimed(1)),
+        ("released", claimed(2)),
+        ("lapsed", claimed(2)),
+        ("live", claimed(1)),
+        ("done", Some((RecordState::Done, 1))),
+        ("dead", Some((RecordState::Dead, 1))),
+    ];
+    assert_eq!(records(&twins[1]).await, after_claims, "single calls");
+    assert_eq!(records(&twins[0]).await, after_claims, "claim_many");
+
+    // The leases to complete, by where they come from: the claims above
+    // (the first won per key), the leases that made the records, or a
+    // forged token.
+    enum From {
+        Won,
+        Made,
+        Forged,
+    }
+    let settle = [
+        ("new", From::Forged),
+        ("new", From::Won),
+        ("new", From::Won),
+        ("released", From::Made),
+        ("released", From::Won),
+        ("done", From::Made),
+        ("live", From::Made),
+        ("released", From::Won),
+        ("dead", From::Made),
+        ("lapsed", From::Made),
+        ("lapsed", From::Won),
+        ("live", From::Made),
+        ("done", From::Made),
+        ("lapsed", From::Won),
+        ("new", From::Forged),
+    ];
+    let leases = |claims: &[Claim], made: &HashMap<&str, Lease>| -> Vec<Lease> {
+        let won = |key: &str| {
+            claims
+                .iter()
+                .find_map(|c| match c {
+                    Claim::Claimed(l) if l.key == key => Some(l.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("{key} was not won: {claims:?}"))
+        };
+        settle
+            .iter()
+            .map(|(key, from)| match from {
+                From::Won => won(key),
+                From::Made => made[key].clone(),
+                From::Forged => {
+                    let mut forged = won(key);
+                    forged.token = LeaseToken(forged.token.0 ^ 1);
+                    forged
+                }
+            })
+            .collect()
+    };
+    let batched = store
+        .complete_many(&leases(&batched, &made[0]), LONG)
+        .await
+        .expect("complete_many");
+    let mut single_answers = Vec::new();
+    for lease in leases(&single, &made[1]) {
+        single_answers.push(store.complete(&lease, LONG).await.expect("complete"));
+    }
+    let (ok, lost) = (Fenced::Applied, Fenced::LeaseLost);
+    let expected = vec![
+        lost, ok, ok, lost, ok, ok, ok, ok, lost, lost, ok, ok, ok, ok, lost,
+    ];
+    assert_eq!(single_answers, expected, "completions one after another");
+    assert_eq!(batched, expected, "complete_many with repeats");
+    let done = |attempts| Some((RecordState::Done, attempts));
+    let after_completions = vec![
+        ("new", done(1)),
+        ("released", done(2)),
+        ("lapsed", done(2)),
+        ("live", done(1)),
+        ("done", done(1)),
+        ("dead", Some((RecordState::Dead, 1))),
+    ];
+    assert_eq!(records(&twins[1]).await, after_completions, "single calls");
+    assert_eq!(records(&twins[0]).await, after_completions, "complete_many");
+
+    // Completed keeping nothing, a record is gone at once: its repeat
+    // finds none.
+    let mut gone = Vec::new();
+    for twin in &twins {
+        gone.push(must_claim(store, twin, "gone", ttl(LONG)).await);
+    }
+    let batched = store
+        .complete_many(&[gone[0].clone(), gone[0].clone()], Duration::ZERO)
+        .await
+        .expect("complete_many");
+    let mut single = Vec::new();
+    for _ in 0..2 {
+        single.push(
+            store
+                .complete(&gone[1], Duration::ZERO)
+                .await
+                .expect("complete"),
+        );
+    }
+    assert_eq!(
+        single,
+        [ok, lost],
+        "completions keeping nothing, one after another"
+    );
+    assert_eq!(
+        batched,
+        [ok, lost],
+        "complete_many keeping nothing, with a repeat"
+    );
+    for twin in &twins {
+        assert_eq!(state(store, twin, "gone").await, None);
+    }
+}
+
+/// `renew`, `complete`, `fail`, `bury` and `complete_many` with a lease
+/// on a key that has no record (never claimed, forgotten, or expired)
+/// answer lease lost, and leave no record behind: the key is new to the
+/// next claim.
+pub async fn fenced_ops_on_an_absent_key_create_nothing<S: DedupStore + ?Sized>(
+    store: &S,
+    scope: &str,
+) {
+    let forgotten = must_claim(store, scope, "forgotten", ttl(LONG)).await;
+    assert!(store.forget(scope, "forgotten").await.expect("forget"));
+    let expired = must_claim(
+        store,
+        scope,
+        "expired",
+        ClaimTtl {
+            lease: SHORT,
+            retain: SHORT,
+        },
+    )
+    .await;
+    let never = Lease {
+        key: "never".into(),
+        ..forgotten.clone()
+    };
+    sleep(PAST_SHORT).await;
+    for lease in [&never, &forgotten, &expired] {
+        let key = lease.key.as_str();
+        assert_eq!(state(store, scope, key).await, None, "{key} has a record");
+        assert_lease_lost(store.renew(lease, LONG).await);
+        assert_lease_lost(store.complete(lease, LONG).await);
+        assert_lease_lost(store.fail(lease, Release::CountAttempt).await);
+        assert_lease_lost(store.fail(lease, Release::RefundAttempt).await);
+        assert_lease_lost(store.bury(lease, LONG).await);
+        let batch = [lease.clone(), lease.clone()];
+        assert_eq!(
+            store
+                .complete_many(&batch, LONG)
+                .await
+                .expect("complete_many"),
+            vec![Fenced::LeaseLost; 2],
+            "complete_many of {key}"
+        );
+        assert_eq!(
+            store.lease_state(lease).await.expect("lease_state"),
+            None,
+            "lease_state of {key}"
+        );
+        assert_eq!(
+            state(store, scope, key).await,
+            None,
+            "a fenced op left a record for {key}"
+        );
+        assert_eq!(must_claim(store, scope, key, ttl(LONG)).await.attempt, 1);
+    }
 }
 
 /// Hostile scopes and keys are typed errors, never a record.
