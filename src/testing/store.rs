@@ -899,10 +899,25 @@ pub async fn rejects_bad_scope_and_key<S: DedupStore + ?Sized>(store: &S, scope:
     }
 }
 
+/// The store `setup` makes, behind [`crate::Coalescing`] with one call out
+/// at a time, so the suite's concurrent calls queue up and go out as
+/// `claim_many` / `complete_many`: what
+/// `dedup_store_conformance!(setup, coalesced)` runs the suite on.
+/// `None` when `setup` skips.
+pub async fn coalesced<S, F, Fut>(setup: F) -> Option<crate::Coalescing<S>>
+where
+    S: DedupStore + 'static,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Option<S>>,
+{
+    Some(crate::Coalescing::new(setup().await?).with_max_in_flight(1))
+}
+
 /// Behind [`crate::Coalescing`] (with at most two calls in flight), 500
 /// concurrent tasks claim 400 distinct keys (100 of them twice) and
 /// complete what they win: the calls go out in batches (fewer than 250
-/// store calls for 500 claims), every key has exactly one winner, and every
+/// store calls for 500 claims, fewer than 200 for the 400 completions),
+/// every key has exactly one winner, and every
 /// record ends done after one attempt. For stores whose calls take a round
 /// trip; an in-process store answers before a queue can form.
 pub async fn coalesced_calls_go_out_in_batches<S: DedupStore + 'static>(
@@ -936,8 +951,13 @@ pub async fn coalesced_calls_go_out_in_batches<S: DedupStore + 'static>(
         stats.claim_batches > 0 && stats.complete_batches > 0,
         "{stats:?}"
     );
+    let claims = stats.direct_claims + stats.batched_claims;
+    let completions = stats.direct_completes + stats.batched_completes;
+    assert_eq!((claims, completions), (500, 400), "{stats:?}");
     let calls = stats.claim_batches + stats.direct_claims;
     assert!(calls < 250, "500 claims took {calls} calls: {stats:?}");
+    let calls = stats.complete_batches + stats.direct_completes;
+    assert!(calls < 200, "400 completions took {calls} calls: {stats:?}");
     for i in 0..400 {
         let key = format!("k{i}");
         let rec = store.get(scope, &key).await.expect("get").expect("record");
