@@ -448,6 +448,36 @@ async fn concurrent_batches_over_overlapping_keys_have_one_winner_per_key() {
     assert!(winners.values().all(|n| *n == 1), "{winners:?}");
 }
 
+/// `complete_many` and `claim_many` over the same rows at once (a batch
+/// of completions while a batch of duplicates is being claimed, as
+/// `idemq::Coalescing` sends them) lock the rows in one order, so they
+/// wait for each other instead of deadlocking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claim_and_complete_batches_do_not_deadlock() {
+    let Some(store) = common::store().await else {
+        return;
+    };
+    let scope = unique_scope("batch_deadlock");
+    for round in 0..10 {
+        let keys: Vec<String> = (0..200).map(|i| format!("r{round}-{i:03}")).collect();
+        let mut leases: Vec<Lease> = store
+            .claim_many(&scope, &keys, ttl(LONG, LONG))
+            .await
+            .expect("claim_many")
+            .into_iter()
+            .map(|c| c.into_lease().expect("a new key is won"))
+            .collect();
+        // Completed in the opposite order from the one claims lock in.
+        leases.reverse();
+        let (claims, done) = tokio::join!(
+            store.claim_many(&scope, &keys, ttl(LONG, LONG)),
+            store.complete_many(&leases, LONG),
+        );
+        claims.expect("claim_many");
+        assert_eq!(done.expect("complete_many"), vec![Fenced::Applied; 200]);
+    }
+}
+
 // ---------------------------------------------------------------- errors
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
