@@ -65,6 +65,35 @@ pub enum Claim {
     Dead,
 }
 
+impl Claim {
+    /// The lease of a won claim; any other answer is handed back as the
+    /// error, unchanged, so the caller can still tell a duplicate from a
+    /// busy key.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idemq::memory::MemoryDedupStore;
+    /// use idemq::{Claim, ClaimTtl, DedupStore};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idemq::Error> {
+    /// let store = MemoryDedupStore::new();
+    /// let ttl = ClaimTtl { lease: Duration::from_secs(30), retain: Duration::from_secs(60) };
+    ///
+    /// let lease = store.claim("orders", "o-1", ttl).await?.into_lease().expect("a new key");
+    /// assert_eq!((lease.key.as_str(), lease.attempt), ("o-1", 1));
+    ///
+    /// // Claimed again while the lease is live: no lease, the answer says why.
+    /// let busy = store.claim("orders", "o-1", ttl).await?.into_lease();
+    /// assert!(matches!(busy, Err(Claim::InProgress { .. })));
+    /// # Ok(()) }
+    /// ```
+    pub fn into_lease(self) -> Result<Lease, Claim> {
+        match self {
+            Claim::Claimed(lease) => Ok(lease),
+            other => Err(other),
+        }
+    }
+}
+
 /// The answer of a fenced operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use = "a lost lease means another consumer owns the record now"]
@@ -246,6 +275,12 @@ pub trait DedupStore: Send + Sync + 'static {
 
     /// Claims many keys; answers in the order of `keys`. The default loops
     /// over [`DedupStore::claim`]; backends override it with one round trip.
+    ///
+    /// A key named more than once answers exactly as the same claims made
+    /// one after another would: the first occurrence that can take the key
+    /// wins it (one attempt counted), and the repeats after it meet that
+    /// live lease ([`Claim::InProgress`]); a done or dead key answers so
+    /// every time.
     async fn claim_many(
         &self,
         scope: &str,
@@ -269,7 +304,16 @@ pub trait DedupStore: Send + Sync + 'static {
     }
 
     /// Completes many leases; answers in the order of `leases`. The default
-    /// loops over [`DedupStore::complete`].
+    /// loops over [`DedupStore::complete`]; backends override it with one
+    /// round trip.
+    ///
+    /// A lease named more than once answers exactly as the same
+    /// completions made one after another would: the first completes the
+    /// record, and a repeat finds the done record it left
+    /// ([`Fenced::Applied`], nothing changed), or, when `keep_for` is zero
+    /// and the record was dropped at once, finds none
+    /// ([`Fenced::LeaseLost`]). Two leases on one key (another token, an
+    /// older claim) never both apply.
     async fn complete_many(
         &self,
         leases: &[Lease],

@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use idemq::coalesce::Coalescing;
 use idemq::memory::{MemoryBroker, MemoryDedupStore};
+use idemq::testing::store::{assert_applied, must_claim};
 use idemq::{
     Broker, Claim, ClaimTtl, DedupStore, Engine, Error, Fenced, Lease, OutgoingMessage, Record,
     RecordState, Release, Revival,
@@ -167,13 +168,6 @@ fn poisoned() -> Error {
     }
 }
 
-fn claimed(c: Claim) -> Lease {
-    match c {
-        Claim::Claimed(lease) => lease,
-        other => panic!("expected a won claim, got {other:?}"),
-    }
-}
-
 /// Waits until exactly `n` claims wait in the queue.
 async fn wait_queued<S: DedupStore + 'static>(store: &Coalescing<S>, n: usize) {
     for _ in 0..2_000 {
@@ -212,12 +206,12 @@ async fn concurrent_claims_go_out_in_batches_and_each_caller_gets_its_own_answer
         .map(|i| {
             let store = store.clone();
             tokio::spawn(async move {
-                let lease = claimed(store.claim("s", &format!("k{i}"), TTL).await.unwrap());
+                let lease = must_claim(&store, "s", &format!("k{i}"), TTL).await;
                 assert_eq!(
                     (lease.key.as_str(), lease.attempt),
                     (format!("k{i}").as_str(), 1)
                 );
-                assert_eq!(store.complete(&lease, KEEP).await.unwrap(), Fenced::Applied);
+                assert_applied(store.complete(&lease, KEEP).await);
             })
         })
         .collect();
@@ -314,7 +308,7 @@ async fn claims_of_different_scopes_or_ttls_never_share_a_batch() {
                 _ => ("a", other_ttl),
             };
             tokio::spawn(async move {
-                let lease = claimed(store.claim(scope, &format!("k{i}"), ttl).await.unwrap());
+                let lease = must_claim(&store, scope, &format!("k{i}"), ttl).await;
                 assert_eq!(lease.scope, scope);
                 (scope, i, lease)
             })
@@ -404,12 +398,20 @@ async fn a_record_that_fails_its_batch_for_good_fails_only_its_own_call() {
         .collect();
     wait_queued(&store, 20).await;
     gate.add_permits(10_000);
-    claimed(first.await.unwrap().unwrap());
+    first
+        .await
+        .unwrap()
+        .unwrap()
+        .into_lease()
+        .expect("a won claim");
     for t in tasks {
         match t.await.expect("claimer") {
             (7, Err(e)) => assert!(!e.is_transient(), "{e:?}"),
             (7, other) => panic!("the poisoned key answered {other:?}"),
-            (i, answer) => assert_eq!(claimed(answer.unwrap()).key, format!("k{i}")),
+            (i, answer) => assert_eq!(
+                answer.unwrap().into_lease().expect("a won claim").key,
+                format!("k{i}")
+            ),
         }
     }
     // The batch failed once, then its calls went out one by one.
@@ -424,7 +426,7 @@ async fn a_bad_key_fails_only_its_own_call() {
     assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
     let err = store.claim("bad scope\n", "k", TTL).await.unwrap_err();
     assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
-    claimed(store.claim("s", "k", TTL).await.unwrap());
+    must_claim(&store, "s", "k", TTL).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -444,9 +446,14 @@ async fn a_caller_that_gives_up_while_queued_claims_nothing() {
     quitter.abort();
     let _ = quitter.await;
     gate.add_permits(10_000);
-    claimed(first.await.unwrap().unwrap());
+    first
+        .await
+        .unwrap()
+        .unwrap()
+        .into_lease()
+        .expect("a won claim");
     // The next call drains the queue; the abandoned claim is not in it.
-    claimed(store.claim("s", "later", TTL).await.unwrap());
+    must_claim(&store, "s", "later", TTL).await;
     assert_eq!(probe.get("s", "quitter").await.unwrap(), None);
     assert!(
         probe
@@ -473,7 +480,12 @@ async fn a_caller_that_gives_up_while_its_batch_is_out_has_the_claim_given_back(
     // Let the direct call through: its slot goes to the queued claim, whose
     // batch then waits at the gate.
     gate.add_permits(1);
-    claimed(first.await.unwrap().unwrap());
+    first
+        .await
+        .unwrap()
+        .unwrap()
+        .into_lease()
+        .expect("a won claim");
     wait_at_gate(&probe, 1).await;
     quitter.abort();
     let _ = quitter.await;
@@ -492,7 +504,7 @@ async fn a_caller_that_gives_up_while_its_batch_is_out_has_the_claim_given_back(
     }
     let rec = rec.expect("the batch claimed the key");
     assert_eq!((rec.state, rec.attempts), (RecordState::Released, 0));
-    let again = claimed(store.claim("s", "quitter", TTL).await.unwrap());
+    let again = must_claim(&store, "s", "quitter", TTL).await;
     assert_eq!(again.attempt, 1);
 }
 

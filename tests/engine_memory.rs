@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idemq::memory::{MemoryBroker, MemoryDedupStore};
+use idemq::testing::store::{assert_applied, must_claim};
 use idemq::{
     Backoff, Broker, Claim, ClaimTtl, DedupStore, Engine, HandlerError, HeaderValue, KeyStrategy,
     Message, OutgoingMessage, RecordState, Report, Stopped, headers,
@@ -382,17 +383,12 @@ async fn a_live_claim_defers_the_delivery_instead_of_requeueing_it() {
         lease: Duration::from_secs(5),
         retain: Duration::from_secs(60),
     };
-    let Claim::Claimed(other) = store.claim(SCOPE, "busy", ttl).await.unwrap() else {
-        panic!("claim")
-    };
+    let other = must_claim(&store, SCOPE, "busy", ttl).await;
     // The other consumer finishes after 2 s.
     let s2 = store.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(
-            s2.complete(&other, Duration::from_secs(60)).await.unwrap(),
-            idemq::Fenced::Applied
-        );
+        assert_applied(s2.complete(&other, Duration::from_secs(60)).await);
     });
     publish(&broker, "busy", "x").await;
     let report = run_until_idle(&broker, &store, calls.ok_handler()).await;
@@ -416,13 +412,8 @@ async fn bury(store: &MemoryDedupStore, key: &str) {
         lease: Duration::from_secs(5),
         retain: Duration::from_secs(60),
     };
-    let Claim::Claimed(lease) = store.claim(SCOPE, key, ttl).await.unwrap() else {
-        panic!("claim")
-    };
-    assert_eq!(
-        store.bury(&lease, Duration::from_secs(60)).await.unwrap(),
-        idemq::Fenced::Applied
-    );
+    let lease = must_claim(store, SCOPE, key, ttl).await;
+    assert_applied(store.bury(&lease, Duration::from_secs(60)).await);
 }
 
 #[tokio::test]
@@ -530,9 +521,7 @@ async fn a_lost_lease_never_overwrites_the_new_owner() {
                 lease: Duration::from_secs(60),
                 retain: Duration::from_secs(60),
             };
-            let Claim::Claimed(l) = s.claim(SCOPE, m.key(), ttl).await.unwrap() else {
-                panic!("claim")
-            };
+            let l = must_claim(&s, SCOPE, m.key(), ttl).await;
             *n.lock().unwrap() = Some(l);
             Ok(())
         }
@@ -547,10 +536,7 @@ async fn a_lost_lease_never_overwrites_the_new_owner() {
         "the new owner's claim must stand"
     );
     let l = new_owner.lock().unwrap().clone().unwrap();
-    assert_eq!(
-        store.complete(&l, Duration::from_secs(1)).await.unwrap(),
-        idemq::Fenced::Applied
-    );
+    assert_applied(store.complete(&l, Duration::from_secs(1)).await);
 }
 
 #[tokio::test]

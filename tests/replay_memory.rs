@@ -11,6 +11,7 @@ use idemq::memory::{MemoryBroker, MemoryDedupStore};
 use idemq::replay::{
     Action, Confirm, DeadLetterInfo, DeadLetterQueue, Filter, Origin, ReplayEnd, ReplayMode,
 };
+use idemq::testing::store::{assert_applied, must_claim};
 use idemq::{
     Broker, ClaimTtl, DedupStore, Delivery, Engine, Error, HandlerError, HeaderValue, Headers,
     KeyStrategy, Message, OutgoingMessage, RecordState, Replay, Report, headers,
@@ -119,13 +120,8 @@ async fn dead_lettered(n: usize) -> (MemoryBroker, MemoryDedupStore, World) {
 /// A dead key handled since (a copy of it got through): its record is done.
 async fn handled_since(store: &MemoryDedupStore, key: &str) {
     store.forget(SCOPE, key).await.unwrap();
-    let idemq::Claim::Claimed(lease) = store.claim(SCOPE, key, ttl()).await.unwrap() else {
-        panic!("claim");
-    };
-    assert_eq!(
-        store.complete(&lease, LONG).await.unwrap(),
-        idemq::Fenced::Applied
-    );
+    let lease = must_claim(store, SCOPE, key, ttl()).await;
+    assert_applied(store.complete(&lease, LONG).await);
 }
 
 #[tokio::test]
@@ -134,9 +130,7 @@ async fn revive_moves_dead_keys_and_never_revives_a_done_one() {
     handled_since(&store, "m0").await;
     // m1 is being handled right now by a live consumer.
     store.forget(SCOPE, "m1").await.unwrap();
-    let idemq::Claim::Claimed(_live) = store.claim(SCOPE, "m1", ttl()).await.unwrap() else {
-        panic!("claim");
-    };
+    let _live = must_claim(&store, SCOPE, "m1", ttl()).await;
 
     let actions = Arc::new(Mutex::new(Vec::new()));
     let seen = actions.clone();

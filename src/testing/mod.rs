@@ -88,17 +88,49 @@ pub fn service_unavailable<T>(service: &str, why: impl std::fmt::Display) -> Opt
 /// idemq::dedup_store_conformance!(store);
 /// # fn main() {}
 /// ```
+///
+/// With `coalesced`, the suite runs a second time, in a module
+/// `coalesced`, on the store behind [`crate::Coalescing`] (see
+/// [`store::coalesced`]), plus [`store::coalesced_calls_go_out_in_batches`].
+/// That is for stores whose calls take a round trip (an in-process store
+/// answers before a batch can form). `setup` is then named from inside
+/// that module, which sees the caller's items through `use super::*`.
+///
+/// ```
+/// # use idemq::memory::MemoryDedupStore as MyStore;
+/// # async fn store() -> Option<MyStore> { Some(MyStore::new()) }
+/// idemq::dedup_store_conformance!(store, coalesced);
+/// # fn main() {}
+/// ```
 #[macro_export]
 macro_rules! dedup_store_conformance {
+    ($setup:expr, coalesced) => {
+        $crate::dedup_store_conformance!(@suite $setup;);
+
+        /// The suite again, through `idemq::Coalescing`.
+        mod coalesced {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $crate::dedup_store_conformance!(
+                @suite || $crate::testing::store::coalesced($setup);
+                coalesced_calls_go_out_in_batches
+            );
+        }
+    };
     ($setup:expr) => {
+        $crate::dedup_store_conformance!(@suite $setup;);
+    };
+    (@suite $setup:expr; $($extra:ident),*) => {
         $crate::dedup_store_conformance!(@tests $setup;
             first_claim_wins, concurrent_claims_have_one_winner, complete_makes_duplicates_done,
             non_owner_is_fenced, lapsed_lease_is_taken_over, fail_releases_and_counts_attempts,
             refund_gives_the_attempt_back, bury_makes_dead, scopes_are_isolated,
             done_expires_after_keep_for, forget_makes_key_claimable, revive_touches_only_what_is_safe,
             revive_races_claims_safely, revive_many_answers_in_order, renew_extends_lease,
-            batch_forms_answer_in_order, rejects_bad_scope_and_key,
-            settlements_retried_find_their_own);
+            batch_forms_answer_in_order, batch_repeats_answer_like_calls_in_a_row,
+            fenced_ops_on_an_absent_key_create_nothing, rejects_bad_scope_and_key,
+            settlements_retried_find_their_own, $($extra),*);
     };
     (@tests $setup:expr; $($name:ident),* $(,)?) => {
         $(

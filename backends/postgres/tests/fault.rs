@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use idemq::testing::store::must_claim;
 use idemq::testing::{FaultProxy, unique_scope};
 use idemq::{Claim, ClaimTtl, DedupStore, Error, Fenced};
 use idemq_postgres::PostgresDedupStore;
@@ -243,10 +244,7 @@ async fn counting_states_is_bounded_by_the_operation_timeout() {
         return;
     };
     let scope = unique_scope("fault_count");
-    match store.claim(&scope, "k", TTL).await.expect("claim") {
-        Claim::Claimed(_) => {}
-        other => panic!("expected Claimed, got {other:?}"),
-    }
+    must_claim(&store, &scope, "k", TTL).await;
     let counts = store.count_states(Some(&scope)).await.expect("count");
     assert_eq!((counts.claimed, counts.total()), (1, 1));
     proxy.blackhole();

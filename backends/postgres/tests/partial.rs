@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use idemq::memory::MemoryBroker;
+use idemq::testing::store::{assert_applied, must_claim};
 use idemq::testing::{FaultProxy, unique_scope};
 use idemq::{
-    Backoff, Broker, Claim, ClaimTtl, Completion, DedupStore, Engine, Fenced, Handler,
-    HandlerError, Message, OutgoingMessage, RecordState,
+    Backoff, Broker, ClaimTtl, Completion, DedupStore, Engine, Handler, HandlerError, Message,
+    OutgoingMessage, RecordState,
 };
 use idemq_postgres::{PostgresDedupStore, sql_error};
 use sqlx::postgres::PgPoolOptions;
@@ -191,25 +192,11 @@ async fn renewals_go_through_while_handlers_hold_every_connection() {
         lease: Duration::from_secs(30),
         retain: Duration::from_secs(60),
     };
-    let Claim::Claimed(lease) = store.claim(&scope, "k", ttl).await.expect("claim") else {
-        panic!("fresh key");
-    };
+    let lease = must_claim(&store, &scope, "k", ttl).await;
     for _ in 0..3 {
-        assert_eq!(
-            store
-                .renew(&lease, Duration::from_secs(30))
-                .await
-                .expect("renew"),
-            Fenced::Applied
-        );
+        assert_applied(store.renew(&lease, Duration::from_secs(30)).await);
     }
-    assert_eq!(
-        store
-            .complete(&lease, Duration::from_secs(60))
-            .await
-            .expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&lease, Duration::from_secs(60)).await);
     drop(held);
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
+use idemq::testing::store::{assert_applied, must_claim};
 use idemq::testing::unique_scope;
 use idemq::{
     Claim, ClaimTtl, Completion, DedupStore, Delivery, Error, Fenced, Handler, HandlerError, Lease,
@@ -20,13 +21,6 @@ const LONG: Duration = Duration::from_secs(60);
 
 fn ttl(lease: Duration, retain: Duration) -> ClaimTtl {
     ClaimTtl { lease, retain }
-}
-
-async fn claimed(store: &PostgresDedupStore, scope: &str, key: &str, t: ClaimTtl) -> Lease {
-    match store.claim(scope, key, t).await {
-        Ok(Claim::Claimed(lease)) => lease,
-        other => panic!("claim {scope}/{key}: expected Claimed, got {other:?}"),
-    }
 }
 
 async fn count(pool: &PgPool, table: &str) -> i64 {
@@ -85,11 +79,8 @@ async fn reserved_word_and_schema_qualified_tables_work() {
             .expect("valid");
         store.migrate().await.expect("migrate");
         assert_eq!(store.table(), table);
-        let lease = claimed(&store, "s", "k", ttl(LONG, LONG)).await;
-        assert_eq!(
-            store.complete(&lease, LONG).await.expect("complete"),
-            Fenced::Applied
-        );
+        let lease = must_claim(&store, "s", "k", ttl(LONG, LONG)).await;
+        assert_applied(store.complete(&lease, LONG).await);
         assert_eq!(
             store.claim("s", "k", ttl(LONG, LONG)).await.expect("claim"),
             Claim::Done
@@ -144,7 +135,7 @@ async fn concurrent_migrations_are_safe_and_idempotent() {
         "each migration applied and recorded once"
     );
     stores[0].migrate().await.expect("again: nothing to do");
-    let lease = claimed(&stores[1], "s", "k", ttl(LONG, LONG)).await;
+    let lease = must_claim(&stores[1], "s", "k", ttl(LONG, LONG)).await;
     assert_eq!(lease.attempt, 1);
 
     // A recorded migration whose text changed is refused, not re-run.
@@ -194,35 +185,23 @@ async fn purge_removes_only_expired_rows_in_bounded_batches() {
     let short = Duration::from_millis(300);
     // 10 done records that expire soon, 2 dead ones that expire soon.
     for i in 0..12 {
-        let lease = claimed(&store, "s", &format!("old{i}"), ttl(short, short)).await;
+        let lease = must_claim(&store, "s", &format!("old{i}"), ttl(short, short)).await;
         let f = if i < 10 {
             store.complete(&lease, short).await
         } else {
             store.bury(&lease, short).await
         };
-        assert_eq!(f.expect("settle"), Fenced::Applied);
+        assert_applied(f);
     }
     // Live ones: done for long, dead for long, a lapsed lease that still
     // retains its attempts, a released one.
-    let done = claimed(&store, "s", "live-done", ttl(short, LONG)).await;
-    assert_eq!(
-        store.complete(&done, LONG).await.expect("complete"),
-        Fenced::Applied
-    );
-    let dead = claimed(&store, "s", "live-dead", ttl(short, LONG)).await;
-    assert_eq!(
-        store.bury(&dead, LONG).await.expect("bury"),
-        Fenced::Applied
-    );
-    let _lapsing = claimed(&store, "s", "live-lapsed", ttl(short, LONG)).await;
-    let released = claimed(&store, "s", "live-released", ttl(short, LONG)).await;
-    assert_eq!(
-        store
-            .fail(&released, Release::CountAttempt)
-            .await
-            .expect("fail"),
-        Fenced::Applied
-    );
+    let done = must_claim(&store, "s", "live-done", ttl(short, LONG)).await;
+    assert_applied(store.complete(&done, LONG).await);
+    let dead = must_claim(&store, "s", "live-dead", ttl(short, LONG)).await;
+    assert_applied(store.bury(&dead, LONG).await);
+    let _lapsing = must_claim(&store, "s", "live-lapsed", ttl(short, LONG)).await;
+    let released = must_claim(&store, "s", "live-released", ttl(short, LONG)).await;
+    assert_applied(store.fail(&released, Release::CountAttempt).await);
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(count(store.pool(), &table).await, 16);
 
@@ -255,7 +234,7 @@ async fn purge_removes_only_expired_rows_in_bounded_batches() {
     );
     // The lapsed lease kept its attempt count through the purge.
     assert_eq!(
-        claimed(&store, "s", "live-lapsed", ttl(LONG, LONG))
+        must_claim(&store, "s", "live-lapsed", ttl(LONG, LONG))
             .await
             .attempt,
         2
@@ -275,40 +254,22 @@ async fn count_states_counts_live_records_by_state_per_scope() {
     let (a, b) = (unique_scope("counts_a"), unique_scope("counts_b"));
     let short = Duration::from_millis(100);
     // Scope a: one record in every state, and an expired done one.
-    let _live = claimed(&store, &a, "live", ttl(LONG, LONG)).await;
-    let _lapsing = claimed(&store, &a, "lapsed", ttl(short, LONG)).await;
-    let released = claimed(&store, &a, "released", ttl(LONG, LONG)).await;
-    assert_eq!(
-        store
-            .fail(&released, Release::CountAttempt)
-            .await
-            .expect("fail"),
-        Fenced::Applied
-    );
-    let done = claimed(&store, &a, "done", ttl(LONG, LONG)).await;
-    assert_eq!(
-        store.complete(&done, LONG).await.expect("complete"),
-        Fenced::Applied
-    );
-    let dead = claimed(&store, &a, "dead", ttl(LONG, LONG)).await;
-    assert_eq!(
-        store.bury(&dead, LONG).await.expect("bury"),
-        Fenced::Applied
-    );
-    let expiring = claimed(&store, &a, "expired", ttl(LONG, LONG)).await;
-    assert_eq!(
-        store.complete(&expiring, short).await.expect("complete"),
-        Fenced::Applied
-    );
+    let _live = must_claim(&store, &a, "live", ttl(LONG, LONG)).await;
+    let _lapsing = must_claim(&store, &a, "lapsed", ttl(short, LONG)).await;
+    let released = must_claim(&store, &a, "released", ttl(LONG, LONG)).await;
+    assert_applied(store.fail(&released, Release::CountAttempt).await);
+    let done = must_claim(&store, &a, "done", ttl(LONG, LONG)).await;
+    assert_applied(store.complete(&done, LONG).await);
+    let dead = must_claim(&store, &a, "dead", ttl(LONG, LONG)).await;
+    assert_applied(store.bury(&dead, LONG).await);
+    let expiring = must_claim(&store, &a, "expired", ttl(LONG, LONG)).await;
+    assert_applied(store.complete(&expiring, short).await);
     // Scope b: two done records and a live claim.
     for k in ["x", "y"] {
-        let lease = claimed(&store, &b, k, ttl(LONG, LONG)).await;
-        assert_eq!(
-            store.complete(&lease, LONG).await.expect("complete"),
-            Fenced::Applied
-        );
+        let lease = must_claim(&store, &b, k, ttl(LONG, LONG)).await;
+        assert_applied(store.complete(&lease, LONG).await);
     }
-    let _b_live = claimed(&store, &b, "z", ttl(LONG, LONG)).await;
+    let _b_live = must_claim(&store, &b, "z", ttl(LONG, LONG)).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     // The expired row is still in the table (nothing purged it): the count
     // must leave it out by itself.
@@ -374,23 +335,17 @@ async fn an_expired_record_starts_over_at_attempt_one() {
     };
     let scope = unique_scope("expired_restart");
     let short = Duration::from_millis(300);
-    let first = claimed(&store, &scope, "k", ttl(short, short)).await;
+    let first = must_claim(&store, &scope, "k", ttl(short, short)).await;
+    assert_applied(store.fail(&first, Release::CountAttempt).await);
     assert_eq!(
-        store
-            .fail(&first, Release::CountAttempt)
-            .await
-            .expect("fail"),
-        Fenced::Applied
-    );
-    assert_eq!(
-        claimed(&store, &scope, "k", ttl(short, short))
+        must_claim(&store, &scope, "k", ttl(short, short))
             .await
             .attempt,
         2
     );
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(store.get(&scope, "k").await.expect("get"), None);
-    let again = claimed(&store, &scope, "k", ttl(LONG, LONG)).await;
+    let again = must_claim(&store, &scope, "k", ttl(LONG, LONG)).await;
     assert_eq!(again.attempt, 1, "an expired record is a new key");
     let record = store.get(&scope, "k").await.expect("get").expect("record");
     assert!(record.expires_in > Duration::from_secs(50), "{record:?}");
@@ -407,15 +362,10 @@ async fn batches_handle_repeats_and_mixed_scopes() {
         .claim_many(&scope, &keys, ttl(LONG, LONG))
         .await
         .expect("claim_many");
-    let Claim::Claimed(a) = &claims[0] else {
-        panic!("{claims:?}")
-    };
     assert!(matches!(claims[1], Claim::InProgress { .. }), "{claims:?}");
-    let Claim::Claimed(b) = &claims[2] else {
-        panic!("{claims:?}")
-    };
+    let [a, b] = [&claims[0], &claims[2]].map(|c| c.clone().into_lease().expect("a new key"));
     let other_scope = format!("{scope}.x");
-    let c = claimed(&store, &other_scope, "a", ttl(LONG, LONG)).await;
+    let c = must_claim(&store, &other_scope, "a", ttl(LONG, LONG)).await;
     let fenced = store
         .complete_many(&[a.clone(), c.clone(), a.clone(), b.clone()], LONG)
         .await
@@ -447,10 +397,7 @@ async fn batches_handle_repeats_and_mixed_scopes() {
         .expect("claim_many");
     let leases: Vec<Lease> = claims
         .into_iter()
-        .map(|c| match c {
-            Claim::Claimed(l) => l,
-            other => panic!("{other:?}"),
-        })
+        .map(|c| c.into_lease().expect("a new key is won"))
         .collect();
     assert!(leases.iter().zip(&many).all(|(l, k)| &l.key == k));
     let fenced = store
@@ -499,6 +446,36 @@ async fn concurrent_batches_over_overlapping_keys_have_one_winner_per_key() {
     }
     assert_eq!(winners.len(), keys.len());
     assert!(winners.values().all(|n| *n == 1), "{winners:?}");
+}
+
+/// `complete_many` and `claim_many` over the same rows at once (a batch
+/// of completions while a batch of duplicates is being claimed, as
+/// `idemq::Coalescing` sends them) lock the rows in one order, so they
+/// wait for each other instead of deadlocking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claim_and_complete_batches_do_not_deadlock() {
+    let Some(store) = common::store().await else {
+        return;
+    };
+    let scope = unique_scope("batch_deadlock");
+    for round in 0..10 {
+        let keys: Vec<String> = (0..200).map(|i| format!("r{round}-{i:03}")).collect();
+        let mut leases: Vec<Lease> = store
+            .claim_many(&scope, &keys, ttl(LONG, LONG))
+            .await
+            .expect("claim_many")
+            .into_iter()
+            .map(|c| c.into_lease().expect("a new key is won"))
+            .collect();
+        // Completed in the opposite order from the one claims lock in.
+        leases.reverse();
+        let (claims, done) = tokio::join!(
+            store.claim_many(&scope, &keys, ttl(LONG, LONG)),
+            store.complete_many(&leases, LONG),
+        );
+        claims.expect("claim_many");
+        assert_eq!(done.expect("complete_many"), vec![Fenced::Applied; 200]);
+    }
 }
 
 // ---------------------------------------------------------------- errors
@@ -645,7 +622,7 @@ async fn transactional_handler_commits_effect_and_done_mark_together() {
     assert!(format!("{handler:?}").contains("Transactional"));
 
     // Success: the effect and the done mark are both there.
-    let lease = claimed(&store, &scope, "good", ttl(LONG, LONG)).await;
+    let lease = must_claim(&store, &scope, "good", ttl(LONG, LONG)).await;
     handler.handle(message(&lease)).await.expect("handled");
     assert_eq!(
         store
@@ -663,7 +640,7 @@ async fn transactional_handler_commits_effect_and_done_mark_together() {
     assert_eq!(count(store.pool(), &effects).await, 1);
 
     // Failure: rolled back, the claim untouched.
-    let lease = claimed(&store, &scope, "bad", ttl(LONG, LONG)).await;
+    let lease = must_claim(&store, &scope, "bad", ttl(LONG, LONG)).await;
     assert!(matches!(
         handler.handle(message(&lease)).await,
         Err(HandlerError::Retry(_))
@@ -679,9 +656,9 @@ async fn transactional_handler_commits_effect_and_done_mark_together() {
     // A lease taken over after lapsing: rolled back, LeaseLost; the new
     // owner's run commits.
     let short = Duration::from_millis(300);
-    let old = claimed(&store, &scope, "slow", ttl(short, LONG)).await;
+    let old = must_claim(&store, &scope, "slow", ttl(short, LONG)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let new = claimed(&store, &scope, "slow", ttl(LONG, LONG)).await;
+    let new = must_claim(&store, &scope, "slow", ttl(LONG, LONG)).await;
     assert_eq!(new.attempt, 2);
     assert!(matches!(
         handler.handle(message(&old)).await,
@@ -725,13 +702,13 @@ async fn takeover_during_a_transactional_handler_rolls_it_back() {
             Ok(())
         })
     });
-    let old = claimed(&store, &scope, "k", ttl(Duration::from_millis(300), LONG)).await;
+    let old = must_claim(&store, &scope, "k", ttl(Duration::from_millis(300), LONG)).await;
     let running = tokio::spawn({
         let msg = message(&old);
         async move { handler.handle(msg).await }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let new = claimed(&store, &scope, "k", ttl(LONG, LONG)).await;
+    let new = must_claim(&store, &scope, "k", ttl(LONG, LONG)).await;
     assert!(matches!(
         running.await.expect("join"),
         Err(HandlerError::LeaseLost)
@@ -743,10 +720,7 @@ async fn takeover_during_a_transactional_handler_rolls_it_back() {
     );
     let record = store.get(&scope, "k").await.expect("get").expect("record");
     assert_eq!((record.state, record.attempts), (RecordState::Claimed, 2));
-    assert_eq!(
-        store.complete(&new, LONG).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&new, LONG).await);
     sqlx::query(AssertSqlSafe(format!("DROP TABLE {effects}")))
         .execute(store.pool())
         .await
@@ -776,9 +750,6 @@ async fn works_over_tls() {
         .with_table(common::TEST_TABLE)
         .expect("valid");
     let scope = unique_scope("tls");
-    let lease = claimed(&store, &scope, "k", ttl(LONG, LONG)).await;
-    assert_eq!(
-        store.complete(&lease, LONG).await.expect("complete"),
-        Fenced::Applied
-    );
+    let lease = must_claim(&store, &scope, "k", ttl(LONG, LONG)).await;
+    assert_applied(store.complete(&lease, LONG).await);
 }

@@ -60,7 +60,8 @@ end
 
 -- out[i]: the answer for KEYS[i]; settled[key]: the record an earlier key
 -- of this call writes there (a later one then finds it, as it would one
--- call after the other: applied for the same lease, lost for another).
+-- call after the other: applied for the same lease, lost for another; or
+-- finds nothing, lost, when the call deletes what it settles).
 -- One MGET reads every key: each redis.call costs Redis (7.0 most of all)
 -- more than the GET it runs.
 local out, settled = {}, {}
@@ -70,7 +71,9 @@ for i = 1, #KEYS do
   local answer, err = check(key, ARGV[2 * i], record, olds[i])
   if not answer then return err end
   if settled[key] then
-    answer = (settled[key] == record) and 2 or 0
+    -- Kept, the record is there to find: applied for the same lease,
+    -- lost for another. Deleted (keep_for below 1), there is none: lost.
+    answer = (not drop and settled[key] == record) and 2 or 0
   elseif answer == 1 then
     settled[key] = record
   end

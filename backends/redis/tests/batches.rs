@@ -8,8 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::{SECOND, pttl, raw, store};
+use idemq::testing::store::{assert_applied, must_claim};
 use idemq::{Claim, ClaimTtl, DedupStore, Fenced, Lease, LeaseToken, RecordState, Release};
-use idemq_redis::{MAX_KEYS_PER_CALL, RedisDedupStore, redis};
+use idemq_redis::{MAX_KEYS_PER_CALL, redis};
 
 const LONG: ClaimTtl = ClaimTtl {
     lease: Duration::from_secs(60),
@@ -18,20 +19,6 @@ const LONG: ClaimTtl = ClaimTtl {
 
 fn keys(names: &[&str]) -> Vec<String> {
     names.iter().map(|k| (*k).to_owned()).collect()
-}
-
-async fn must_claim(store: &RedisDedupStore, scope: &str, key: &str, ttl: ClaimTtl) -> Lease {
-    match store.claim(scope, key, ttl).await.expect("claim") {
-        Claim::Claimed(lease) => lease,
-        other => panic!("expected Claimed, got {other:?}"),
-    }
-}
-
-fn lease_of(claim: &Claim) -> Lease {
-    match claim {
-        Claim::Claimed(lease) => lease.clone(),
-        other => panic!("expected Claimed, got {other:?}"),
-    }
 }
 
 /// A claim without its token, and with the wait rounded to seconds, for
@@ -66,11 +53,8 @@ async fn a_key_twice_in_claim_many_is_claimed_then_in_progress() {
     );
     assert_eq!(shapes(&batch), shapes(&single));
     // The first occurrence holds the lease.
-    let first = lease_of(&batch[0]);
-    assert_eq!(
-        store.complete(&first, 60 * SECOND).await.expect("complete"),
-        Fenced::Applied
-    );
+    let first = batch[0].clone().into_lease().expect("a new key is won");
+    assert_applied(store.complete(&first, 60 * SECOND).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,15 +109,9 @@ async fn claim_many_answers_every_state_like_claim() {
     let Some(store) = store().await else { return };
     let mut conn = raw().await;
     let done = must_claim(&store, "s", "done", LONG).await;
-    assert_eq!(
-        store.complete(&done, 60 * SECOND).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&done, 60 * SECOND).await);
     let dead = must_claim(&store, "s", "dead", LONG).await;
-    assert_eq!(
-        store.bury(&dead, 60 * SECOND).await.expect("bury"),
-        Fenced::Applied
-    );
+    assert_applied(store.bury(&dead, 60 * SECOND).await);
     // Released, with a record life longer than the batch's: kept.
     let released = must_claim(
         &store,
@@ -145,13 +123,7 @@ async fn claim_many_answers_every_state_like_claim() {
         },
     )
     .await;
-    assert_eq!(
-        store
-            .fail(&released, Release::CountAttempt)
-            .await
-            .expect("fail"),
-        Fenced::Applied
-    );
+    assert_applied(store.fail(&released, Release::CountAttempt).await);
     // Lapsed, with a record life shorter than the batch's: extended.
     must_claim(
         &store,
@@ -237,7 +209,7 @@ async fn large_batches_are_split_and_keep_their_order() {
         if i == MAX_KEYS_PER_CALL || i == n - 1 {
             assert_eq!(shape(claim), "in progress 60s", "#{i}");
         } else {
-            let lease = lease_of(claim);
+            let lease = claim.clone().into_lease().expect("a new key is won");
             assert_eq!((&lease.key, lease.attempt), (key, 1), "#{i}");
             won.push(lease);
         }
@@ -279,10 +251,7 @@ async fn complete_many_spans_scopes_and_deletes_with_zero_keep() {
     }
     // One key (the script's one-key path) deletes too.
     let c = must_claim(&store, "one", "z", LONG).await;
-    assert_eq!(
-        store.complete(&c, Duration::ZERO).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&c, Duration::ZERO).await);
     assert_eq!(store.get("one", "z").await.expect("get"), None);
     let a = must_claim(&store, "one", "y", LONG).await;
     let b = must_claim(&store, "two", "y", LONG).await;
@@ -327,7 +296,10 @@ async fn split_batches_survive_a_script_flush() {
         .claim_many("s", &names, LONG)
         .await
         .expect("claim_many");
-    let leases: Vec<Lease> = claims.iter().map(lease_of).collect();
+    let leases: Vec<Lease> = claims
+        .into_iter()
+        .map(|c| c.into_lease().expect("a new key is won"))
+        .collect();
     assert!(leases.iter().all(|l| l.attempt == 1), "each call ran once");
     flush(conn.clone()).await;
     assert_eq!(

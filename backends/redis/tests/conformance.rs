@@ -1,7 +1,7 @@
-//! The shared `DedupStore` conformance suite, against a real Redis. The
-//! same suite over `idemq::Coalescing` (concurrent calls merged into
-//! batches) is in `coalesced.rs`.
+//! The shared `DedupStore` conformance suite, against a real Redis: the
+//! store on its own, and behind `idemq::Coalescing` (concurrent calls
+//! merged into `claim_many` / `complete_many`).
 
 mod common;
 
-idemq::dedup_store_conformance!(common::store);
+idemq::dedup_store_conformance!(common::store, coalesced);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::SECOND;
 use idemq::testing::FaultProxy;
+use idemq::testing::store::{assert_applied, must_claim};
 use idemq::{Claim, ClaimTtl, DedupStore, Error, Fenced};
 use idemq_redis::{RedisConfig, RedisDedupStore};
 
@@ -190,10 +191,7 @@ async fn blackholed_connection_times_out_instead_of_hanging() {
     let Some((proxy, store)) = proxied(timeout).await else {
         return;
     };
-    let lease = match store.claim("bh", "k", LONG).await.expect("claim") {
-        Claim::Claimed(lease) => lease,
-        other => panic!("expected Claimed, got {other:?}"),
-    };
+    let lease = must_claim(&store, "bh", "k", LONG).await;
     let accepted_before = proxy.connections_accepted();
 
     proxy.blackhole();
@@ -236,10 +234,7 @@ async fn blackholed_connection_times_out_instead_of_hanging() {
 
     proxy.restore();
     let took = recovers(5 * SECOND, || store.renew(&lease, LONG.lease)).await;
-    assert_eq!(
-        store.complete(&lease, LONG.retain).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&lease, LONG.retain).await);
     eprintln!("blackhole: recovered {took:?} after the restore");
 }
 
@@ -264,10 +259,7 @@ async fn batch_forms_fail_transiently_when_cut() {
         .expect("claim_many after restore");
     let leases: Vec<_> = claims
         .into_iter()
-        .map(|c| match c {
-            Claim::Claimed(l) => l,
-            other => panic!("nothing ran during the cut, got {other:?}"),
-        })
+        .map(|c| c.into_lease().expect("nothing ran during the cut"))
         .collect();
     proxy.cut();
     settle().await;

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{SECOND, pttl, raw, redis_url, store};
+use idemq::testing::store::{assert_applied, assert_lease_lost, must_claim};
 use idemq::{
     Claim, ClaimTtl, DedupStore, Error, Fenced, Lease, LeaseToken, RecordCounts, RecordState,
     Release,
@@ -15,13 +16,6 @@ use idemq_redis::{RedisConfig, RedisDedupStore};
 
 fn ttl(lease: Duration, retain: Duration) -> ClaimTtl {
     ClaimTtl { lease, retain }
-}
-
-async fn must_claim(store: &RedisDedupStore, scope: &str, key: &str, t: ClaimTtl) -> Lease {
-    match store.claim(scope, key, t).await.expect("claim") {
-        Claim::Claimed(lease) => lease,
-        other => panic!("expected Claimed, got {other:?}"),
-    }
 }
 
 /// A record as stored: `state:token:attempts:slack`, and the key's TTL.
@@ -86,10 +80,7 @@ async fn record_is_one_string_under_a_hash_tag() {
     assert!(f.lease_left() > 55_000, "{f:?}");
 
     // renew moves the deadline only.
-    assert_eq!(
-        store.renew(&lease, 120 * SECOND).await.expect("renew"),
-        Fenced::Applied
-    );
+    assert_applied(store.renew(&lease, 120 * SECOND).await);
     let renewed = stored(&mut conn, &key).await;
     assert_eq!(
         (
@@ -106,20 +97,14 @@ async fn record_is_one_string_under_a_hash_tag() {
 
     // complete and bury write their state, keep token and attempts, drop
     // the lease, and live keep_for from now.
-    assert_eq!(
-        store.complete(&lease, 30 * SECOND).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&lease, 30 * SECOND).await);
     let done = stored(&mut conn, &key).await;
     assert_eq!(done.state, "d");
     assert_eq!(done.token, lease.token.to_string());
     assert_eq!((done.slack, done.attempts.as_str()), (0, "1"));
     assert!(done.pttl > 25_000 && done.pttl <= 30_000, "{done:?}");
     let buried = must_claim(&store, "orders", "dead", ttl(60 * SECOND, 60 * SECOND)).await;
-    assert_eq!(
-        store.bury(&buried, 60 * SECOND).await.expect("bury"),
-        Fenced::Applied
-    );
+    assert_applied(store.bury(&buried, 60 * SECOND).await);
     let dead = stored(&mut conn, &store.record_key("orders", "dead").expect("key")).await;
     assert_eq!((dead.state.as_str(), dead.attempts.as_str()), ("x", "1"));
     assert_eq!(dead.token, buried.token.to_string());
@@ -128,13 +113,7 @@ async fn record_is_one_string_under_a_hash_tag() {
     // claim counts on from there.
     let released = must_claim(&store, "orders", "again", ttl(60 * SECOND, 60 * SECOND)).await;
     let again = store.record_key("orders", "again").expect("key");
-    assert_eq!(
-        store
-            .fail(&released, Release::CountAttempt)
-            .await
-            .expect("fail"),
-        Fenced::Applied
-    );
+    assert_applied(store.fail(&released, Release::CountAttempt).await);
     let r = stored(&mut conn, &again).await;
     assert_eq!((r.state.as_str(), r.attempts.as_str()), ("r", "1"));
     assert_eq!(r.token, released.token.to_string());
@@ -143,13 +122,7 @@ async fn record_is_one_string_under_a_hash_tag() {
     let c = stored(&mut conn, &again).await;
     assert_eq!((c.state.as_str(), c.attempts.as_str()), ("c", "2"));
     assert_eq!(c.token, second.token.to_string());
-    assert_eq!(
-        store
-            .fail(&second, Release::RefundAttempt)
-            .await
-            .expect("fail"),
-        Fenced::Applied
-    );
+    assert_applied(store.fail(&second, Release::RefundAttempt).await);
     let refunded = stored(&mut conn, &again).await;
     assert_eq!(
         (refunded.state.as_str(), refunded.attempts.as_str()),
@@ -202,25 +175,16 @@ async fn ttl_covers_the_longer_of_lease_and_retain() {
 
     // A renewal past the record's life extends the record too.
     let lease = must_claim(&store, "s", "renewed", ttl(short, short)).await;
-    assert_eq!(
-        store.renew(&lease, 5 * SECOND).await.expect("renew"),
-        Fenced::Applied
-    );
+    assert_applied(store.renew(&lease, 5 * SECOND).await);
     let t = pttl(&mut conn, &store.record_key("s", "renewed").expect("key")).await;
     assert!((4_000..=5_000).contains(&t), "PTTL {t}");
 
     // complete and bury set the life to keep_for.
-    assert_eq!(
-        store.complete(&lease, 2 * SECOND).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&lease, 2 * SECOND).await);
     let t = pttl(&mut conn, &store.record_key("s", "renewed").expect("key")).await;
     assert!((1_000..=2_000).contains(&t), "PTTL {t}");
     let doomed = must_claim(&store, "s", "buried", ttl(short, 60 * SECOND)).await;
-    assert_eq!(
-        store.bury(&doomed, 3 * SECOND).await.expect("bury"),
-        Fenced::Applied
-    );
+    assert_applied(store.bury(&doomed, 3 * SECOND).await);
     let t = pttl(&mut conn, &store.record_key("s", "buried").expect("key")).await;
     assert!((2_000..=3_000).contains(&t), "PTTL {t}");
 }
@@ -247,13 +211,7 @@ async fn lapsed_lease_keeps_attempts_until_retain_ends() {
     // A release keeps the count too, and the next claim goes on from it.
     let lease = must_claim(&store, "s", "crashy", t).await;
     assert_eq!(lease.attempt, 4);
-    assert_eq!(
-        store
-            .fail(&lease, Release::CountAttempt)
-            .await
-            .expect("fail"),
-        Fenced::Applied
-    );
+    assert_applied(store.fail(&lease, Release::CountAttempt).await);
     assert_eq!(must_claim(&store, "s", "crashy", t).await.attempt, 5);
 }
 
@@ -288,14 +246,8 @@ async fn a_settle_that_misses_leaves_the_record_exactly_as_it_was() {
     // The lapsed lease: complete, bury and the batch form all miss.
     let held = snapshot(&mut conn, &key).await;
     assert!(held.0.starts_with("c:"), "{held:?}");
-    assert_eq!(
-        store.complete(&first, 5 * SECOND).await.expect("complete"),
-        Fenced::LeaseLost
-    );
-    assert_eq!(
-        store.bury(&first, 5 * SECOND).await.expect("bury"),
-        Fenced::LeaseLost
-    );
+    assert_lease_lost(store.complete(&first, 5 * SECOND).await);
+    assert_lease_lost(store.bury(&first, 5 * SECOND).await);
     assert_eq!(
         store
             .complete_many(std::slice::from_ref(&first), 5 * SECOND)
@@ -308,32 +260,17 @@ async fn a_settle_that_misses_leaves_the_record_exactly_as_it_was() {
         attempt: 1,
         ..second.clone()
     };
-    assert_eq!(
-        store.complete(&forged, 5 * SECOND).await.expect("complete"),
-        Fenced::LeaseLost
-    );
+    assert_lease_lost(store.complete(&forged, 5 * SECOND).await);
     assert_eq!(snapshot(&mut conn, &key).await, held);
 
     // A done record stays done, with its own expiry, when completed again:
     // the same lease's retry is applied and changes nothing.
-    assert_eq!(
-        store
-            .complete(&second, 20 * SECOND)
-            .await
-            .expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&second, 20 * SECOND).await);
     let done = snapshot(&mut conn, &key).await;
     assert!(done.0.starts_with("d:"), "{done:?}");
     assert_ne!(done.1, held.1, "complete sets keep_for");
-    assert_eq!(
-        store.complete(&second, 5 * SECOND).await.expect("again"),
-        Fenced::Applied
-    );
-    assert_eq!(
-        store.bury(&second, 5 * SECOND).await.expect("bury"),
-        Fenced::LeaseLost
-    );
+    assert_applied(store.complete(&second, 5 * SECOND).await);
+    assert_lease_lost(store.bury(&second, 5 * SECOND).await);
     assert_eq!(snapshot(&mut conn, &key).await, done);
 
     // In a batch, the retried one changes nothing and the new one applies;
@@ -417,8 +354,8 @@ async fn a_batch_that_fails_changes_nothing() {
         coalesced.complete(&held, 30 * SECOND),
         coalesced.complete(&squatter, 30 * SECOND),
     );
-    assert_eq!(first.expect("blocker"), Fenced::Applied);
-    assert_eq!(held_done.expect("held"), Fenced::Applied);
+    assert_applied(first);
+    assert_applied(held_done);
     assert!(squat_done.is_err(), "{squat_done:?}");
     let taken = coalesced
         .claim("s", "lapsed", ttl(30 * SECOND, 30 * SECOND))
@@ -440,25 +377,10 @@ async fn fenced_operations_never_create_records() {
         token: LeaseToken(42),
         attempt: 1,
     };
-    assert_eq!(
-        store.renew(&ghost, SECOND).await.expect("renew"),
-        Fenced::LeaseLost
-    );
-    assert_eq!(
-        store.complete(&ghost, SECOND).await.expect("complete"),
-        Fenced::LeaseLost
-    );
-    assert_eq!(
-        store
-            .fail(&ghost, Release::RefundAttempt)
-            .await
-            .expect("fail"),
-        Fenced::LeaseLost
-    );
-    assert_eq!(
-        store.bury(&ghost, SECOND).await.expect("bury"),
-        Fenced::LeaseLost
-    );
+    assert_lease_lost(store.renew(&ghost, SECOND).await);
+    assert_lease_lost(store.complete(&ghost, SECOND).await);
+    assert_lease_lost(store.fail(&ghost, Release::RefundAttempt).await);
+    assert_lease_lost(store.bury(&ghost, SECOND).await);
     assert_eq!(
         store
             .complete_many(std::slice::from_ref(&ghost), SECOND)
@@ -490,19 +412,10 @@ async fn scripts_are_reloaded_after_a_flush() {
     flush(conn.clone()).await;
     let lease = must_claim(&store, "s", "one", long).await;
     flush(conn.clone()).await;
-    assert_eq!(
-        store.renew(&lease, 60 * SECOND).await.expect("renew"),
-        Fenced::Applied
-    );
+    assert_applied(store.renew(&lease, 60 * SECOND).await);
     // A claim of a released record is decided by the claim script (a
     // fresh key needs none).
-    assert_eq!(
-        store
-            .fail(&lease, Release::CountAttempt)
-            .await
-            .expect("fail"),
-        Fenced::Applied
-    );
+    assert_applied(store.fail(&lease, Release::CountAttempt).await);
     flush(conn.clone()).await;
     let again = must_claim(&store, "s", "one", long).await;
     assert_eq!(again.attempt, 2, "the claim script ran once");
@@ -514,10 +427,7 @@ async fn scripts_are_reloaded_after_a_flush() {
         .expect("claim_many");
     let leases: Vec<Lease> = claims
         .into_iter()
-        .map(|c| match c {
-            Claim::Claimed(l) => l,
-            other => panic!("expected Claimed, got {other:?}"),
-        })
+        .map(|c| c.into_lease().expect("a new key is won"))
         .collect();
     assert!(
         leases.iter().all(|l| l.attempt == 1),
@@ -718,10 +628,7 @@ async fn a_hash_under_a_record_key_is_a_permanent_error() {
     assert_eq!(state.as_deref(), Some("claimed"));
     assert!(store.forget("s", "old").await.expect("forget"));
     // The failed batch left the live claim alone.
-    assert_eq!(
-        store.complete(&live, SECOND).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&live, SECOND).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -740,30 +647,15 @@ async fn scan_states_counts_records_by_state_per_scope() {
     )
     .await;
     let released = must_claim(&store, "a", "released", long).await;
-    assert_eq!(
-        store
-            .fail(&released, Release::CountAttempt)
-            .await
-            .expect("fail"),
-        Fenced::Applied
-    );
+    assert_applied(store.fail(&released, Release::CountAttempt).await);
     let done = must_claim(&store, "a", "done", long).await;
-    assert_eq!(
-        store.complete(&done, 60 * SECOND).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&done, 60 * SECOND).await);
     let dead = must_claim(&store, "a", "dead", long).await;
-    assert_eq!(
-        store.bury(&dead, 60 * SECOND).await.expect("bury"),
-        Fenced::Applied
-    );
+    assert_applied(store.bury(&dead, 60 * SECOND).await);
     // Scope b: two done records and a live claim.
     for k in ["x", "y"] {
         let lease = must_claim(&store, "b", k, long).await;
-        assert_eq!(
-            store.complete(&lease, 60 * SECOND).await.expect("complete"),
-            Fenced::Applied
-        );
+        assert_applied(store.complete(&lease, 60 * SECOND).await);
     }
     let _b_live = must_claim(&store, "b", "z", long).await;
     // Under the prefix, and in scope a's key space, values that are not
@@ -918,10 +810,7 @@ async fn from_manager_shares_an_existing_connection() {
     .expect("valid config");
     assert!(format!("{store:?}").contains("<ConnectionManager>"));
     let lease = must_claim(&store, "s", "k", ttl(SECOND, SECOND)).await;
-    assert_eq!(
-        store.complete(&lease, SECOND).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&lease, SECOND).await);
     store.ping().await.expect("ping");
     let bad = RedisDedupStore::from_manager(
         store.connection_manager(),
@@ -1026,10 +915,7 @@ async fn lazy_store_connects_on_first_use() {
         RedisDedupStore::connect_lazy(&redis_url(), quick.with_prefix(common::fresh_prefix()))
             .expect("lazy");
     let lease = must_claim(&store, "s", "k", ttl(SECOND, SECOND)).await;
-    assert_eq!(
-        store.complete(&lease, SECOND).await.expect("complete"),
-        Fenced::Applied
-    );
+    assert_applied(store.complete(&lease, SECOND).await);
 }
 
 #[test]

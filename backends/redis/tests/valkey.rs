@@ -10,7 +10,8 @@ mod common;
 use std::time::Duration;
 
 use common::{SECOND, valkey_raw, valkey_store_with, valkey_url};
-use idemq::{Claim, ClaimTtl, DedupStore, Fenced, Lease, LeaseToken};
+use idemq::testing::store::{assert_applied, assert_lease_lost, must_claim};
+use idemq::{ClaimTtl, DedupStore, Lease, LeaseToken};
 use idemq_redis::redis::{self, aio::ConnectionManager};
 use idemq_redis::{RedisConfig, RedisDedupStore};
 
@@ -22,13 +23,6 @@ idemq::dedup_store_conformance!(store);
 
 fn ttl(lease: Duration, retain: Duration) -> ClaimTtl {
     ClaimTtl { lease, retain }
-}
-
-async fn must_claim(store: &RedisDedupStore, key: &str, t: ClaimTtl) -> Lease {
-    match store.claim("s", key, t).await.expect("claim") {
-        Claim::Claimed(lease) => lease,
-        other => panic!("expected Claimed, got {other:?}"),
-    }
 }
 
 #[tokio::test]
@@ -124,33 +118,24 @@ async fn completions_are_one_plain_command_and_the_script_decides_the_rest() {
     let keep = 600 * SECOND;
 
     // A claim and its completion: two plain SETs.
-    let lease = must_claim(&c.store, "plain", usual).await;
-    assert_eq!(
-        c.store.complete(&lease, keep).await.unwrap(),
-        Fenced::Applied
-    );
+    let lease = must_claim(&c.store, "s", "plain", usual).await;
+    assert_applied(c.store.complete(&lease, keep).await);
     assert_eq!(c.sent().await, 2, "SET NX GET, SET IFEQ");
     let done = format!("d:{}:1:0", lease.token);
     assert_eq!(c.value("plain").await.as_deref(), Some(done.as_str()));
 
     // bury too.
-    let lease = must_claim(&c.store, "buried", usual).await;
-    assert_eq!(c.store.bury(&lease, keep).await.unwrap(), Fenced::Applied);
+    let lease = must_claim(&c.store, "s", "buried", usual).await;
+    assert_applied(c.store.bury(&lease, keep).await);
     assert_eq!(c.sent().await, 2);
     let dead = format!("x:{}:1:0", lease.token);
     assert_eq!(c.value("buried").await.as_deref(), Some(dead.as_str()));
 
     // A renewed lease holds another slack: the SET misses, the script
     // completes it.
-    let lease = must_claim(&c.store, "renewed", usual).await;
-    assert_eq!(
-        c.store.renew(&lease, 120 * SECOND).await.unwrap(),
-        Fenced::Applied
-    );
-    assert_eq!(
-        c.store.complete(&lease, keep).await.unwrap(),
-        Fenced::Applied
-    );
+    let lease = must_claim(&c.store, "s", "renewed", usual).await;
+    assert_applied(c.store.renew(&lease, 120 * SECOND).await);
+    assert_applied(c.store.complete(&lease, keep).await);
     assert_eq!(
         c.sent().await,
         1 + RENEW_SCRIPT + 1 + SETTLE_SCRIPT,
@@ -160,16 +145,10 @@ async fn completions_are_one_plain_command_and_the_script_decides_the_rest() {
     assert_eq!(c.value("renewed").await.as_deref(), Some(done.as_str()));
 
     // A claim with other TTLs than the store's last one: the same.
-    let other = must_claim(&c.store, "other-ttl", ttl(SECOND, 30 * SECOND)).await;
-    let usual_lease = must_claim(&c.store, "usual-ttl", usual).await;
-    assert_eq!(
-        c.store.complete(&other, keep).await.unwrap(),
-        Fenced::Applied
-    );
-    assert_eq!(
-        c.store.complete(&usual_lease, keep).await.unwrap(),
-        Fenced::Applied
-    );
+    let other = must_claim(&c.store, "s", "other-ttl", ttl(SECOND, 30 * SECOND)).await;
+    let usual_lease = must_claim(&c.store, "s", "usual-ttl", usual).await;
+    assert_applied(c.store.complete(&other, keep).await);
+    assert_applied(c.store.complete(&usual_lease, keep).await);
     assert_eq!(
         c.sent().await,
         2 + 1 + SETTLE_SCRIPT + 1,
@@ -184,30 +163,21 @@ async fn completions_are_one_plain_command_and_the_script_decides_the_rest() {
         token: LeaseToken(7),
         attempt: 1,
     };
-    assert_eq!(
-        c.store.complete(&ghost, keep).await.unwrap(),
-        Fenced::LeaseLost
-    );
+    assert_lease_lost(c.store.complete(&ghost, keep).await);
     assert_eq!(c.value("absent").await, None, "IFEQ never creates a key");
     let stale = Lease {
         key: "plain".into(),
         ..ghost.clone()
     };
     let before = c.value("plain").await;
-    assert_eq!(
-        c.store.complete(&stale, keep).await.unwrap(),
-        Fenced::LeaseLost
-    );
-    assert_eq!(c.store.bury(&stale, keep).await.unwrap(), Fenced::LeaseLost);
+    assert_lease_lost(c.store.complete(&stale, keep).await);
+    assert_lease_lost(c.store.bury(&stale, keep).await);
     assert_eq!(c.value("plain").await, before);
     assert_eq!(c.sent().await, 3);
 
     // Keeping nothing deletes the record: the script.
-    let lease = must_claim(&c.store, "dropped", usual).await;
-    assert_eq!(
-        c.store.complete(&lease, Duration::ZERO).await.unwrap(),
-        Fenced::Applied
-    );
+    let lease = must_claim(&c.store, "s", "dropped", usual).await;
+    assert_applied(c.store.complete(&lease, Duration::ZERO).await);
     assert_eq!(c.sent().await, 1 + SETTLE_SCRIPT);
     assert_eq!(c.value("dropped").await, None);
 }
@@ -234,7 +204,7 @@ async fn what_is_not_a_record_is_refused_and_left_alone() {
         .await
         .expect("HSET");
     // The store's last claim slack is known, so IFEQ is tried first.
-    let _ = must_claim(&store, "warm", ttl(60 * SECOND, 600 * SECOND)).await;
+    let _ = must_claim(&store, "s", "warm", ttl(60 * SECOND, 600 * SECOND)).await;
     for (key, record) in [("squatted", &string_key), ("hashed", &hash_key)] {
         let ghost = Lease {
             scope: "s".into(),

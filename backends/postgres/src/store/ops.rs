@@ -343,7 +343,7 @@ impl DedupStore for PostgresDedupStore {
         let scopes: Vec<&str> = leases.iter().map(|l| l.scope.as_str()).collect();
         let keys: Vec<&str> = leases.iter().map(|l| l.key.as_str()).collect();
         let tokens: Vec<i64> = leases.iter().map(|l| token_to_sql(l.token)).collect();
-        let rows: Vec<(String, String, i64)> = self
+        let rows: Vec<(String, String, i64, bool)> = self
             .run(
                 "complete_many",
                 sqlx::query_as(AssertSqlSafe(self.sql.complete_many.clone()))
@@ -354,17 +354,21 @@ impl DedupStore for PostgresDedupStore {
                     .fetch_all(self.ops()),
             )
             .await?;
-        let applied: HashSet<(String, String, i64)> = rows.into_iter().collect();
+        let applied: HashMap<(String, String, i64), bool> = rows
+            .into_iter()
+            .map(|(scope, key, token, live)| ((scope, key, token), live))
+            .collect();
         // A lease repeated in the batch is applied once; its repeats find
-        // their own done record, applied as one call after another would.
+        // what one call after another would: their own done record
+        // (applied), or none when it expired at once (lost).
+        let mut seen = HashSet::with_capacity(leases.len());
         Ok(leases
             .iter()
             .map(|l| {
                 let id = (l.scope.clone(), l.key.clone(), token_to_sql(l.token));
-                if applied.contains(&id) {
-                    Fenced::Applied
-                } else {
-                    Fenced::LeaseLost
+                match applied.get(&id) {
+                    Some(&live) if live || seen.insert(id) => Fenced::Applied,
+                    _ => Fenced::LeaseLost,
                 }
             })
             .collect())

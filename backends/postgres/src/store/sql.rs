@@ -223,13 +223,29 @@ impl Statements {
             // $4: keep_for.
             bury: fenced(&format!("state = 'dead', {keep}"), ", 'dead'"),
             // $1 scopes, $2 keys, $3 tokens, $4 keep_for. Answers the applied
-            // ones (those already done by the same lease included).
+            // ones (those already done by the same lease included), and
+            // whether each row is still live after it (keep_for zero
+            // expires a row it completes at once). The rows are locked in
+            // (scope, key) order first, the order claim_many inserts in:
+            // an UPDATE locks in whatever order its join yields, which
+            // deadlocks against a concurrent claim_many of the same keys.
             complete_many: format!(
-                "UPDATE {t} AS d SET state = 'done', {keep}
-                 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS l(scope, key, token)
+                "WITH l AS MATERIALIZED (
+                    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+                        AS l(scope, key, token)
+                 ), locked AS (
+                    SELECT d.scope, d.key, d.token
+                    FROM {t} AS d JOIN l
+                        ON d.scope = l.scope AND d.key = l.key AND d.token = l.token
+                    WHERE d.state IN ('claimed', 'done') AND d.expires_at > now()
+                    ORDER BY d.scope, d.key
+                    FOR UPDATE OF d
+                 )
+                 UPDATE {t} AS d SET state = 'done', {keep}
+                 FROM locked AS l
                  WHERE d.scope = l.scope AND d.key = l.key AND d.token = l.token
                    AND d.state IN ('claimed', 'done') AND d.expires_at > now()
-                 RETURNING d.scope, d.key, d.token"
+                 RETURNING d.scope, d.key, d.token, d.expires_at > now()"
             )
             .into(),
             // $1 scope, $2 key, $3 token: the state of the row while it
