@@ -80,7 +80,7 @@ pub use coalesce::Coalescing;
 pub use engine::{
     Config, Engine, EngineBuilder, EngineState, Health, RELEASE_BOUND, Report, Stopped,
 };
-pub use error::{BoxError, Error};
+pub use error::{BoxError, Error, SharedError};
 pub use handler::{Completion, Handler, HandlerError, HandlerResultExt, JsonHandler, json};
 pub use key::KeyStrategy;
 pub use message::{
