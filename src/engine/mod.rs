@@ -387,7 +387,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                 Err(e) => {
                     sh.broker_failed(BrokerOp::Receive);
                     tracing::error!(error = %e, "broker failed for good; stopping");
-                    break Stopped::BrokerFailed(e.to_string());
+                    break Stopped::BrokerFailed(e);
                 }
             }
         };

@@ -194,7 +194,11 @@ async fn malformed_in_a_running_stream(name: &str, queue_type: QueueType) {
     let flowing = started.elapsed();
     shutdown.cancel();
     let report = running.await.expect("engine task");
-    assert_eq!(report.stopped, Stopped::Shutdown);
+    assert!(
+        matches!(report.stopped, Stopped::Shutdown),
+        "{}",
+        report.stopped
+    );
     assert_each_once(&seen, GOOD);
     assert!(
         broker.generation() > generation,
