@@ -111,14 +111,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let report = running.await?;
 
-    println!("handled:            {}", report.handled);
-    println!(
-        "duplicates skipped: {}",
-        report.duplicates + report.dead_duplicates
-    );
-    println!("deferred:           {}", report.deferred);
-    println!("retried:            {}", report.retried);
-    println!("dead-lettered:      {}", report.dead_lettered);
+    println!("{report}");
     let mut reasons: HashMap<String, usize> = HashMap::new();
     while let Some(dead) = broker.next_dead_letter().await? {
         let reason = dead
