@@ -12,8 +12,8 @@ use idemq::memory::{MemoryBroker, MemoryDedupStore};
 use idemq::testing::crash::{CrashPoint, CrashingStore};
 use idemq::{
     Backoff, Broker, Claim, ClaimTtl, Completion, DedupStore, Engine, Error, Fenced, Handler,
-    HandlerError, Lease, Message, OutgoingMessage, RELEASE_BOUND, Record, RecordState, Release,
-    Revival, Stopped,
+    HandlerError, HandlerResultExt, Lease, Message, OutgoingMessage, RELEASE_BOUND, Record,
+    RecordState, Release, Revival, Stopped,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -149,7 +149,7 @@ impl Handler for CommitsThenFails {
                 .store
                 .complete(msg.lease(), msg.keep_for())
                 .await
-                .map_err(|e| HandlerError::retry(e.to_string()))?;
+                .retryable()?;
             assert_eq!(done, Fenced::Applied);
         }
         if first {
@@ -160,7 +160,7 @@ impl Handler for CommitsThenFails {
         match self.store.complete(msg.lease(), msg.keep_for()).await {
             Ok(Fenced::Applied) => Ok(()),
             Ok(Fenced::LeaseLost) => Err(HandlerError::LeaseLost),
-            Err(e) => Err(HandlerError::retry(e.to_string())),
+            Err(e) => Err(HandlerError::retry(e)),
         }
     }
     fn completion(&self) -> Completion {
