@@ -20,8 +20,7 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idemq::Error> {
 //! use idemq::memory::{MemoryBroker, MemoryDedupStore};
-//! use idemq::{Broker, Engine, HandlerError, Message, OutgoingMessage};
-//! use tokio_util::sync::CancellationToken;
+//! use idemq::{Broker, CancellationToken, Engine, HandlerError, Message, OutgoingMessage};
 //!
 //! let broker = MemoryBroker::new("orders");
 //! broker.publish(OutgoingMessage::new("charge 5").with_message_id("order-1")).await?;

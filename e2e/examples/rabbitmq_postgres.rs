@@ -12,11 +12,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use idemq::{Broker, Coalescing, Engine, HandlerError, Message, OutgoingMessage, headers};
+use idemq::{
+    Broker, CancellationToken, Coalescing, Engine, HandlerError, Message, OutgoingMessage, headers,
+};
 use idemq_postgres::sqlx::{self, PgConnection};
 use idemq_postgres::{PostgresDedupStore, sql_error};
 use idemq_rabbitmq::{RabbitBroker, RabbitConfig, RabbitPublisher, delete_topology};
-use tokio_util::sync::CancellationToken;
 
 const ORDERS: i64 = 500;
 

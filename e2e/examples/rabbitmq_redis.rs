@@ -12,10 +12,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idemq::{Broker, Engine, HandlerError, HandlerResultExt, Message, OutgoingMessage, headers};
+use idemq::{
+    Broker, CancellationToken, Engine, HandlerError, HandlerResultExt, Message, OutgoingMessage,
+    headers,
+};
 use idemq_rabbitmq::{RabbitBroker, RabbitConfig, RabbitPublisher, delete_topology};
 use idemq_redis::RedisDedupStore;
-use tokio_util::sync::CancellationToken;
 
 const ORDERS: u32 = 500;
 
