@@ -53,7 +53,7 @@
 //! * `mock`: `MockBroker` and `MockDedupStore` (mockall), for unit
 //!   tests of code that takes the traits.
 //! * `testing`: the conformance suites every backend must pass, the
-//!   loopback [`testing::FaultProxy`], and helpers for tests against real
+//!   loopback `testing::FaultProxy`, and helpers for tests against real
 //!   services.
 
 #![forbid(unsafe_code)]
