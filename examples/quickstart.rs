@@ -88,31 +88,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut total = Report::default();
     for consumer in consumers {
-        total.merge(&consumer.await?);
+        let report = consumer.await?;
+        total.merge(&report);
+        total.stopped = report.stopped; // the same for all four: broker closed
     }
 
     let charged = charged.lock().unwrap_or_else(|p| p.into_inner());
     let charged_twice = charged.values().filter(|n| **n > 1).count();
     let dead = broker.dead_letters();
-    println!("handled:            {}", total.handled);
-    println!(
-        "duplicates skipped: {}",
-        total.duplicates + total.dead_duplicates
-    );
-    println!("retried:            {}", total.retried);
-    println!("dead-lettered:      {}", total.dead_lettered);
+    println!("{total}");
     if let Some(first) = dead.first() {
         let reason = first
             .header(idemq::headers::REASON)
             .and_then(|v| v.as_str())
             .unwrap_or("?");
         println!(
-            "  e.g. {} ({reason})",
+            "first dead letter: {} ({reason})",
             first.message_id.as_deref().unwrap_or("?")
         );
     }
     println!(
-        "orders charged:     {} (charged twice: {charged_twice})",
+        "orders charged: {} (charged twice: {charged_twice})",
         charged.len()
     );
 

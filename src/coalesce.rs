@@ -42,7 +42,6 @@ use foldhash::fast::RandomState;
 use tokio::sync::oneshot;
 
 use crate::Error;
-use crate::error::BoxError;
 use crate::key;
 use crate::store::{
     Claim, ClaimTtl, DedupStore, Fenced, Lease, Record, RecordState, Release, Revival,
@@ -70,8 +69,7 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
 /// - A bad scope or key fails its own call with
 ///   [`Error::InvalidInput`] before it is queued; it never fails a batch.
 /// - When a batch call fails with a transient error, every call in it
-///   gets the error (the first the original, the others an equal copy:
-///   same variant, same [`Error::is_transient`]). When it fails for good
+///   gets a clone of the error, its source included. When it fails for good
 ///   (say, one record holds a value the store cannot read), its calls are
 ///   made again one by one, so only the call at fault fails.
 /// - A caller that gives up (its future dropped) while its claim is
@@ -528,63 +526,9 @@ fn same_len<T>(op: &'static str, answers: Vec<T>, want: usize) -> Result<Vec<T>,
     }
 }
 
-fn reply_all<T>(mut replies: impl Iterator<Item = oneshot::Sender<Result<T, Error>>>, e: Error) {
-    let Some(first) = replies.next() else { return };
+fn reply_all<T>(replies: impl Iterator<Item = oneshot::Sender<Result<T, Error>>>, e: Error) {
     for reply in replies {
-        let _ = reply.send(Err(duplicate(&e)));
-    }
-    let _ = first.send(Err(e));
-}
-
-/// An equal copy of `e`: the same variant and fields, the source kept as text.
-fn duplicate(e: &Error) -> Error {
-    let text = |s: &BoxError| -> BoxError { s.to_string().into() };
-    match e {
-        Error::Unavailable {
-            backend,
-            op,
-            source,
-        } => Error::Unavailable {
-            backend,
-            op,
-            source: text(source),
-        },
-        Error::Timeout { backend, op, after } => Error::Timeout {
-            backend,
-            op,
-            after: *after,
-        },
-        Error::StaleDelivery { backend, tag } => Error::StaleDelivery { backend, tag: *tag },
-        Error::NotConfirmed { backend, target } => Error::NotConfirmed {
-            backend,
-            target: target.clone(),
-        },
-        Error::Unroutable { backend, target } => Error::Unroutable {
-            backend,
-            target: target.clone(),
-        },
-        Error::InvalidInput { what, detail } => Error::InvalidInput {
-            what,
-            detail: detail.clone(),
-        },
-        Error::Config(c) => Error::Config(c.clone()),
-        Error::Unsupported { backend, op } => Error::Unsupported { backend, op },
-        Error::Closed { backend } => Error::Closed { backend },
-        Error::NotFound { backend, what } => Error::NotFound {
-            backend,
-            what: what.clone(),
-        },
-        Error::Backend {
-            backend,
-            op,
-            transient,
-            source,
-        } => Error::Backend {
-            backend,
-            op,
-            transient: *transient,
-            source: text(source),
-        },
+        let _ = reply.send(Err(e.clone()));
     }
 }
 

@@ -1,17 +1,104 @@
 //! The one error type of idemq and of every backend crate's trait methods.
 
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// A boxed error source, kept inside [`Error`] so callers can walk the chain.
+/// A boxed error: what [`SharedError::new`] and
+/// [`HandlerError`](crate::HandlerError) take an error from.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// The client-library error inside an [`Error`], shared so that [`Error`]
+/// is [`Clone`]: one failed batch call can answer each of its callers with
+/// the same error, source and all.
+///
+/// It dereferences to the error itself, so `downcast_ref`, `source` and
+/// `Display` reach the client library's error, and [`Error`]'s
+/// [`source`](std::error::Error::source) is that error, not this wrapper.
+/// It converts from whatever a [`BoxError`] converts from (any error, a
+/// `String`, a `&str`, a `BoxError`); [`SharedError::from_arc`] takes an
+/// error that is already shared.
+///
+/// Like `anyhow::Error`, it does not implement [`std::error::Error`]
+/// itself: that would clash with the conversion from every error type.
+/// [`SharedError::into_arc`] gives an `Arc` that does.
+///
+/// ```
+/// use idemq::{Error, SharedError};
+///
+/// let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+/// let e = Error::Unavailable { backend: "redis", op: "claim", source: SharedError::new(io) };
+/// let copy = e.clone();
+/// let source = std::error::Error::source(&copy).expect("a source");
+/// assert!(source.downcast_ref::<std::io::Error>().is_some());
+/// ```
+#[derive(Clone)]
+pub struct SharedError(Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl SharedError {
+    /// Wraps an error (or a message: a `String` or `&str` becomes an error
+    /// that displays it). A [`BoxError`] is moved into the `Arc`, not
+    /// wrapped again, so downcasting still finds the error inside it. Pass
+    /// a concrete error itself, not a `Box<E>`: that is an error type of
+    /// its own, and `downcast_ref::<E>` would not see through it.
+    pub fn new(source: impl Into<BoxError>) -> Self {
+        SharedError(Arc::from(source.into()))
+    }
+
+    /// Wraps an error that is already shared, without copying it.
+    pub fn from_arc(source: Arc<dyn std::error::Error + Send + Sync + 'static>) -> Self {
+        SharedError(source)
+    }
+
+    /// The shared error, for code that wants a `std::error::Error` value.
+    pub fn into_arc(self) -> Arc<dyn std::error::Error + Send + Sync + 'static> {
+        self.0
+    }
+}
+
+impl Deref for SharedError {
+    type Target = dyn std::error::Error + Send + Sync + 'static;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl AsRef<dyn std::error::Error + Send + Sync + 'static> for SharedError {
+    fn as_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl<E: Into<BoxError>> From<E> for SharedError {
+    fn from(source: E) -> Self {
+        SharedError::new(source)
+    }
+}
+
+impl fmt::Debug for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.0, f)
+    }
+}
+
 /// Everything that can go wrong talking to a broker or a dedup store.
+///
+/// Cheap to clone: a client-library source is shared ([`SharedError`]),
+/// not copied.
 ///
 /// The engine decides between "back off and try again" and "give up" with
 /// [`Error::is_transient`]. Backends map their own errors into these variants,
 /// keeping the original error as the `source`. No variant ever carries a
 /// connection string with a password in it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The backend could not be reached, or the connection broke mid-call.
@@ -24,7 +111,7 @@ pub enum Error {
         op: &'static str,
         /// What the client library said.
         #[source]
-        source: BoxError,
+        source: SharedError,
     },
     /// The backend did not answer within the configured time. Transient.
     #[error("{backend}: {op} timed out after {after:?}")]
@@ -110,7 +197,7 @@ pub enum Error {
         transient: bool,
         /// What the client library said.
         #[source]
-        source: BoxError,
+        source: SharedError,
     },
 }
 
@@ -137,7 +224,7 @@ impl Error {
     /// [`Error::Unavailable`] and [`Error::Backend`]) replaced by
     /// `f(source)`: for a backend that puts context in front of it. Other
     /// variants come back unchanged.
-    pub fn map_source(self, f: impl FnOnce(BoxError) -> BoxError) -> Error {
+    pub fn map_source(self, f: impl FnOnce(SharedError) -> SharedError) -> Error {
         match self {
             Error::Unavailable {
                 backend,
@@ -299,6 +386,92 @@ mod tests {
         assert_eq!(url_passwords("redis://:a@b@h/0?pass=c"), ["a@b", "c"]);
         assert!(url_passwords("postgres://u@h/db").is_empty());
         assert!(url_passwords("amqp://u:@h/").is_empty(), "nothing to scrub");
+    }
+
+    fn io(kind: std::io::ErrorKind) -> std::io::Error {
+        std::io::Error::new(kind, "from the client library")
+    }
+
+    /// The error behind `source()`: the client library's, not the wrapper.
+    fn io_kind(e: &Error) -> Option<std::io::ErrorKind> {
+        std::error::Error::source(e)?
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind)
+    }
+
+    #[test]
+    fn source_and_downcast_reach_the_client_error_through_clones() {
+        let e = Error::Backend {
+            backend: "redis",
+            op: "claim",
+            transient: true,
+            source: SharedError::new(io(std::io::ErrorKind::BrokenPipe)),
+        };
+        let copy = e.clone();
+        assert_eq!(io_kind(&e), Some(std::io::ErrorKind::BrokenPipe));
+        assert_eq!(io_kind(&copy), Some(std::io::ErrorKind::BrokenPipe));
+        assert_eq!(copy.to_string(), e.to_string());
+        assert!(copy.is_transient());
+        let (Error::Backend { source: a, .. }, Error::Backend { source: b, .. }) = (&e, &copy)
+        else {
+            unreachable!()
+        };
+        assert!(Arc::ptr_eq(&a.clone().into_arc(), &b.clone().into_arc()));
+    }
+
+    #[test]
+    fn shared_error_conversions_keep_the_error_inside() {
+        let boxed: BoxError = Box::new(io(std::io::ErrorKind::TimedOut));
+        let from_box = SharedError::from(boxed);
+        assert!(from_box.downcast_ref::<std::io::Error>().is_some());
+
+        let arc: Arc<dyn std::error::Error + Send + Sync> = Arc::new(io(std::io::ErrorKind::Other));
+        let from_arc = SharedError::from_arc(arc.clone());
+        assert!(Arc::ptr_eq(&from_arc.clone().into_arc(), &arc));
+        assert!(from_arc.downcast_ref::<std::io::Error>().is_some());
+
+        let text: SharedError = "connection refused".into();
+        assert_eq!(text.to_string(), "connection refused");
+        assert_eq!(format!("{text:?}"), "\"connection refused\"");
+        let e = Error::Unavailable {
+            backend: "rabbitmq",
+            op: "ack",
+            source: format!("channel {} closed", 3).into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "rabbitmq: ack failed, backend unavailable: channel 3 closed"
+        );
+    }
+
+    #[test]
+    fn map_source_puts_context_in_front_of_the_source() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("while connecting: {0}")]
+        struct Context(#[source] SharedError);
+
+        let e = Error::Unavailable {
+            backend: "postgres",
+            op: "connect",
+            source: io(std::io::ErrorKind::ConnectionRefused).into(),
+        };
+        let mapped = e.map_source(|s| Context(s).into());
+        let context = std::error::Error::source(&mapped).expect("a source");
+        assert!(context.downcast_ref::<Context>().is_some(), "{mapped:?}");
+        let inner = context
+            .source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            inner.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::ConnectionRefused)
+        );
+        assert!(
+            mapped
+                .to_string()
+                .ends_with("while connecting: from the client library")
+        );
+        let closed = Error::Closed { backend: "memory" }.map_source(|_| unreachable!());
+        assert!(matches!(closed, Error::Closed { .. }));
     }
 
     #[test]

@@ -20,8 +20,7 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idemq::Error> {
 //! use idemq::memory::{MemoryBroker, MemoryDedupStore};
-//! use idemq::{Broker, Engine, HandlerError, Message, OutgoingMessage};
-//! use tokio_util::sync::CancellationToken;
+//! use idemq::{Broker, CancellationToken, Engine, HandlerError, Message, OutgoingMessage};
 //!
 //! let broker = MemoryBroker::new("orders");
 //! broker.publish(OutgoingMessage::new("charge 5").with_message_id("order-1")).await?;
@@ -54,7 +53,7 @@
 //! * `mock`: `MockBroker` and `MockDedupStore` (mockall), for unit
 //!   tests of code that takes the traits.
 //! * `testing`: the conformance suites every backend must pass, the
-//!   loopback [`testing::FaultProxy`], and helpers for tests against real
+//!   loopback `testing::FaultProxy`, and helpers for tests against real
 //!   services.
 
 #![forbid(unsafe_code)]
@@ -80,7 +79,7 @@ pub use coalesce::Coalescing;
 pub use engine::{
     Config, Engine, EngineBuilder, EngineState, Health, RELEASE_BOUND, Report, Stopped,
 };
-pub use error::{BoxError, Error};
+pub use error::{BoxError, Error, SharedError};
 pub use handler::{Completion, Handler, HandlerError, HandlerResultExt, JsonHandler, json};
 pub use key::KeyStrategy;
 pub use message::{

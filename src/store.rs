@@ -200,7 +200,7 @@ pub struct ClaimTtl {
 /// A dedup store: an atomic, fenced claim per `(scope, key)`.
 ///
 /// Semantics every implementation shares (checked by
-/// [`crate::testing::store`] when the `testing` feature is on):
+/// `idemq::testing::store` when the `testing` feature is on):
 ///
 /// * `claim` on an absent or expired record creates it with `attempts = 1`;
 ///   on a `Released` record, or a `Claimed` one whose lease lapsed, it takes

@@ -141,7 +141,7 @@ impl DedupStore for Probe {
             return Err(Error::Unavailable {
                 backend: "probe",
                 op: "claim_many",
-                source: "connection reset".into(),
+                source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset").into(),
             });
         }
         self.store.claim_many(scope, keys, ttl).await
@@ -369,6 +369,13 @@ async fn a_failed_batch_fails_every_call_in_it_with_a_transient_error() {
                         }
                     ),
                     "{e:?}"
+                );
+                let source = std::error::Error::source(&e).expect("a source");
+                let io = source.downcast_ref::<std::io::Error>();
+                assert_eq!(
+                    io.map(std::io::Error::kind),
+                    Some(std::io::ErrorKind::ConnectionReset),
+                    "every caller gets the store's own error: {e:?}"
                 );
                 failed += 1;
             }

@@ -94,7 +94,11 @@ async fn unique_messages_are_handled_once_and_acked() {
         (report.received, report.handled, report.duplicates),
         (100, 100, 0)
     );
-    assert_eq!(report.stopped, Stopped::BrokerClosed);
+    assert!(
+        matches!(report.stopped, Stopped::BrokerClosed),
+        "{}",
+        report.stopped
+    );
     assert_eq!(calls.total(), 100);
     let stats = broker.stats();
     assert_eq!(
@@ -629,7 +633,11 @@ async fn shutdown_finishes_in_flight_releases_the_rest_and_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await; // all 10 in flight
     shutdown.cancel();
     let report = run.await.unwrap();
-    assert_eq!(report.stopped, Stopped::Shutdown);
+    assert!(
+        matches!(report.stopped, Stopped::Shutdown),
+        "{}",
+        report.stopped
+    );
     // Quick ones finished within the grace period; the 4 hanging ones were released.
     assert_eq!((report.handled, report.released), (6, 4));
     let stats = broker.stats();

@@ -283,7 +283,7 @@ async fn transient_broker_errors_are_retried_and_permanent_ones_stop_the_run() {
         .await;
     assert_eq!((report.handled, report.broker_errors), (1, 3));
     assert!(
-        matches!(report.stopped, Stopped::BrokerFailed(ref e) if e.contains("queue deleted")),
+        matches!(report.stopped, Stopped::BrokerFailed(Error::Config(ref e)) if e == "queue deleted"),
         "{report:?}"
     );
 }

@@ -633,7 +633,7 @@ impl Driver {
             }
             let Some(run) = slot.run.take() else { continue };
             let stopped = match run.handle.await {
-                Ok(report) => format!("{:?}", report.stopped),
+                Ok(report) => report.stopped.to_string(),
                 Err(e) => format!("task failed: {e}"),
             };
             let _ = timeout(CLOSE_TIMEOUT, run.broker.close()).await;

@@ -829,10 +829,10 @@ fn judge(
             ));
         }
         if let Some(report) = &r.report
-            && report.stopped != idemq::Stopped::Shutdown
+            && !matches!(report.stopped, idemq::Stopped::Shutdown)
         {
             failures.push(format!(
-                "e{} (incarnation {}) was asked to shut down but stopped for {:?}",
+                "e{} (incarnation {}) was asked to shut down but stopped: {}",
                 r.engine, r.inc, report.stopped
             ));
         }

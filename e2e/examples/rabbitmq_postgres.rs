@@ -12,11 +12,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use idemq::{Broker, Coalescing, Engine, HandlerError, Message, OutgoingMessage, headers};
+use idemq::{
+    Broker, CancellationToken, Coalescing, Engine, HandlerError, Message, OutgoingMessage, headers,
+};
 use idemq_postgres::sqlx::{self, PgConnection};
 use idemq_postgres::{PostgresDedupStore, sql_error};
 use idemq_rabbitmq::{RabbitBroker, RabbitConfig, RabbitPublisher, delete_topology};
-use tokio_util::sync::CancellationToken;
 
 const ORDERS: i64 = 500;
 
@@ -137,14 +138,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let report = running.await?;
 
-    println!("handled:            {}", report.handled);
-    println!(
-        "duplicates skipped: {}",
-        report.duplicates + report.dead_duplicates
-    );
-    println!("deferred:           {}", report.deferred);
-    println!("retried:            {}", report.retried);
-    println!("dead-lettered:      {}", report.dead_lettered);
+    println!("{report}");
     let mut reasons: HashMap<String, usize> = HashMap::new();
     while let Some(dead) = broker.next_dead_letter().await? {
         let reason = dead

@@ -12,10 +12,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idemq::{Broker, Engine, HandlerError, HandlerResultExt, Message, OutgoingMessage, headers};
+use idemq::{
+    Broker, CancellationToken, Engine, HandlerError, HandlerResultExt, Message, OutgoingMessage,
+    headers,
+};
 use idemq_rabbitmq::{RabbitBroker, RabbitConfig, RabbitPublisher, delete_topology};
 use idemq_redis::RedisDedupStore;
-use tokio_util::sync::CancellationToken;
 
 const ORDERS: u32 = 500;
 
@@ -111,14 +113,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let report = running.await?;
 
-    println!("handled:            {}", report.handled);
-    println!(
-        "duplicates skipped: {}",
-        report.duplicates + report.dead_duplicates
-    );
-    println!("deferred:           {}", report.deferred);
-    println!("retried:            {}", report.retried);
-    println!("dead-lettered:      {}", report.dead_lettered);
+    println!("{report}");
     let mut reasons: HashMap<String, usize> = HashMap::new();
     while let Some(dead) = broker.next_dead_letter().await? {
         let reason = dead

@@ -73,8 +73,7 @@ impl fmt::Display for EngineState {
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idemq::Error> {
 /// use idemq::memory::{MemoryBroker, MemoryDedupStore};
-/// use idemq::{Engine, EngineState, Health, Message};
-/// use tokio_util::sync::CancellationToken;
+/// use idemq::{CancellationToken, Engine, EngineState, Health, Message};
 ///
 /// // What the probe endpoint of your HTTP server calls (axum, hyper, ...):
 /// // 200 when ready, 503 with the state otherwise.

@@ -58,7 +58,7 @@ const BROKER_POLL: Duration = Duration::from_millis(200);
 /// let engine = Engine::builder(broker.clone(), MemoryDedupStore::new(), |_msg: Message| async { Ok(()) })
 ///     .scope("orders")
 ///     .build()?;
-/// let report = engine.run(tokio_util::sync::CancellationToken::new()).await;
+/// let report = engine.run(idemq::CancellationToken::new()).await;
 /// assert_eq!((report.handled, report.duplicates), (2, 1));
 /// # Ok(()) }
 /// ```
@@ -387,7 +387,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                 Err(e) => {
                     sh.broker_failed(BrokerOp::Receive);
                     tracing::error!(error = %e, "broker failed for good; stopping");
-                    break Stopped::BrokerFailed(e.to_string());
+                    break Stopped::BrokerFailed(e);
                 }
             }
         };

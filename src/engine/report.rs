@@ -1,8 +1,10 @@
 //! What an engine counts, as a [`Report`] and through the `metrics` facade.
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::meters::{BaseLabels, Outcome};
+use crate::Error;
 
 macro_rules! counters {
     ($( $(#[$doc:meta])* $field:ident => $metric:ident $(($outcome:expr))? ),* $(,)?) => {
@@ -14,7 +16,24 @@ macro_rules! counters {
         /// [`crate::metric_names::MESSAGES`] by `idemq.outcome`, the
         /// errors as [`crate::metric_names::STORE_ERRORS`] and
         /// [`crate::metric_names::BROKER_ERRORS`] by operation.
-        #[derive(Clone, Debug, Default, PartialEq, Eq)]
+        ///
+        /// `Display` writes it as one line for a log, the main figures
+        /// always and the rest only when not zero:
+        ///
+        /// ```
+        /// let report = idemq::Report::default();
+        /// assert_eq!(
+        ///     report.to_string(),
+        ///     "received 0, handled 0, duplicates 0, retried 0, dead-lettered 0, deferred 0; \
+        ///      stopped: shutdown"
+        /// );
+        /// ```
+        ///
+        /// New figures may be added, so it cannot be built field by field
+        /// outside idemq: start from [`Report::default`] and
+        /// [`Report::merge`] runs into it.
+        #[derive(Clone, Debug, Default)]
+        #[non_exhaustive]
         pub struct Report {
             $( $(#[$doc])* pub $field: u64, )*
             /// Why the run ended.
@@ -82,8 +101,40 @@ counters! {
     requeued => outcome(Outcome::Requeued),
 }
 
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // (name, figure, written even when zero)
+        let figures = [
+            ("received", self.received, true),
+            ("handled", self.handled, true),
+            ("duplicates", self.duplicates, true),
+            ("dead duplicates", self.dead_duplicates, false),
+            ("retried", self.retried, true),
+            ("dead-lettered", self.dead_lettered, true),
+            ("deferred", self.deferred, true),
+            ("lease lost", self.lease_lost, false),
+            ("released", self.released, false),
+            ("requeued", self.requeued, false),
+            ("store errors", self.store_errors, false),
+            ("broker errors", self.broker_errors, false),
+        ];
+        let mut sep = "";
+        for (name, n, always) in figures {
+            if always || n > 0 {
+                write!(f, "{sep}{name} {n}")?;
+                sep = ", ";
+            }
+        }
+        write!(f, "; stopped: {}", self.stopped)
+    }
+}
+
 /// Why [`crate::Engine::run`] returned.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// `Display` says it in a few words (`shutdown`, `broker closed`,
+/// `broker failed: ...`).
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub enum Stopped {
     /// The shutdown token was cancelled.
     #[default]
@@ -91,7 +142,17 @@ pub enum Stopped {
     /// The broker said no more deliveries will come.
     BrokerClosed,
     /// The broker failed with an error that retrying cannot fix.
-    BrokerFailed(String),
+    BrokerFailed(Error),
+}
+
+impl fmt::Display for Stopped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stopped::Shutdown => f.write_str("shutdown"),
+            Stopped::BrokerClosed => f.write_str("broker closed"),
+            Stopped::BrokerFailed(e) => write!(f, "broker failed: {e}"),
+        }
+    }
 }
 
 /// A figure of the report and the metric it is exported as. Padded to a
@@ -117,5 +178,42 @@ impl Counter {
 
     fn get(&self) -> u64 {
         self.value.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_displays_as_one_line() {
+        let mut report = Report {
+            received: 12,
+            handled: 7,
+            duplicates: 3,
+            retried: 1,
+            dead_lettered: 1,
+            deferred: 2,
+            requeued: 4,
+            stopped: Stopped::BrokerClosed,
+            ..Report::default()
+        };
+        assert_eq!(
+            report.to_string(),
+            "received 12, handled 7, duplicates 3, retried 1, dead-lettered 1, \
+             deferred 2, requeued 4; stopped: broker closed"
+        );
+        report.dead_duplicates = 1;
+        report.lease_lost = 2;
+        report.released = 3;
+        report.store_errors = 5;
+        report.broker_errors = 6;
+        report.stopped = Stopped::BrokerFailed(Error::Closed { backend: "memory" });
+        assert_eq!(
+            report.to_string(),
+            "received 12, handled 7, duplicates 3, dead duplicates 1, retried 1, \
+             dead-lettered 1, deferred 2, lease lost 2, released 3, requeued 4, \
+             store errors 5, broker errors 6; stopped: broker failed: memory: closed"
+        );
     }
 }

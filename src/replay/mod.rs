@@ -29,9 +29,9 @@
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idemq::Error> {
+//! use idemq::CancellationToken;
 //! use idemq::memory::{MemoryBroker, MemoryDedupStore};
 //! use idemq::replay::{Filter, Replay};
-//! use tokio_util::sync::CancellationToken;
 //!
 //! let broker = MemoryBroker::new("orders"); // or idemq_rabbitmq::RabbitDeadLetters
 //! let store = MemoryDedupStore::new();

@@ -78,7 +78,7 @@ fn state_name<S: serde::Serializer>(s: &Option<RecordState>, ser: S) -> Result<S
 }
 
 /// How a replay ended.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum ReplayEnd {
     /// Every dead letter that was in the queue at the start was looked at
@@ -108,7 +108,7 @@ pub struct ReasonCounts {
 
 /// What a replay did. Every count is of dead letters taken from the queue;
 /// in a dry run, of what would have happened.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ReplayReport {
     /// True for a dry run: nothing was changed.

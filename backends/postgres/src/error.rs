@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use idemq::{BoxError, Error, HandlerError};
+use idemq::{BoxError, Error, HandlerError, SharedError};
 
 /// The backend name every error of this crate carries.
 pub(crate) const BACKEND: &str = "postgres";
@@ -62,14 +62,14 @@ pub(crate) fn from_sqlx(op: &'static str, e: sqlx::Error) -> Error {
         return Error::Unavailable {
             backend: BACKEND,
             op,
-            source: Box::new(e),
+            source: SharedError::new(e),
         };
     }
     Error::Backend {
         backend: BACKEND,
         op,
         transient: sqlx_is_transient(&e),
-        source: Box::new(e),
+        source: SharedError::new(e),
     }
 }
 
@@ -84,7 +84,7 @@ pub(crate) fn backend(op: &'static str, transient: bool, msg: impl Into<String>)
         backend: BACKEND,
         op,
         transient,
-        source: Box::new(Message(msg.into())),
+        source: SharedError::new(Message(msg.into())),
     }
 }
 
@@ -106,7 +106,7 @@ impl std::error::Error for Message {}
 #[derive(Debug)]
 pub(crate) struct Explained {
     message: String,
-    source: BoxError,
+    source: SharedError,
 }
 
 impl fmt::Display for Explained {
@@ -146,7 +146,7 @@ pub(crate) fn connect_failed(target: &str, ssl_mode: &str, e: sqlx::Error) -> Er
         },
         other => format!("{target}: {other}"),
     };
-    from_sqlx("connect", e).map_source(|source| Box::new(Explained { message, source }))
+    from_sqlx("connect", e).map_source(|source| SharedError::new(Explained { message, source }))
 }
 
 /// Turns a sqlx error met inside a handler into a [`HandlerError`]:
@@ -221,7 +221,7 @@ pub(crate) fn scrub(e: Error, secrets: &[String]) -> Error {
         backend: BACKEND,
         op: "connect",
         transient,
-        source: Box::new(Message(text)),
+        source: SharedError::new(Message(text)),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Mapping lapin's errors onto [`idemq::Error`].
 
-use idemq::Error;
+use idemq::{Error, SharedError};
 use lapin::ErrorKind;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 
@@ -28,7 +28,7 @@ pub(crate) fn map(op: &'static str, e: lapin::Error) -> Error {
         return Error::Unavailable {
             backend: BACKEND,
             op,
-            source: Box::new(e),
+            source: SharedError::new(e),
         };
     }
     let transient = match e.kind() {
@@ -47,7 +47,7 @@ pub(crate) fn map(op: &'static str, e: lapin::Error) -> Error {
         backend: BACKEND,
         op,
         transient,
-        source: Box::new(e),
+        source: SharedError::new(e),
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use idemq::memory::MemoryDedupStore;
 use idemq::{
-    Broker, Engine, HandlerError, HeaderValue, KeyStrategy, Message, OutgoingMessage, Replay,
+    Broker, Engine, HandlerResultExt, HeaderValue, KeyStrategy, Message, OutgoingMessage, Replay,
     Stopped,
 };
 use idemq_rabbitmq::testing::{RawProperties, RawValue, get_raw, publish_raw, quarantine};
@@ -69,9 +69,7 @@ fn run_engine(
             let seen = seen.clone();
             async move {
                 tokio::time::sleep(Duration::from_millis(1)).await;
-                let mut seen = seen
-                    .lock()
-                    .map_err(|e| HandlerError::retry(e.to_string()))?;
+                let mut seen = seen.lock().map_err(|e| e.to_string()).retryable()?;
                 *seen.entry(msg.key().to_owned()).or_default() += 1;
                 Ok(())
             }
@@ -194,7 +192,11 @@ async fn malformed_in_a_running_stream(name: &str, queue_type: QueueType) {
     let flowing = started.elapsed();
     shutdown.cancel();
     let report = running.await.expect("engine task");
-    assert_eq!(report.stopped, Stopped::Shutdown);
+    assert!(
+        matches!(report.stopped, Stopped::Shutdown),
+        "{}",
+        report.stopped
+    );
     assert_each_once(&seen, GOOD);
     assert!(
         broker.generation() > generation,

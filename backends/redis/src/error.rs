@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use idemq::Error;
+use idemq::{Error, SharedError};
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
 pub(crate) const BACKEND: &str = "redis";
@@ -24,7 +24,7 @@ pub(crate) fn map(op: &'static str, after: Duration, e: RedisError) -> Error {
         return Error::Unavailable {
             backend: BACKEND,
             op,
-            source: Box::new(e),
+            source: SharedError::new(e),
         };
     }
     let transient = matches!(
@@ -41,7 +41,7 @@ pub(crate) fn map(op: &'static str, after: Duration, e: RedisError) -> Error {
         backend: BACKEND,
         op,
         transient,
-        source: Box::new(e),
+        source: SharedError::new(e),
     }
 }
 

@@ -98,7 +98,11 @@ async fn engine_dedups_retries_and_dead_letters_with_redis() {
     .await
     .expect("the run settles everything and stops");
 
-    assert_eq!(report.stopped, Stopped::BrokerClosed);
+    assert!(
+        matches!(report.stopped, Stopped::BrokerClosed),
+        "{}",
+        report.stopped
+    );
     // Handled once each: 40 ok + 5 late.
     assert_eq!(report.handled, 45, "{report:?}");
     assert_eq!(report.duplicates, 20, "{report:?}");

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use idemq::{Delivery, Error};
+use idemq::{Delivery, Error, SharedError};
 use lapin::message::Delivery as LapinDelivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
@@ -214,7 +214,7 @@ async fn detached<T: Send + 'static>(
             backend: BACKEND,
             op: "consumer change",
             transient: true,
-            source: Box::new(e),
+            source: SharedError::new(e),
         }),
     }
 }

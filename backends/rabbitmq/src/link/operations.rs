@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use idemq::{Delivery, Error};
+use idemq::{Delivery, Error, SharedError};
 use lapin::message::Delivery as LapinDelivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::ShortString;
@@ -126,7 +126,7 @@ impl Shared {
             _ = sleep_until(deadline) => Err(Error::Unavailable {
                 backend: BACKEND,
                 op,
-                source: Box::new(cause.clone()),
+                source: SharedError::new(cause.clone()),
             }),
         }
     }

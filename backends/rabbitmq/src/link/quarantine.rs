@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use idemq::Error;
+use idemq::{Error, SharedError};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, error, info, warn};
 
@@ -152,7 +152,7 @@ pub(super) fn parse_failure(e: lapin::Error) -> Error {
         backend: BACKEND,
         op: "consume",
         transient: true,
-        source: Box::new(e),
+        source: SharedError::new(e),
     }
 }
 
@@ -175,7 +175,7 @@ pub(super) fn blocked(cfg: &RabbitConfig, cause: Error) -> Error {
         backend: BACKEND,
         op: "connect",
         transient: true,
-        source: Box::new(Blocked {
+        source: SharedError::new(Blocked {
             queue: cfg.queue().to_owned(),
             dead_letter_queue: cfg.dead_letter_queue(),
             cause,

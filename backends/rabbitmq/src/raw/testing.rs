@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use idemq::Error;
+use idemq::{Error, SharedError};
 use lapin::uri::AMQPUri;
 
 use super::client::RawClient;
@@ -38,7 +38,7 @@ fn failed(op: &'static str) -> impl FnOnce(RawError) -> Error {
         backend: BACKEND,
         op,
         transient: false,
-        source: Box::new(e),
+        source: SharedError::new(e),
     }
 }
 

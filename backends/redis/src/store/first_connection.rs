@@ -13,7 +13,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use idemq::Error;
+use idemq::{Error, SharedError};
 use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisConnectionInfo, RedisError, Value};
 
 use crate::config::RedisConfig;
@@ -54,7 +54,7 @@ pub(crate) async fn first_connection(
                 backend: BACKEND,
                 op: "connect",
                 transient: false,
-                source: Box::new(ConnectError {
+                source: SharedError::new(ConnectError {
                     message: format!(
                         "{target}: authentication failed: {words} (the URL gives no password)"
                     ),
@@ -204,9 +204,9 @@ fn refused(message: String, source: RedisError) -> Error {
         backend: BACKEND,
         op: "connect",
         transient: false,
-        source: Box::new(ConnectError {
+        source: SharedError::new(ConnectError {
             message,
-            source: Some(Box::new(source)),
+            source: Some(SharedError::new(source)),
         }),
     }
 }
@@ -215,9 +215,9 @@ fn unavailable(message: String, source: RedisError) -> Error {
     Error::Unavailable {
         backend: BACKEND,
         op: "connect",
-        source: Box::new(ConnectError {
+        source: SharedError::new(ConnectError {
             message,
-            source: Some(Box::new(source)),
+            source: Some(SharedError::new(source)),
         }),
     }
 }
@@ -225,7 +225,7 @@ fn unavailable(message: String, source: RedisError) -> Error {
 /// `err` with `target` (the redacted URL) put before its source's message.
 fn with_target(err: Error, target: &str) -> Error {
     err.map_source(|source| {
-        Box::new(ConnectError {
+        SharedError::new(ConnectError {
             message: format!("{target}: {source}"),
             source: Some(source),
         })
@@ -237,7 +237,7 @@ fn with_target(err: Error, target: &str) -> Error {
 #[derive(Debug)]
 struct ConnectError {
     message: String,
-    source: Option<idemq::BoxError>,
+    source: Option<SharedError>,
 }
 
 impl fmt::Display for ConnectError {
