@@ -69,8 +69,11 @@ pub mod key;
 pub mod memory;
 pub mod message;
 pub mod metric_names;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod policy;
 pub mod replay;
+mod spans;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
