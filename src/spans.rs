@@ -3,6 +3,9 @@
 //! `otel.status_code` are read by `tracing-opentelemetry`), so an
 //! OpenTelemetry layer exports them as they are. They exist with or
 //! without the `otel` feature: a span nobody subscribes to costs a check.
+//!
+//! Numbers are recorded as `i64`: `tracing-opentelemetry` exports an
+//! unsigned field as a string.
 
 use std::fmt;
 
@@ -71,8 +74,8 @@ impl EngineSpans {
             messaging.operation.type = "process",
             messaging.operation.name = "process",
             messaging.message.id = d.message_id.as_deref(),
-            messaging.message.body.size = d.body.len(),
-            messaging.rabbitmq.message.delivery_tag = self.rabbitmq.then_some(d.tag),
+            messaging.message.body.size = d.body.len() as i64,
+            messaging.rabbitmq.message.delivery_tag = self.rabbitmq.then_some(d.tag as i64),
             idemq.scope = scope,
             idemq.key = key,
             idemq.attempt = Empty,
@@ -132,7 +135,7 @@ pub(crate) fn send(system: &'static str, queue: &str, m: &OutgoingMessage) -> Sp
         messaging.operation.type = "send",
         messaging.operation.name = "publish",
         messaging.message.id = m.message_id.as_deref(),
-        messaging.message.body.size = m.body.len(),
+        messaging.message.body.size = m.body.len() as i64,
     )
 }
 
@@ -155,7 +158,7 @@ pub(crate) fn replay(letter: &Delivery, queue: Option<&str>, reason: &str) -> Sp
         messaging.operation.type = "send",
         messaging.operation.name = "replay",
         messaging.message.id = letter.message_id.as_deref(),
-        messaging.message.body.size = letter.body.len(),
+        messaging.message.body.size = letter.body.len() as i64,
         idemq.dead_letter.reason = reason,
     );
     #[cfg(feature = "otel")]

@@ -100,7 +100,7 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
         }
     };
     if let Claim::Claimed(lease) = &claim {
-        Span::current().record("idemq.attempt", lease.attempt);
+        Span::current().record("idemq.attempt", i64::from(lease.attempt));
     }
     match claim {
         Claim::Done => {

@@ -128,7 +128,7 @@ pub(crate) async fn publish_traced(
         messaging.operation.type = "send",
         messaging.operation.name = "publish",
         messaging.message.id = message.message_id.as_deref(),
-        messaging.message.body.size = message.body.len(),
+        messaging.message.body.size = message.body.len() as i64,
     );
     #[cfg(feature = "otel")]
     let message = {
