@@ -93,6 +93,13 @@ pub trait Broker: Send + Sync + 'static {
         None
     }
 
+    /// The messaging system, as OpenTelemetry's `messaging.system` names
+    /// it (`rabbitmq`, say): the engine puts it on its spans. Asked once,
+    /// when an engine is built. The default answers `None`.
+    fn system(&self) -> Option<&'static str> {
+        None
+    }
+
     /// Whether the connection to the broker is up right now. `false`
     /// while a client reconnects (deliveries cannot come meanwhile): the
     /// engine's health then reads "broker reconnecting".
@@ -139,6 +146,9 @@ impl<T: Broker + ?Sized> Broker for Arc<T> {
     }
     fn destination(&self) -> Option<String> {
         (**self).destination()
+    }
+    fn system(&self) -> Option<&'static str> {
+        (**self).system()
     }
     fn is_connected(&self) -> bool {
         (**self).is_connected()

@@ -42,11 +42,37 @@
 //! # Ok(()) }
 //! ```
 //!
-//! ## Metrics and health
+//! ## Metrics, traces and health
 //!
 //! The engine counts through the `metrics` facade, under the names of
 //! [`metric_names`] (install a recorder before building the engine);
 //! [`Engine::health`] hands out a [`Health`] handle for readiness probes.
+//!
+//! Each delivery runs in a `tracing` span named, by the OpenTelemetry
+//! messaging conventions, `process <queue>` (its `otel.name`), with:
+//!
+//! * `messaging.system` ([`Broker::system`]), `messaging.destination.name`
+//!   ([`Broker::destination`]), `messaging.operation.type = process`,
+//!   `messaging.message.id`, `messaging.message.body.size`, and
+//!   `messaging.rabbitmq.message.delivery_tag` on RabbitMQ;
+//! * `idemq.scope`, `idemq.key`, `idemq.attempt` (as the store counted
+//!   it), `idemq.outcome` (a value of [`metric_names::OUTCOMES`]) and
+//!   `idemq.dead_letter.reason` (a [`DeadReason`] code);
+//! * on failure, `otel.status_code = ERROR`, `otel.status_description`
+//!   and `error.type`: `transient` (a retry may succeed) or `permanent`.
+//!
+//! Its children are the store calls (`store claim`, `store complete`, ...,
+//! with `idemq.store.operation`) and the settlements (`ack <queue>`,
+//! `nack <queue>`, `retry_later <queue>`, `dead_letter <queue>`);
+//! publishing opens `send <queue>` and a replay `replay <queue>` per
+//! message. A `tracing-opentelemetry` layer exports them as they are;
+//! without a subscriber they cost a check each.
+//!
+//! With the `otel` feature the W3C trace context travels with the
+//! message (`idemq::otel`): publishing injects it into the headers, the engine
+//! makes each `process` span a child of it, and retried copies, dead
+//! letters and replayed copies keep it, so a message's whole story is one
+//! trace.
 //!
 //! ## Features
 //!
@@ -55,6 +81,9 @@
 //! * `testing`: the conformance suites every backend must pass, the
 //!   loopback `testing::FaultProxy`, and helpers for tests against real
 //!   services.
+//! * `otel`: trace context propagation through message headers
+//!   (`idemq::otel`, over `opentelemetry` 0.33 and
+//!   `tracing-opentelemetry` 0.34).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -68,8 +97,11 @@ pub mod key;
 pub mod memory;
 pub mod message;
 pub mod metric_names;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod policy;
 pub mod replay;
+mod spans;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;

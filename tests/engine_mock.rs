@@ -33,6 +33,7 @@ fn lease(key: &str, attempt: u32) -> Lease {
 fn mock_broker() -> MockBroker {
     let mut broker = MockBroker::new();
     broker.expect_destination().return_const(None::<String>);
+    broker.expect_system().return_const(None::<&'static str>);
     broker.expect_is_connected().return_const(true);
     broker
 }

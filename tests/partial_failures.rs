@@ -370,6 +370,9 @@ impl Broker for Reconnecting {
     fn destination(&self) -> Option<String> {
         self.inner.destination()
     }
+    fn system(&self) -> Option<&'static str> {
+        self.inner.system()
+    }
     fn is_connected(&self) -> bool {
         self.inner.is_connected()
     }

@@ -448,6 +448,9 @@ impl Broker for TrackedBroker {
     fn destination(&self) -> Option<String> {
         self.inner.destination()
     }
+    fn system(&self) -> Option<&'static str> {
+        self.inner.system()
+    }
     fn is_connected(&self) -> bool {
         self.inner.is_connected()
     }

@@ -268,6 +268,9 @@ impl<B: Broker> Broker for TimedBroker<B> {
     fn destination(&self) -> Option<String> {
         self.inner.destination()
     }
+    fn system(&self) -> Option<&'static str> {
+        self.inner.system()
+    }
     fn is_connected(&self) -> bool {
         self.inner.is_connected()
     }

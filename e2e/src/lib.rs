@@ -7,5 +7,6 @@
 //! cargo run -p idemq-e2e --example rabbitmq_redis
 //! cargo run -p idemq-e2e --example rabbitmq_postgres
 //! cargo run -p idemq-e2e --example producer -- 1000
+//! cargo run -p idemq-e2e --example prometheus   # metrics on http://127.0.0.1:9464/metrics
 //! cargo bench -p idemq-e2e --bench engine
 //! ```

@@ -5,7 +5,7 @@
 
 mod builder;
 mod health;
-mod meters;
+pub(crate) mod meters;
 mod process;
 mod report;
 
@@ -17,11 +17,13 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 pub use builder::{BROKER_ACK_TIMEOUT, Config, EngineBuilder};
 pub use health::{EngineState, Health};
 pub use report::{Report, Stopped};
 
+use crate::spans::{self, EngineSpans};
 use crate::{Broker, DedupStore, Handler};
 use health::{HealthCell, Phase};
 use meters::{BaseLabels, BrokerOp, Meters, StoreOp};
@@ -81,6 +83,7 @@ pub(crate) struct Shared<B, S, H> {
     pub(crate) cfg: Config,
     pub(crate) counters: Counters,
     pub(crate) meters: Meters,
+    pub(crate) spans: EngineSpans,
     health: HealthCell,
     gate: StoreGate,
     /// Set once the broker paused on request ([`Broker::pause`]): a
@@ -119,17 +122,20 @@ impl<B, S, H> Drop for Shared<B, S, H> {
 }
 
 impl<B: Broker, S: DedupStore, H: Handler> Shared<B, S, H> {
-    /// Makes a store call, timed and (when it fails) counted by operation.
+    /// Makes a store call, timed, in a span of its own, and (when it
+    /// fails) counted by operation.
     pub(crate) async fn store_call<T>(
         &self,
         op: StoreOp,
         call: impl Future<Output = Result<T, crate::Error>>,
     ) -> Result<T, crate::Error> {
+        let span = spans::store(op);
         let started = std::time::Instant::now();
-        let result = call.await;
+        let result = call.instrument(span.clone()).await;
         self.meters.store_call(op, started, result.is_err());
-        if result.is_err() {
+        if let Err(e) = &result {
             self.counters.store_errors.inc();
+            spans::record_error(&span, spans::error_type(e), e);
         }
         result
     }
@@ -198,7 +204,9 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
     }
 
     fn from_parts(broker: B, store: S, handler: H, cfg: Config) -> Self {
-        let labels = BaseLabels::new(&cfg.scope, broker.destination());
+        let destination = broker.destination();
+        let spans = EngineSpans::new(broker.system(), destination.clone());
+        let labels = BaseLabels::new(&cfg.scope, destination);
         let counters = Counters::new(&labels);
         let meters = Meters::new(&labels);
         let health = HealthCell::new(&cfg.scope);
@@ -209,6 +217,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                 handler,
                 counters,
                 meters,
+                spans,
                 health,
                 cfg,
                 gate: StoreGate {

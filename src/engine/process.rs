@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
 use super::Shared;
 use super::meters::{BrokerOp, Outcome, StoreOp};
@@ -17,6 +17,7 @@ use crate::handler::{Completion, HandlerError};
 use crate::message::Message;
 use crate::message::{DeadLetter, DeadReason, Delivery, headers};
 use crate::policy::OnDead;
+use crate::spans::{self, PERMANENT, TRANSIENT};
 use crate::store::{Claim, ClaimTtl, Fenced, Lease, RecordState, Release};
 use crate::{Broker, DedupStore, Error, Handler};
 
@@ -32,17 +33,31 @@ pub(crate) async fn process<B: Broker, S: DedupStore, H: Handler>(
 ) -> Outcome {
     let d = Arc::new(delivery);
     // 1. Key: message id, else the configured header, else (opt-in) the body hash.
-    let Some(key) = sh.cfg.key.extract(&d) else {
-        let span = tracing::info_span!("idemq.message", scope = %sh.cfg.scope, key = tracing::field::Empty, tag = d.tag);
-        let letter = DeadLetter::new(
-            DeadReason::MissingKey,
-            "no message_id, no key header, and body hashing is not enabled",
-            0,
-        );
-        return dead_letter(sh, &d, &letter).instrument(span).await;
+    let key = sh.cfg.key.extract(&d);
+    let span = sh.spans.message(&sh.cfg.scope, &d, key.as_deref());
+    let outcome = match key {
+        Some(key) => {
+            claim_and_handle(sh, d, key, abort)
+                .instrument(span.clone())
+                .await
+        }
+        None => {
+            let letter = DeadLetter::new(
+                DeadReason::MissingKey,
+                "no message_id, no key header, and body hashing is not enabled",
+                0,
+            );
+            spans::record_error(&span, PERMANENT, &letter.detail);
+            dead_letter(sh, &d, &letter).instrument(span.clone()).await
+        }
     };
-    let span = tracing::info_span!("idemq.message", scope = %sh.cfg.scope, key = %key, tag = d.tag);
-    claim_and_handle(sh, d, key, abort).instrument(span).await
+    span.record("idemq.outcome", outcome.as_str());
+    outcome
+}
+
+/// Marks the current (the delivery's) span failed.
+fn failed(kind: &'static str, what: &dyn std::fmt::Display) {
+    spans::record_error(&Span::current(), kind, what);
 }
 
 async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
@@ -71,6 +86,7 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
             //    delivery back to the broker, at once when the consumer is
             //    paused (others that reach the store take it), else after
             //    the backoff (it would come straight back to this one).
+            failed(spans::error_type(&e), &e);
             let delay = sh.store_failed(StoreOp::Claim, &e);
             if !sh.pausable.load(Ordering::Relaxed) {
                 tokio::select! {
@@ -83,6 +99,9 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
             return Outcome::Requeued;
         }
     };
+    if let Claim::Claimed(lease) = &claim {
+        Span::current().record("idemq.attempt", i64::from(lease.attempt));
+    }
     match claim {
         Claim::Done => {
             tracing::debug!("duplicate of a completed message; acking");
@@ -202,6 +221,9 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
             }
             Commit::NotCommitted => {}
             Commit::Unknown => {
+                if let Err(e) = &result {
+                    failed(TRANSIENT, e);
+                }
                 // Keep the lease: a redelivery waits for it to lapse, then
                 // finds the key done (committed) or takes it over (not).
                 tracing::error!(
@@ -227,12 +249,14 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
         // 4. Retryable: release (the attempt was counted at claim) and retry
         //    with backoff, or bury and dead-letter at the limit.
         Err(HandlerError::Retry(e)) if lease.attempt >= cfg.max_attempts => {
+            failed(TRANSIENT, &e);
             let letter = DeadLetter::new(DeadReason::MaxAttempts, e.to_string(), lease.attempt)
                 .with_record(&lease.scope, &lease.key);
             tracing::warn!(attempt = lease.attempt, error = %e, "attempts exhausted; dead-lettering");
             dead_letter_and_bury(sh, &d, &lease, &letter).await
         }
         Err(HandlerError::Retry(e)) => {
+            failed(TRANSIENT, &e);
             tracing::info!(attempt = lease.attempt, error = %e, "handler failed; retrying later");
             let release = sh.store.fail(&lease, Release::CountAttempt);
             match sh.store_call(StoreOp::Fail, release).await {
@@ -263,6 +287,7 @@ async fn permanent<B: Broker, S: DedupStore, H: Handler>(
     reason: DeadReason,
     e: crate::BoxError,
 ) -> Outcome {
+    failed(PERMANENT, &e);
     tracing::warn!(%reason, error = %e, "handler failed permanently; dead-lettering");
     let letter =
         DeadLetter::new(reason, e.to_string(), lease.attempt).with_record(&lease.scope, &lease.key);
@@ -378,6 +403,7 @@ async fn complete<B: Broker, S: DedupStore, H: Handler>(
     }
     // The effect happened but is not recorded. Keep the lease (do not
     // release it): a redelivery meets InProgress until it lapses.
+    failed(TRANSIENT, &"could not record completion");
     tracing::error!(
         "could not record completion; requeueing (the handler may run again after the lease lapses)"
     );
@@ -447,15 +473,23 @@ async fn dead_letter<B: Broker, S: DedupStore, H: Handler>(
     letter: &DeadLetter,
 ) -> Outcome {
     tracing::warn!(reason = %letter.reason, detail = %letter.detail, "dead-lettering");
+    Span::current().record("idemq.dead_letter.reason", letter.reason.as_str());
     let mut last = None;
     for attempt in 1..=SETTLE_TRIES {
-        match sh.broker.dead_letter(d, letter).await {
+        let span = sh.spans.settle(BrokerOp::DeadLetter);
+        match sh
+            .broker
+            .dead_letter(d, letter)
+            .instrument(span.clone())
+            .await
+        {
             Ok(()) => {
                 sh.counters.dead_lettered.inc();
                 sh.meters.dead_lettered(letter.reason);
                 return Outcome::DeadLettered;
             }
             Err(e) => {
+                spans::record_error(&span, spans::error_type(&e), &e);
                 sh.broker_failed(BrokerOp::DeadLetter);
                 let retry = e.is_transient() && attempt < SETTLE_TRIES;
                 last = Some(e);
@@ -467,6 +501,7 @@ async fn dead_letter<B: Broker, S: DedupStore, H: Handler>(
         }
     }
     if let Some(e) = last {
+        failed(spans::error_type(&e), &e);
         tracing::error!(error = %e, "dead-lettering failed; requeueing the delivery so it is not lost");
     }
     nack_requeue(sh, d).await;
@@ -479,7 +514,14 @@ async fn retry_later<B: Broker, S: DedupStore, H: Handler>(
     delay: Duration,
     attempt: u32,
 ) {
-    if let Err(e) = sh.broker.retry_later(d, delay, attempt).await {
+    let span = sh.spans.settle(BrokerOp::RetryLater);
+    let scheduled = sh
+        .broker
+        .retry_later(d, delay, attempt)
+        .instrument(span.clone())
+        .await;
+    if let Err(e) = scheduled {
+        spans::record_error(&span, spans::error_type(&e), &e);
         sh.broker_failed(BrokerOp::RetryLater);
         tracing::warn!(error = %e, "could not schedule the retry; requeueing after a pause");
         tokio::time::sleep(delay.min(sh.cfg.store_backoff.delay(1))).await;
@@ -488,22 +530,26 @@ async fn retry_later<B: Broker, S: DedupStore, H: Handler>(
 }
 
 async fn ack<B: Broker, S: DedupStore, H: Handler>(sh: &Shared<B, S, H>, d: &Delivery) {
-    if let Err(e) = sh.broker.ack(d).await {
-        settle_failed(sh, BrokerOp::Ack, &e);
+    let span = sh.spans.settle(BrokerOp::Ack);
+    if let Err(e) = sh.broker.ack(d).instrument(span.clone()).await {
+        settle_failed(sh, BrokerOp::Ack, &span, &e);
     }
 }
 
 async fn nack_requeue<B: Broker, S: DedupStore, H: Handler>(sh: &Shared<B, S, H>, d: &Delivery) {
-    if let Err(e) = sh.broker.nack(d, true).await {
-        settle_failed(sh, BrokerOp::Nack, &e);
+    let span = sh.spans.settle(BrokerOp::Nack);
+    if let Err(e) = sh.broker.nack(d, true).instrument(span.clone()).await {
+        settle_failed(sh, BrokerOp::Nack, &span, &e);
     }
 }
 
 fn settle_failed<B: Broker, S: DedupStore, H: Handler>(
     sh: &Shared<B, S, H>,
     op: BrokerOp,
+    span: &Span,
     e: &Error,
 ) {
+    spans::record_error(span, spans::error_type(e), e);
     sh.broker_failed(op);
     // The broker redelivers an unsettled message; its dedup record makes
     // the redelivery harmless.

@@ -353,6 +353,11 @@ impl Broker for MemoryBroker {
         Some(self.inner.queue.clone())
     }
 
+    /// `memory`.
+    fn system(&self) -> Option<&'static str> {
+        Some(BACKEND)
+    }
+
     async fn next(&self) -> Result<Option<Delivery>, Error> {
         // Fast path: something is ready, no need to register for wake-ups.
         if let Some(found) = self.try_next() {
@@ -444,7 +449,17 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    /// With the `otel` feature, the current trace context goes into the
+    /// message's headers unless it carries one already.
     async fn publish(&self, message: OutgoingMessage) -> Result<(), Error> {
+        let span = crate::spans::send(BACKEND, &self.inner.queue, &message);
+        let _entered = span.enter();
+        #[cfg(feature = "otel")]
+        let message = {
+            let mut message = message;
+            crate::otel::inject_if_absent(&mut message.headers);
+            message
+        };
         let mut s = self.state();
         if s.closed {
             return Err(Error::Closed { backend: BACKEND });

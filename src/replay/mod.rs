@@ -57,6 +57,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use filter::Filter;
 pub use letter::{DeadLetterInfo, Origin};
@@ -69,6 +70,7 @@ use crate::error::Error;
 use crate::key::{self, KeyStrategy};
 use crate::message::{Delivery, HeaderValue, Headers, headers};
 use crate::policy::Backoff;
+use crate::spans;
 use crate::store::{DedupStore, Record, RecordState, Revival};
 
 /// Dead letters in flight at once by default (store calls and unconfirmed
@@ -357,9 +359,16 @@ where
                     if let Some(pacer) = pacer.as_mut() {
                         pacer.wait().await;
                     }
-                    match self.queue.republish(&letter, replay_headers(&letter)).await {
+                    let span = spans::replay(&letter, info.original_queue.as_deref(), &info.reason);
+                    let republished = self
+                        .queue
+                        .republish(&letter, replay_headers(&letter))
+                        .instrument(span.clone())
+                        .await;
+                    match republished {
                         Ok(confirm) => confirm,
                         Err(e) => {
+                            spans::record_error(&span, spans::error_type(&e), &e);
                             release(run, 1);
                             let mut r = lock(run);
                             r.fail(e);

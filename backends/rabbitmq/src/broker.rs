@@ -168,6 +168,11 @@ impl Broker for RabbitBroker {
         Some(self.config().queue().to_owned())
     }
 
+    /// `rabbitmq`.
+    fn system(&self) -> Option<&'static str> {
+        Some(crate::SYSTEM)
+    }
+
     /// The same as [`RabbitBroker::is_connected`]: `false` while lapin
     /// recovers the connection or the supervisor rebuilds it.
     fn is_connected(&self) -> bool {
@@ -224,12 +229,10 @@ impl Broker for RabbitBroker {
         self.ack(delivery).await
     }
 
+    /// With the `otel` feature, the current trace context goes into the
+    /// message's headers unless it carries one.
     async fn publish(&self, message: OutgoingMessage) -> Result<(), Error> {
-        let props = new_properties(&message)?;
-        self.link
-            .shared
-            .publish(self.config().queue(), &message.body, props, "publish")
-            .await
+        crate::publisher::publish_traced(&self.link, self.config().queue(), message).await
     }
 
     async fn next_dead_letter(&self) -> Result<Option<Delivery>, Error> {

@@ -93,6 +93,9 @@ mod publisher;
 mod raw;
 pub mod topology;
 
+/// The `messaging.system` of this backend's spans.
+pub(crate) const SYSTEM: &str = "rabbitmq";
+
 pub use broker::RabbitBroker;
 pub use config::{
     DEAD_LETTER_DELIVERY_LIMIT, DEFAULT_ACK_DELAY, DEFAULT_DELIVERY_LIMIT, DEFAULT_PREFETCH,

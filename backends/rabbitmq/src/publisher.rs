@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use idemq::{Error, OutgoingMessage};
+use tracing::Instrument;
 
 use crate::broker::new_properties;
 use crate::config::RabbitConfig;
@@ -93,13 +94,10 @@ impl RabbitPublisher {
     }
 
     /// Publishes `message` as it is to `queue` (through the default
-    /// exchange) and waits for the confirm.
+    /// exchange) and waits for the confirm. With the `otel` feature, the
+    /// current trace context goes into its headers unless it carries one.
     pub async fn publish_to(&self, queue: &str, message: OutgoingMessage) -> Result<(), Error> {
-        let props = new_properties(&message)?;
-        self.link
-            .shared
-            .publish(queue, &message.body, props, "publish")
-            .await
+        publish_traced(&self.link, queue, message).await
     }
 
     /// Closes the connection, within about 2 seconds whatever its state
@@ -108,6 +106,57 @@ impl RabbitPublisher {
     pub async fn close(&self) {
         self.link.close().await;
     }
+}
+
+/// Publishes `message` to `queue` in a `send <queue>` span (a producer
+/// span by the OpenTelemetry messaging conventions); with the `otel`
+/// feature, that span's context is what the message carries, unless it
+/// carries a context already.
+pub(crate) async fn publish_traced(
+    link: &Link,
+    queue: &str,
+    message: OutgoingMessage,
+) -> Result<(), Error> {
+    let span = tracing::info_span!(
+        "idemq.publish",
+        otel.name = %format_args!("send {queue}"),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        messaging.system = crate::SYSTEM,
+        messaging.destination.name = queue,
+        messaging.operation.type = "send",
+        messaging.operation.name = "publish",
+        messaging.message.id = message.message_id.as_deref(),
+        messaging.message.body.size = message.body.len() as i64,
+    );
+    #[cfg(feature = "otel")]
+    let message = {
+        let mut message = message;
+        if !message.headers.contains_key(idemq::otel::TRACEPARENT) {
+            let _in_span = span.enter();
+            idemq::otel::inject(&mut message.headers);
+        }
+        message
+    };
+    let props = new_properties(&message)?;
+    let published = link
+        .shared
+        .publish(queue, &message.body, props, "publish")
+        .instrument(span.clone())
+        .await;
+    if let Err(e) = &published {
+        span.record("otel.status_code", "ERROR");
+        span.record(
+            "error.type",
+            if e.is_transient() {
+                "transient"
+            } else {
+                "permanent"
+            },
+        );
+    }
+    published
 }
 
 impl fmt::Debug for RabbitPublisher {
