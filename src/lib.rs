@@ -109,7 +109,7 @@ pub mod testing;
 pub use broker::Broker;
 pub use coalesce::Coalescing;
 pub use engine::{
-    Config, Engine, EngineBuilder, EngineState, Health, RELEASE_BOUND, Report, Stopped,
+    Engine, EngineBuilder, EngineConfig, EngineState, Health, RELEASE_BOUND, Report, Stopped,
 };
 pub use error::{BoxError, Error, SharedError};
 pub use handler::{Completion, Handler, HandlerError, HandlerResultExt, JsonHandler, json};

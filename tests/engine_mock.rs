@@ -77,7 +77,7 @@ fn engine<H: idemq::Handler>(
     Engine::builder(broker, store, handler)
         .scope("s")
         .concurrency(1)
-        .store_backoff(Backoff::new(
+        .failure_backoff(Backoff::new(
             Duration::from_millis(100),
             Duration::from_secs(1),
         ))

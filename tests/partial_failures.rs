@@ -39,7 +39,7 @@ fn engine<S: DedupStore, H: Handler>(
             Duration::from_millis(5),
             Duration::from_millis(5),
         ))
-        .store_backoff(Backoff::new(
+        .failure_backoff(Backoff::new(
             Duration::from_millis(5),
             Duration::from_millis(20),
         ))
@@ -440,10 +440,10 @@ async fn shutdown_does_not_wait_for_a_broker_stuck_in_prepare_or_pause() {
 
 /// A pause that fails (the broker client is reconnecting, and will hold a
 /// fresh prefetch once it is back) is tried again within a second, not
-/// after the store backoff: the consumer does not sit on deliveries other
+/// after the failure backoff: the consumer does not sit on deliveries other
 /// consumers could take.
 #[tokio::test(start_paused = true)]
-async fn a_failed_pause_is_tried_again_before_the_store_backoff_ends() {
+async fn a_failed_pause_is_tried_again_before_the_failure_backoff_ends() {
     let inner = MemoryBroker::new("q");
     publish(&inner, 4).await;
     let store = unreachable_store();
@@ -452,7 +452,7 @@ async fn a_failed_pause_is_tried_again_before_the_store_backoff_ends() {
     let runs = Arc::new(AtomicU32::new(0));
     let engine = Engine::builder(broker.clone(), store.clone(), counting(&runs))
         .scope(SCOPE)
-        .store_backoff(Backoff::new(
+        .failure_backoff(Backoff::new(
             Duration::from_secs(30),
             Duration::from_secs(30),
         ))

@@ -600,7 +600,7 @@ impl Driver {
             Duration::from_millis(200),
             Duration::from_secs(1),
         ))
-        // The store backoff is the engine's default (100 ms doubling to
+        // The failure backoff is the engine's default (100 ms doubling to
         // 10 s): what users run.
         .defer_bounds(Duration::from_millis(200), Duration::from_secs(1))
         .shutdown_grace(s.shutdown_grace)

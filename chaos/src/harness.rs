@@ -24,10 +24,10 @@ use crate::outcome::{Kind, kind, message_id, parse_id};
 use crate::settings::Settings;
 use crate::track::{COPY_HEADER, Effect, Tracker, copy_of};
 
-/// The engines run the default store backoff, capped at 10 s: a copy whose
+/// The engines run the default failure backoff, capped at 10 s: a copy whose
 /// settlement failed against the store may wait that long before the next
 /// try, plus the store's own operation timeout.
-const STORE_BACKOFF_CAP: Duration = Duration::from_secs(12);
+const FAILURE_BACKOFF_CAP: Duration = Duration::from_secs(12);
 
 /// The retry tiers of the run's queues: retries and deferrals come back
 /// within a second.
@@ -190,7 +190,7 @@ async fn monitor(ctx: Arc<Ctx>, views: Views, stop: CancellationToken) -> Watch 
         // Empty at two polls in a row: a copy idle for long is not waiting
         // in the work queue behind others, it is held by a consumer.
         if empty_since.is_some_and(|t| now - t >= Duration::from_millis(400)) {
-            let stuck = ctx.tracker.newly_stuck(s.stuck_after, STORE_BACKOFF_CAP);
+            let stuck = ctx.tracker.newly_stuck(s.stuck_after, FAILURE_BACKOFF_CAP);
             if !stuck.is_empty() {
                 watch.stuck_copies += stuck.len();
                 let sample: Vec<String> = stuck

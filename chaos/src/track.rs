@@ -42,7 +42,7 @@ struct Copy {
     stuck: bool,
     /// The last thing that happened to it was a store operation under its
     /// lease that failed: the engine is retrying its settlement through a
-    /// store outage (backing off up to the store backoff's cap), which holds
+    /// store outage (backing off up to the failure backoff's cap), which holds
     /// the copy by design rather than hoarding it.
     store_waiting: bool,
     /// The last few things that happened to it.
@@ -343,7 +343,7 @@ impl Tracker {
     /// `after` (not taken, not settled, not handled: waiting in a
     /// consumer's prefetch, or taken and held while the engine backs off),
     /// not reported before. A copy whose last store operation failed gets
-    /// `store_grace` more: its engine waits out the store backoff before the
+    /// `store_grace` more: its engine waits out the failure backoff before the
     /// next try, as designed.
     pub fn newly_stuck(&self, after: Duration, store_grace: Duration) -> Vec<Stuck> {
         let mut guard = self.lock();

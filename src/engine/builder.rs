@@ -10,14 +10,14 @@ use crate::{Broker, DedupStore, Handler};
 
 /// The engine's settings. Built with [`Engine::builder`].
 #[derive(Clone, Debug)]
-pub struct Config {
+pub struct EngineConfig {
     pub(crate) scope: String,
     pub(crate) concurrency: usize,
     pub(crate) lease: Duration,
     pub(crate) keep_for: Duration,
     pub(crate) max_attempts: u32,
     pub(crate) retry_backoff: Backoff,
-    pub(crate) store_backoff: Backoff,
+    pub(crate) failure_backoff: Backoff,
     pub(crate) min_defer: Duration,
     pub(crate) max_defer: Duration,
     pub(crate) on_dead: OnDead,
@@ -25,16 +25,16 @@ pub struct Config {
     pub(crate) shutdown_grace: Duration,
 }
 
-impl Default for Config {
+impl Default for EngineConfig {
     fn default() -> Self {
-        Config {
+        EngineConfig {
             scope: "default".into(),
             concurrency: 16,
             lease: Duration::from_secs(300),
             keep_for: Duration::from_secs(24 * 3600),
             max_attempts: 5,
             retry_backoff: Backoff::default(),
-            store_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            failure_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
             min_defer: Duration::from_millis(100),
             max_defer: Duration::from_secs(60),
             on_dead: OnDead::Ack,
@@ -44,7 +44,7 @@ impl Default for Config {
     }
 }
 
-impl Config {
+impl EngineConfig {
     /// The dedup scope (one per logical consumer).
     pub fn scope(&self) -> &str {
         &self.scope
@@ -73,7 +73,7 @@ pub struct EngineBuilder<B, S, H> {
     broker: B,
     store: S,
     handler: H,
-    config: Config,
+    config: EngineConfig,
 }
 
 impl<B: Broker, S: DedupStore, H: Handler> EngineBuilder<B, S, H> {
@@ -82,7 +82,7 @@ impl<B: Broker, S: DedupStore, H: Handler> EngineBuilder<B, S, H> {
             broker,
             store,
             handler,
-            config: Config::default(),
+            config: EngineConfig::default(),
         }
     }
 
@@ -131,10 +131,12 @@ impl<B: Broker, S: DedupStore, H: Handler> EngineBuilder<B, S, H> {
         self
     }
 
-    /// Pause while the store is unreachable (no delivery is taken and none
-    /// is handled meanwhile). Default 100 ms doubling to 10 s, with jitter.
-    pub fn store_backoff(mut self, backoff: Backoff) -> Self {
-        self.config.store_backoff = backoff;
+    /// Pause after the dedup store or the broker failed transiently: while
+    /// the store is unreachable no delivery is taken and none is handled;
+    /// a failed receive, dead-lettering or retry scheduling waits as long
+    /// before its next try. Default 100 ms doubling to 10 s, with jitter.
+    pub fn failure_backoff(mut self, backoff: Backoff) -> Self {
+        self.config.failure_backoff = backoff;
         self
     }
 
@@ -211,7 +213,7 @@ pub const BROKER_ACK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// plus a lapsed lease per attempt (a consumer that died mid-handler).
 /// Brokers with delay tiers round each delay up to a tier, which this does
 /// not see.
-pub(crate) fn redelivery_horizon(c: &Config) -> Duration {
+pub(crate) fn redelivery_horizon(c: &EngineConfig) -> Duration {
     let exact = c.retry_backoff.without_jitter();
     (1..c.max_attempts)
         .map(|n| exact.delay(n))
@@ -221,7 +223,7 @@ pub(crate) fn redelivery_horizon(c: &Config) -> Duration {
 
 /// Warns (once, at build) about settings that work but defeat what the
 /// engine promises.
-fn warn_on_risky_settings(c: &Config) {
+fn warn_on_risky_settings(c: &EngineConfig) {
     let horizon = redelivery_horizon(c);
     if c.keep_for < horizon {
         tracing::warn!(

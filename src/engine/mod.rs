@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use builder::{BROKER_ACK_TIMEOUT, Config, EngineBuilder};
+pub use builder::{BROKER_ACK_TIMEOUT, EngineBuilder, EngineConfig};
 pub use health::{EngineState, Health};
 pub use report::{Report, Stopped};
 
@@ -80,7 +80,7 @@ pub(crate) struct Shared<B, S, H> {
     pub(crate) broker: B,
     pub(crate) store: S,
     pub(crate) handler: H,
-    pub(crate) cfg: Config,
+    pub(crate) cfg: EngineConfig,
     pub(crate) counters: Counters,
     pub(crate) meters: Meters,
     pub(crate) spans: EngineSpans,
@@ -158,7 +158,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Shared<B, S, H> {
             self.gate.closed.notify_waiters();
             self.health.refresh(&self.gate.failures);
         }
-        let delay = self.cfg.store_backoff.delay(n);
+        let delay = self.cfg.failure_backoff.delay(n);
         let until = (Instant::now() + delay).duration_since(self.gate.epoch);
         self.gate.paused_until_us.fetch_max(
             u64::try_from(until.as_micros()).unwrap_or(u64::MAX),
@@ -203,7 +203,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
         EngineBuilder::new(broker, store, handler)
     }
 
-    fn from_parts(broker: B, store: S, handler: H, cfg: Config) -> Self {
+    fn from_parts(broker: B, store: S, handler: H, cfg: EngineConfig) -> Self {
         let destination = broker.destination();
         let spans = EngineSpans::new(broker.system(), destination.clone());
         let labels = BaseLabels::new(&cfg.scope, destination);
@@ -232,7 +232,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
     }
 
     /// The settings.
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &EngineConfig {
         &self.shared.cfg
     }
 
@@ -386,7 +386,7 @@ impl<B: Broker, S: DedupStore, H: Handler> Engine<B, S, H> {
                 Err(e) if e.is_transient() => {
                     sh.broker_failed(BrokerOp::Receive);
                     broker_failures = broker_failures.saturating_add(1);
-                    let delay = sh.cfg.store_backoff.delay(broker_failures);
+                    let delay = sh.cfg.failure_backoff.delay(broker_failures);
                     tracing::warn!(error = %e, backoff = ?delay, "broker failed to deliver; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => break Stopped::Shutdown,

@@ -496,7 +496,7 @@ async fn dead_letter<B: Broker, S: DedupStore, H: Handler>(
                 if !retry {
                     break;
                 }
-                tokio::time::sleep(sh.cfg.store_backoff.delay(attempt)).await;
+                tokio::time::sleep(sh.cfg.failure_backoff.delay(attempt)).await;
             }
         }
     }
@@ -524,7 +524,7 @@ async fn retry_later<B: Broker, S: DedupStore, H: Handler>(
         spans::record_error(&span, spans::error_type(&e), &e);
         sh.broker_failed(BrokerOp::RetryLater);
         tracing::warn!(error = %e, "could not schedule the retry; requeueing after a pause");
-        tokio::time::sleep(delay.min(sh.cfg.store_backoff.delay(1))).await;
+        tokio::time::sleep(delay.min(sh.cfg.failure_backoff.delay(1))).await;
         nack_requeue(sh, d).await;
     }
 }

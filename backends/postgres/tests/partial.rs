@@ -115,7 +115,7 @@ async fn run_one<S: DedupStore, H: Handler>(
             Duration::from_millis(20),
             Duration::from_millis(50),
         ))
-        .store_backoff(Backoff::new(
+        .failure_backoff(Backoff::new(
             Duration::from_millis(20),
             Duration::from_millis(200),
         ))

@@ -41,7 +41,7 @@ pub const DEFAULT_PREFETCH: u16 = 32;
 /// that died, a lost connection) before it dead-letters it to the
 /// dead-letter queue itself (reason `delivery_limit`). Far above what the
 /// engine needs (its attempts are counted in the dedup store, and a retry
-/// is a new message): with the engine's default store backoff that is over
+/// is a new message): with the engine's default failure backoff that is over
 /// half an hour of store outage before a message is moved aside, never lost.
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 200;
 

@@ -309,7 +309,7 @@ async fn a_store_outage_longer_than_twenty_requeue_rounds_loses_nothing() {
         }
     })
     .scope("outage")
-    .store_backoff(
+    .failure_backoff(
         Backoff::new(Duration::from_millis(5), Duration::from_millis(20)).without_jitter(),
     )
     .build()

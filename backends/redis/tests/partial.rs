@@ -57,7 +57,7 @@ async fn settlements_whose_answer_was_lost_are_not_lost_leases() {
             Duration::from_millis(5),
             Duration::from_millis(5),
         ))
-        .store_backoff(Backoff::new(
+        .failure_backoff(Backoff::new(
             Duration::from_millis(5),
             Duration::from_millis(20),
         ))
