@@ -1,6 +1,10 @@
 //! The per-delivery state machine, step by step as in the design:
 //! key, claim, then one of duplicate / deferral / dead copy / attempt
 //! limit / handler run, and the settlement that follows each.
+//!
+//! A comment that starts with a row in brackets, such as `[Done]`, marks
+//! the code of that row of the README's table "What happens to a
+//! delivery", which is the user's description of this file.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -32,7 +36,8 @@ pub(crate) async fn process<B: Broker, S: DedupStore, H: Handler>(
     abort: &CancellationToken,
 ) -> Outcome {
     let d = Arc::new(delivery);
-    // 1. Key: message id, else the configured header, else (opt-in) the body hash.
+    // The key: message id, else the configured header, else (opt-in) the
+    // body hash. [no key] dead-letters `missing-key`.
     let key = sh.cfg.key.extract(&d);
     let span = sh.spans.message(&sh.cfg.scope, &d, key.as_deref());
     let outcome = match key {
@@ -67,8 +72,8 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
     abort: &CancellationToken,
 ) -> Outcome {
     let cfg = &sh.cfg;
-    // 2. Claim with the lease. The record is kept for the dedup window even
-    //    if the lease lapses, so its attempt count survives a crash.
+    // Claim with the lease. The record is kept for the dedup window even
+    // if the lease lapses, so its attempt count survives a crash.
     let ttl = ClaimTtl {
         lease: cfg.lease,
         retain: cfg.keep_for,
@@ -82,10 +87,10 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
             claim
         }
         Err(e) => {
-            // 6. Store unreachable: fail closed. No handler, no ack: hand the
-            //    delivery back to the broker, at once when the consumer is
-            //    paused (others that reach the store take it), else after
-            //    the backoff (it would come straight back to this one).
+            // [store unreachable] Fail closed. No handler, no ack: hand the
+            // delivery back to the broker, at once when the consumer is
+            // paused (others that reach the store take it), else after the
+            // backoff (it would come straight back to this one).
             failed(spans::error_type(&e), &e);
             let delay = sh.store_failed(StoreOp::Claim, &e);
             if !sh.pausable.load(Ordering::Relaxed) {
@@ -103,6 +108,7 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
         Span::current().record("idemq.attempt", i64::from(lease.attempt));
     }
     match claim {
+        // [Done]
         Claim::Done => {
             tracing::debug!("duplicate of a completed message; acking");
             sh.counters.duplicates.inc();
@@ -110,7 +116,7 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
             Outcome::Duplicate
         }
         Claim::InProgress { retry_after } => {
-            // The other consumer usually finishes long before its lease
+            // [InProgress] The other consumer usually finishes long before its lease
             // lapses: wait min_defer, then twice as long each time, never
             // past the lapse of its lease, at most max_defer.
             let deferrals = d.deferrals();
@@ -130,6 +136,7 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
             retry_later(sh, &copy, delay, d.retry_attempt()).await;
             Outcome::Deferred
         }
+        // [Dead]
         Claim::Dead if cfg.on_dead == OnDead::Ack => {
             tracing::debug!("copy of a dead message; acking");
             sh.counters.dead_duplicates.inc();
@@ -146,7 +153,8 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
             dead_letter(sh, &d, &letter).await
         }
         Claim::Claimed(lease) if lease.attempt > cfg.max_attempts => {
-            // A crash loop (handler never returned) used up the attempts.
+            // [Claimed, attempt > max_attempts] A crash loop (the handler
+            // never returned) used up the attempts.
             let letter = DeadLetter::new(
                 DeadReason::MaxAttempts,
                 format!(
@@ -158,6 +166,7 @@ async fn claim_and_handle<B: Broker, S: DedupStore, H: Handler>(
             .with_record(&lease.scope, &lease.key);
             dead_letter_and_bury(sh, &d, &lease, &letter).await
         }
+        // [Claimed]
         Claim::Claimed(lease) => run_handler(sh, d, lease, abort).await,
     }
 }
@@ -183,8 +192,8 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
     drop(running);
     let result = match outcome {
         None => {
-            // 8. Shutdown grace is over: give the claim back uncounted and
-            //    let the broker deliver the message again.
+            // [shutdown] The grace period is over: give the claim back
+            // uncounted and let the broker deliver the message again.
             tracing::warn!("handler did not finish within the shutdown grace period; releasing");
             let release = sh.store.fail(&lease, Release::RefundAttempt);
             if let Err(e) = sh.store_call(StoreOp::Fail, release).await {
@@ -207,8 +216,9 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
     };
     let in_handler = sh.handler.completion() == Completion::InHandler;
     if in_handler && matches!(result, Err(HandlerError::Retry(_))) {
-        // A handler that commits its own done mark failed transiently: its
-        // COMMIT may have landed with the answer lost. Find out first.
+        // [handler Err(Retry)] A handler that commits its own done mark
+        // failed transiently: its COMMIT may have landed with the answer
+        // lost. Find out first.
         match commit_outcome(sh, &lease, abort).await {
             Commit::Committed => {
                 tracing::info!(
@@ -238,7 +248,7 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
         }
     }
     match result {
-        // 3. Success: fenced completion, then ack.
+        // [handler Ok] Fenced completion, then ack.
         Ok(()) if in_handler => {
             sh.counters.handled.inc();
             ack(sh, &d).await;
@@ -246,8 +256,8 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
         }
         Ok(()) => complete(sh, &d, &lease, abort).await,
         Err(HandlerError::LeaseLost) => lease_lost(sh, &d, "handler").await,
-        // 4. Retryable: release (the attempt was counted at claim) and retry
-        //    with backoff, or bury and dead-letter at the limit.
+        // [handler Err(Retry)] Release (the attempt was counted at claim)
+        // and retry with backoff, or bury and dead-letter at the limit.
         Err(HandlerError::Retry(e)) if lease.attempt >= cfg.max_attempts => {
             failed(TRANSIENT, &e);
             let letter = DeadLetter::new(DeadReason::MaxAttempts, e.to_string(), lease.attempt)
@@ -272,7 +282,8 @@ async fn run_handler<B: Broker, S: DedupStore, H: Handler>(
             retry_later(sh, &d, delay, lease.attempt).await;
             Outcome::Retried
         }
-        // 5. Permanent (or undecodable): bury and dead-letter at once.
+        // [handler Err(Permanent), undecodable body] Bury and dead-letter
+        // at once.
         Err(HandlerError::Permanent(e)) => {
             permanent(sh, &d, &lease, DeadReason::Permanent, e).await
         }
