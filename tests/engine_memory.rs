@@ -1,5 +1,8 @@
 //! The engine's state machine on the memory backends, one test per
 //! transition, plus a property-style test with several engines.
+//!
+//! One file, past 600 lines: one test per row of the state machine, read
+//! side by side with `src/engine/process.rs`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};

@@ -1,6 +1,9 @@
 //! Replay on the memory backends: what moves, what stays, and that no
 //! message is lost or handled twice, whatever the records say and however
 //! the run ends.
+//!
+//! One file, past 600 lines: one test per kind of record a dead letter
+//! can meet, sharing the set-up that makes them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -2,6 +2,9 @@
 //! cuts and black-holes their links at random, crashes one (abort) and
 //! restarts it, stops some gracefully (timing the shutdown) and restarts
 //! them, and cuts one engine off from its store for a long stretch.
+//!
+//! One file, past 600 lines: the schedule of faults and the engine slots
+//! it acts on change together.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

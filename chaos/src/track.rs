@@ -2,6 +2,9 @@
 //! a header it carries), which engine holds which delivery, every handler
 //! run, and every completion's answer. Collected by thin wrappers around
 //! the broker, the store and the handler that change nothing they forward.
+//!
+//! One file, past 600 lines: the tracker and the three wrappers that feed
+//! it share its state and its notion of a copy.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};

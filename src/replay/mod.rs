@@ -44,6 +44,11 @@
 //! assert!(report.is_complete());
 //! # Ok(()) }
 //! ```
+//!
+//! One file, past 600 lines, because the move of one letter (read the
+//! record, revive it, publish, then remove the letter) is one sequence
+//! whose ordering is the guarantee; the filter, the queue and the
+//! report are in their own files.
 
 mod filter;
 mod letter;

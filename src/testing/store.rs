@@ -1,6 +1,10 @@
 //! The behaviour every [`DedupStore`] shows. Each function takes a store
 //! and a scope nobody else uses, and panics (fails the test) on a
 //! deviation. Real stores are timed with real sleeps of well under a second.
+//!
+//! One file, past 600 lines, because it is the contract: every case of the
+//! conformance suite and the macro that runs them all for a backend, so
+//! a backend author reads one place.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,5 +1,8 @@
 //! Postgres-specific behaviour: table names, migrations, purge, batches,
 //! typed errors, password redaction, and the transactional handler.
+//!
+//! One file, past 600 lines: the Postgres-only behaviour, sharing one
+//! set-up; what every store does is in the conformance suite instead.
 
 mod common;
 

@@ -1,5 +1,8 @@
 //! What the store writes into Redis: layout, TTLs, attempts across lapsed
 //! leases, script reloading, hostile data, and what errors show.
+//!
+//! One file, past 600 lines: each test pins one fact about the bytes in
+//! Redis, and they share the raw-connection helpers that read them.
 
 mod common;
 

@@ -2,6 +2,9 @@
 //! publisher confirms, `basic.get`, `basic.publish`, `basic.ack` and
 //! `basic.nack`. Every read is bounded by a timeout; nothing from the
 //! network is trusted (lengths are checked, text is kept as bytes).
+//!
+//! One file, past 600 lines: one connection's handshake, channel and
+//! operations, each bounded by the same read deadline.
 
 use std::time::Duration;
 
