@@ -132,11 +132,21 @@ async fn cut_connection_fails_transiently_then_recovers_without_double_claims() 
         .collect();
 
     // Polled, not slept: a loaded machine may take its time.
-    wait_for(&tally, |t| t.answers > 0, "claims to get through before the cut").await;
+    wait_for(
+        &tally,
+        |t| t.answers > 0,
+        "claims to get through before the cut",
+    )
+    .await;
     let accepted_before = proxy.connections_accepted();
 
     proxy.cut();
-    wait_for(&tally, |t| t.errors > 0, "the cut connection to show as errors").await;
+    wait_for(
+        &tally,
+        |t| t.errors > 0,
+        "the cut connection to show as errors",
+    )
+    .await;
 
     proxy.restore();
     let restored = Instant::now();
