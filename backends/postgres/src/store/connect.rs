@@ -44,7 +44,7 @@ pub(super) fn describe(o: &PgConnectOptions) -> String {
     }
 }
 
-/// How long [`PostgresDedupStore::connect`] waits for its first
+/// How long [`PostgresDedupStore::connect`](super::PostgresDedupStore::connect) waits for its first
 /// connection; also the acquire timeout of the pool it builds.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -38,7 +38,7 @@ pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The table used unless [`PostgresDedupStore::with_table`] says otherwise.
 pub const DEFAULT_TABLE: &str = "idemq_dedup";
 
-/// A [`DedupStore`] in one Postgres table; see the [crate docs](crate).
+/// A [`DedupStore`](idemq::DedupStore) in one Postgres table; see the [crate docs](crate).
 ///
 /// Cheap to clone (the pool is shared). Create the table with
 /// [`PostgresDedupStore::migrate`] once (any number of processes may call it
