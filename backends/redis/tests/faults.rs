@@ -336,3 +336,69 @@ async fn wait_for(tally: &Mutex<Tally>, cond: impl Fn(&Tally) -> bool, what: &st
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Health through a real store outage: the engine's link to Redis is
+/// black-holed, so its claims time out; a readiness probe reads
+/// `StoreUnavailable` (and the delivery is not handled) until the link is
+/// back, then `Running`, and the message is handled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reads_store_unavailable_while_the_link_is_black_holed() {
+    use idemq::memory::MemoryBroker;
+    use idemq::{
+        Backoff, Broker, CancellationToken, Engine, EngineState, Message, OutgoingMessage,
+    };
+
+    let Some((proxy, store)) = proxied(Duration::from_millis(300)).await else {
+        return;
+    };
+    let broker = MemoryBroker::new("health");
+    proxy.blackhole();
+    broker
+        .publish(OutgoingMessage::new("x").with_message_id("k"))
+        .await
+        .expect("publish");
+    let engine = Engine::builder(broker.clone(), store, |_m: Message| async { Ok(()) })
+        .scope("health")
+        .failure_backoff(Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_millis(200),
+        ))
+        .build()
+        .expect("engine");
+    let health = engine.health();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(engine.run(shutdown.clone()));
+
+    let until = Instant::now() + 10 * SECOND;
+    while health.state() != EngineState::StoreUnavailable {
+        assert!(
+            Instant::now() < until,
+            "never read StoreUnavailable: {:?}",
+            health.state()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!health.state().is_ready());
+    assert_eq!(
+        broker.stats().acked,
+        0,
+        "nothing is handled while the store is away"
+    );
+
+    proxy.restore();
+    let until = Instant::now() + 10 * SECOND;
+    while broker.stats().acked == 0 {
+        assert!(
+            Instant::now() < until,
+            "not handled after the restore: {:?}",
+            health.state()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(health.state(), EngineState::Running);
+    assert!(health.state().is_ready());
+    shutdown.cancel();
+    let report = run.await.expect("engine task");
+    assert_eq!(report.handled, 1, "{report}");
+    assert!(report.store_errors >= 1, "{report}");
+}
