@@ -481,6 +481,38 @@ async fn concurrent_claim_and_complete_batches_do_not_deadlock() {
     }
 }
 
+/// Like the test above, for replay's batch revival against consumers'
+/// batch claims of the same keys: each statement must lock its rows in the
+/// same order, or Postgres aborts one of them as a deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claim_and_revive_batches_do_not_deadlock() {
+    let Some(store) = common::store().await else {
+        return;
+    };
+    let scope = unique_scope("revive_deadlock");
+    for round in 0..10 {
+        let keys: Vec<String> = (0..200).map(|i| format!("r{round}-{i:03}")).collect();
+        // Claims whose lease lapses at once: revivable.
+        store
+            .claim_many(&scope, &keys, ttl(Duration::from_millis(1), LONG))
+            .await
+            .expect("claim_many");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Revived in the opposite order from the one claims lock in.
+        let records: Vec<(String, String)> = keys
+            .iter()
+            .rev()
+            .map(|k| (scope.clone(), k.clone()))
+            .collect();
+        let (claims, revived) = tokio::join!(
+            store.claim_many(&scope, &keys, ttl(LONG, LONG)),
+            store.revive_many(&records),
+        );
+        claims.expect("claim_many");
+        assert_eq!(revived.expect("revive_many").len(), 200);
+    }
+}
+
 // ---------------------------------------------------------------- errors
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

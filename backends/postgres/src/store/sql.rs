@@ -268,12 +268,25 @@ impl Statements {
             .into(),
             // $1 scopes, $2 keys (distinct pairs): `revive` for many rows in
             // one statement. Answers (scope, key, removed, state, lease µs)
-            // for each row there was.
+            // for each row there was. The rows to delete are locked in
+            // (scope, key) order first, the order claim_many takes them in:
+            // a DELETE joined to its input locks in whatever order the join
+            // yields, which deadlocks against a concurrent claim_many. The
+            // lock re-checks the condition on a row changed meanwhile, so a
+            // row that became done or live is not locked, and not deleted.
             revive_many: format!(
                 "WITH input AS MATERIALIZED (
                     SELECT i.scope, i.key FROM unnest($1::text[], $2::text[]) AS i(scope, key)
+                 ), locked AS (
+                    SELECT d.scope, d.key
+                    FROM {t} AS d JOIN input AS i ON d.scope = i.scope AND d.key = i.key
+                    WHERE d.expires_at <= now()
+                       OR d.state IN ('dead', 'released')
+                       OR (d.state = 'claimed' AND d.lease_until <= now())
+                    ORDER BY d.scope, d.key
+                    FOR UPDATE OF d
                  ), gone AS (
-                    DELETE FROM {t} AS d USING input AS i
+                    DELETE FROM {t} AS d USING locked AS i
                     WHERE d.scope = i.scope AND d.key = i.key
                       AND (d.expires_at <= now()
                            OR d.state IN ('dead', 'released')
