@@ -155,10 +155,21 @@ struct Slot {
     amqp_fault: Option<u64>,
     store_fault: Option<u64>,
     amqp_ok_since: Option<Instant>,
+    /// No new link fault before then: [`RECOVERY_GAP`] after the end of
+    /// the last one.
+    quiet_until: Option<Instant>,
     partitioned: Option<Instant>,
     /// Crashed: both links stay cut until the restart.
     down: bool,
 }
+
+/// Healthy time an engine gets after each link fault before the next one.
+/// Without it faults chain on one engine (a store cut, then a black-holed
+/// AMQP link, then another cut, each starting within 2 s of the last one's
+/// end), and the deliveries RabbitMQ has handed to that engine's consumer
+/// meanwhile stay with it for the whole chain, longer than the hoarding
+/// check's bound, which assumes one fault at a time.
+const RECOVERY_GAP: Duration = Duration::from_secs(3);
 
 impl Slot {
     fn busy(&self) -> bool {
@@ -201,6 +212,7 @@ impl Driver {
                 amqp_fault: None,
                 store_fault: None,
                 amqp_ok_since: Some(Instant::now()),
+                quiet_until: None,
                 partitioned: None,
                 down: false,
             });
@@ -325,6 +337,7 @@ impl Driver {
                     && !s.busy()
                     && !s.down
                     && s.partitioned.is_none()
+                    && s.quiet_until.is_none_or(|t| Instant::now() >= t)
                     && match link {
                         Link::Amqp => s.amqp_fault.is_none(),
                         Link::Store => s.store_fault.is_none(),
@@ -346,6 +359,7 @@ impl Driver {
         self.tokens += 1;
         let token = self.tokens;
         let slot = &mut self.slots[engine];
+        slot.quiet_until = Some(Instant::now() + len + RECOVERY_GAP);
         let proxy = match link {
             Link::Amqp => {
                 slot.amqp_fault = Some(token);

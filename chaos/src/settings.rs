@@ -48,8 +48,8 @@ pub struct Settings {
     /// empty, is held hostage: in a consumer's prefetch, or taken and held
     /// while its engine backs off from a store that does not answer, while
     /// other engines sit idle. Longer than any single link fault the driver
-    /// injects (3 s at most) plus a store timeout, shorter than the
-    /// partition.
+    /// injects (3 s at most; an engine gets 3 s of healthy links after each
+    /// before its next) plus a store timeout, shorter than the partition.
     pub stuck_after: Duration,
     /// How long a broker may stay disconnected once its link is restored:
     /// the recovery bound of the RabbitMQ backend (`max_recovery_time`,
