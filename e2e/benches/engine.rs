@@ -114,6 +114,24 @@ async fn engine_run(broker: MemoryBroker, concurrency: usize, unique: u64) {
     );
 }
 
+/// `iters` runs of `run`, each over a freshly loaded broker; only the runs
+/// are timed, not the loading.
+fn timed<F: std::future::Future<Output = ()>>(
+    rt: &Runtime,
+    iters: u64,
+    dup_every: Option<u64>,
+    run: impl Fn(MemoryBroker) -> F,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let broker = rt.block_on(loaded(dup_every));
+        let start = Instant::now();
+        rt.block_on(run(broker));
+        total += start.elapsed();
+    }
+    total
+}
+
 fn bench(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("memory");
@@ -124,14 +142,9 @@ fn bench(c: &mut Criterion) {
     let concurrency = 64;
     group.bench_function(BenchmarkId::new("baseline_consume_ack", "unique"), |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let broker = rt.block_on(loaded(None));
-                let start = Instant::now();
-                rt.block_on(bare_consume_ack(broker, concurrency));
-                total += start.elapsed();
-            }
-            total
+            timed(&rt, iters, None, |broker| {
+                bare_consume_ack(broker, concurrency)
+            })
         })
     });
     for (name, dups, unique) in [
@@ -140,14 +153,9 @@ fn bench(c: &mut Criterion) {
     ] {
         group.bench_function(BenchmarkId::new("engine", name), |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let broker = rt.block_on(loaded(dups));
-                    let start = Instant::now();
-                    rt.block_on(engine_run(broker, concurrency, unique));
-                    total += start.elapsed();
-                }
-                total
+                timed(&rt, iters, dups, |broker| {
+                    engine_run(broker, concurrency, unique)
+                })
             })
         });
     }
@@ -165,14 +173,9 @@ fn bench(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("engine_unique", name), |b| {
             switch(on);
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let broker = rt.block_on(loaded(None));
-                    let start = Instant::now();
-                    rt.block_on(engine_run(broker, concurrency, MESSAGES));
-                    total += start.elapsed();
-                }
-                total
+                timed(&rt, iters, None, |broker| {
+                    engine_run(broker, concurrency, MESSAGES)
+                })
             })
         });
     }
