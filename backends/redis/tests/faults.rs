@@ -132,20 +132,16 @@ async fn cut_connection_fails_transiently_then_recovers_without_double_claims() 
         .collect();
 
     // Polled, not slept: a loaded machine may take its time.
-    wait_for(
-        &tally,
-        |t| t.answers > 0,
-        "claims to get through before the cut",
-    )
+    wait_until("claims to get through before the cut", || {
+        tally.lock().expect("tally").answers > 0
+    })
     .await;
     let accepted_before = proxy.connections_accepted();
 
     proxy.cut();
-    wait_for(
-        &tally,
-        |t| t.errors > 0,
-        "the cut connection to show as errors",
-    )
+    wait_until("the cut connection to show as errors", || {
+        tally.lock().expect("tally").errors > 0
+    })
     .await;
 
     proxy.restore();
@@ -328,10 +324,10 @@ async fn scanning_states_times_out_per_round_trip() {
     assert_eq!(found.counts.claimed, 20);
 }
 
-/// Waits (10 s at most) until the tally satisfies `cond`.
-async fn wait_for(tally: &Mutex<Tally>, cond: impl Fn(&Tally) -> bool, what: &str) {
+/// Waits (10 s at most) until `cond` holds.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let until = Instant::now() + 10 * SECOND;
-    while !cond(&tally.lock().expect("tally")) {
+    while !cond() {
         assert!(Instant::now() < until, "waited 10 s for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -369,15 +365,10 @@ async fn health_reads_store_unavailable_while_the_link_is_black_holed() {
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(engine.run(shutdown.clone()));
 
-    let until = Instant::now() + 10 * SECOND;
-    while health.state() != EngineState::StoreUnavailable {
-        assert!(
-            Instant::now() < until,
-            "never read StoreUnavailable: {:?}",
-            health.state()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("health to read StoreUnavailable", || {
+        health.state() == EngineState::StoreUnavailable
+    })
+    .await;
     assert!(!health.state().is_ready());
     assert_eq!(
         broker.stats().acked,
@@ -386,15 +377,10 @@ async fn health_reads_store_unavailable_while_the_link_is_black_holed() {
     );
 
     proxy.restore();
-    let until = Instant::now() + 10 * SECOND;
-    while broker.stats().acked == 0 {
-        assert!(
-            Instant::now() < until,
-            "not handled after the restore: {:?}",
-            health.state()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the message to be handled after the restore", || {
+        broker.stats().acked > 0
+    })
+    .await;
     assert_eq!(health.state(), EngineState::Running);
     assert!(health.state().is_ready());
     shutdown.cancel();
