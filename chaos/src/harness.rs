@@ -28,11 +28,6 @@ use crate::outcome::{Kind, kind, message_id, parse_id};
 use crate::settings::Settings;
 use crate::track::{COPY_HEADER, Effect, Tracker, copy_of};
 
-/// The engines run the default failure backoff, capped at 10 s: a copy whose
-/// settlement failed against the store may wait that long before the next
-/// try, plus the store's own operation timeout.
-const FAILURE_BACKOFF_CAP: Duration = Duration::from_secs(12);
-
 /// The retry tiers of the run's queues: retries and deferrals come back
 /// within a second.
 pub fn retry_tiers() -> [Duration; 2] {
@@ -153,6 +148,10 @@ async fn monitor(ctx: Arc<Ctx>, views: Views, stop: CancellationToken) -> Watch 
     let mut retrying = 0u32;
     // Per engine: (incarnation, down since) of an ongoing disconnection.
     let mut down: Vec<Option<(u32, Instant, bool)>> = vec![None; s.engines];
+    // A copy whose settlement failed against the store may wait out the
+    // engines' (default) failure backoff before the next try, plus the
+    // store's own operation timeout.
+    let store_grace = idemq::EngineConfig::default().failure_backoff().max + s.store_timeout;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -194,7 +193,7 @@ async fn monitor(ctx: Arc<Ctx>, views: Views, stop: CancellationToken) -> Watch 
         // Empty at two polls in a row: a copy idle for long is not waiting
         // in the work queue behind others, it is held by a consumer.
         if empty_since.is_some_and(|t| now - t >= Duration::from_millis(400)) {
-            let stuck = ctx.tracker.newly_stuck(s.stuck_after, FAILURE_BACKOFF_CAP);
+            let stuck = ctx.tracker.newly_stuck(s.stuck_after, store_grace);
             if !stuck.is_empty() {
                 watch.stuck_copies += stuck.len();
                 let sample: Vec<String> = stuck

@@ -65,6 +65,11 @@ impl EngineConfig {
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
     }
+    /// The pause after the store or the broker failed
+    /// ([`EngineBuilder::failure_backoff`]).
+    pub fn failure_backoff(&self) -> Backoff {
+        self.failure_backoff
+    }
 }
 
 /// Builds an [`Engine`]. Every setting has the design's default.
