@@ -1,8 +1,9 @@
 //! Measures how long a consumer takes to resume consuming after a
-//! connection cut, over many cuts (`#[ignore]`d: it takes minutes).
+//! connection cut, over many cuts (a measurement that takes minutes, so a
+//! bench, not a test).
 //!
 //! ```text
-//! IDEMQ_CUTS=300 cargo test -p idemq-rabbitmq --test resume_times -- --ignored --nocapture
+//! IDEMQ_CUTS=300 cargo bench -p idemq-rabbitmq --bench resume_times
 //! ```
 //!
 //! A producer publishes directly to the server all along while a consumer
@@ -14,8 +15,10 @@
 //! every message published was acked.
 //!
 //! `IDEMQ_CUTS` (default 300) sets the rounds; `IDEMQ_RECOVERY=patient`
-//! uses the recovery tests' quick lapin recovery instead of the defaults.
+//! turns lapin's own recovery on, quick as in the recovery tests, instead
+//! of the defaults (a supervisor rebuild after every loss).
 
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeSet;
@@ -36,6 +39,7 @@ const MAX_AHEAD: u64 = 500;
 fn recovery() -> RecoveryConfig {
     match std::env::var("IDEMQ_RECOVERY").as_deref() {
         Ok("patient") => RecoveryConfig {
+            auto_recover: true,
             attempts: 200,
             min_delay: Duration::from_millis(50),
             max_delay: Duration::from_millis(300),
@@ -53,9 +57,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "takes minutes: run with --ignored to measure"]
-async fn time_to_resume_after_cuts() {
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
     common::init_tracing();
     let cuts: usize = std::env::var("IDEMQ_CUTS")
         .ok()

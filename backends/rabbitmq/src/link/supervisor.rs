@@ -193,7 +193,11 @@ async fn watch_generation(shared: &Shared, generation: &Generation, events: &mut
                         return Ending::Lost(format!("lapin could not parse a frame from RabbitMQ: {e}"));
                     }
                     if generation.conn_dead() {
-                        return Ending::Lost(format!("lapin recovery gave up: {e}"));
+                        return Ending::Lost(if rec.auto_recover {
+                            format!("lapin recovery gave up: {e}")
+                        } else {
+                            e.to_string()
+                        });
                     }
                     warn!(%url, generation = generation.id, error = %e, "RabbitMQ reported an error");
                 }
